@@ -1,0 +1,13 @@
+//! kvsharer: a local LLM runtime for quantized GGUF Llama-family models with
+//! layer-wise KV cache sharing (KVSharer, arXiv 2410.18517).
+//!
+//! Data flow: `gguf` (file) -> `model` (config + weights) -> `session` (KV cache,
+//! positions) -> logits -> `sample`. `share` holds the sharing map and its
+//! calibration search.
+
+pub mod chat;
+pub mod fetch;
+pub mod gguf;
+pub mod oracle;
+pub mod sample;
+pub mod tokenizer;
