@@ -5,9 +5,11 @@
 //! positions) -> logits -> `sample`. `share` holds the sharing map and its
 //! calibration search.
 
+pub mod backend;
 pub mod chat;
 pub mod fetch;
 pub mod gguf;
 pub mod oracle;
 pub mod sample;
+pub mod share;
 pub mod tokenizer;

@@ -1,0 +1,696 @@
+//! Safe wrapper over the parts of ggml's C API that kvsharer uses: the CPU backend,
+//! tensors placed in backend buffers (the model's mmap'd weights, the KV cache), and
+//! per-forward compute graphs. All of the crate's ggml `unsafe` lives here.
+//!
+//! Lifetimes: a `Tensor<'a>` borrows the context that owns its metadata. Weights live
+//! as long as the `TensorArena` they were placed in; graph tensors as long as their
+//! `GraphCtx`. Shape errors in graph building are programming errors and abort inside
+//! ggml, so every op here is called only with shapes the model code has derived from a
+//! validated `LlamaConfig`.
+
+use std::ffi::{c_void, CString};
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use llama_cpp_sys_2 as sys;
+
+use crate::gguf::GgmlType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GgmlError {
+    #[error("ggml: could not create the CPU backend")]
+    BackendInit,
+    #[error("ggml: could not create a context of {0} bytes")]
+    ContextInit(usize),
+    #[error("ggml: could not allocate a {what} buffer of {bytes} bytes")]
+    Alloc { what: &'static str, bytes: usize },
+    #[error("ggml: tensor {name} does not fit in its buffer")]
+    Placement { name: String },
+    #[error("ggml: graph computation failed with status {0}")]
+    Compute(i32),
+    #[error("ggml: quantization to {0} is not supported here")]
+    Quantize(&'static str),
+    #[error("ggml: {0}")]
+    Other(String),
+}
+
+/// Converts our type enum to ggml's. The discriminants are ggml's own values.
+fn raw_type(ty: GgmlType) -> sys::ggml_type {
+    ty as u32 as sys::ggml_type
+}
+
+/// ggml's CPU backend; one per model/session user. Threads can change between calls.
+pub struct CpuBackend {
+    raw: NonNull<sys::ggml_backend>,
+    n_threads: usize,
+}
+
+impl CpuBackend {
+    pub fn new(n_threads: usize) -> Result<Self, GgmlError> {
+        // SAFETY: plain constructor; a null return is handled below.
+        let raw = unsafe { sys::ggml_backend_cpu_init() };
+        let raw = NonNull::new(raw).ok_or(GgmlError::BackendInit)?;
+        let mut b = CpuBackend { raw, n_threads: 0 };
+        b.set_threads(n_threads);
+        Ok(b)
+    }
+
+    pub fn set_threads(&mut self, n: usize) {
+        let n = n.max(1);
+        // SAFETY: `raw` is a live CPU backend owned by self.
+        unsafe { sys::ggml_backend_cpu_set_n_threads(self.raw.as_ptr(), n as i32) };
+        self.n_threads = n;
+    }
+
+    pub fn threads(&self) -> usize {
+        self.n_threads
+    }
+
+    /// Runs a graph whose tensors are all allocated (weights, cache, `GraphAllocator`).
+    pub fn compute(&self, graph: &Graph<'_>) -> Result<(), GgmlError> {
+        // SAFETY: the graph and every tensor it references are alive for the
+        // borrow of `graph`, and the allocator has placed all intermediate tensors.
+        let status = unsafe { sys::ggml_backend_graph_compute(self.raw.as_ptr(), graph.raw) };
+        if status == sys::GGML_STATUS_SUCCESS {
+            Ok(())
+        } else {
+            Err(GgmlError::Compute(status))
+        }
+    }
+
+    fn default_buffer_type(&self) -> sys::ggml_backend_buffer_type_t {
+        // SAFETY: `raw` is a live backend.
+        unsafe { sys::ggml_backend_get_default_buffer_type(self.raw.as_ptr()) }
+    }
+}
+
+impl Drop for CpuBackend {
+    fn drop(&mut self) {
+        // SAFETY: we own the backend and free it once.
+        unsafe { sys::ggml_backend_free(self.raw.as_ptr()) };
+    }
+}
+
+// SAFETY: the CPU backend object is only used through &self/&mut self; ggml does not
+// tie it to the creating thread.
+unsafe impl Send for CpuBackend {}
+
+/// A handle to a tensor whose metadata lives in a context borrowed for `'a`.
+#[derive(Clone, Copy)]
+pub struct Tensor<'a> {
+    raw: NonNull<sys::ggml_tensor>,
+    _ctx: PhantomData<&'a ()>,
+}
+
+impl<'a> Tensor<'a> {
+    fn from_raw(raw: *mut sys::ggml_tensor) -> Self {
+        Tensor {
+            raw: NonNull::new(raw).expect("ggml returned a null tensor (out of context memory)"),
+            _ctx: PhantomData,
+        }
+    }
+
+    fn ptr(&self) -> *mut sys::ggml_tensor {
+        self.raw.as_ptr()
+    }
+
+    fn meta(&self) -> &sys::ggml_tensor {
+        // SAFETY: the tensor's context outlives 'a, so the metadata is valid to read.
+        unsafe { self.raw.as_ref() }
+    }
+
+    pub fn ne(&self) -> [i64; 4] {
+        self.meta().ne
+    }
+
+    pub fn nb(&self) -> [usize; 4] {
+        self.meta().nb
+    }
+
+    pub fn n_bytes(&self) -> usize {
+        // SAFETY: metadata read of a live tensor.
+        unsafe { sys::ggml_nbytes(self.ptr()) }
+    }
+
+    pub fn n_elements(&self) -> i64 {
+        self.ne().iter().product()
+    }
+
+    /// Copies host data into the tensor's buffer; `data` must be exactly its size.
+    pub fn write<T: Element>(&self, data: &[T]) {
+        let bytes = std::mem::size_of_val(data);
+        assert_eq!(bytes, self.n_bytes(), "tensor write of the wrong size");
+        assert!(!self.meta().buffer.is_null(), "tensor has no buffer");
+        // SAFETY: sizes checked above; the tensor is allocated in a host buffer.
+        unsafe { sys::ggml_backend_tensor_set(self.ptr(), data.as_ptr() as *const c_void, 0, bytes) };
+    }
+
+    /// Reads the whole tensor as f32 (the tensor must be F32 and allocated).
+    pub fn read_f32(&self) -> Vec<f32> {
+        assert_eq!(self.meta().type_, raw_type(GgmlType::F32));
+        let n = self.n_elements() as usize;
+        let mut out = vec![0f32; n];
+        // SAFETY: `out` has exactly the tensor's byte size; the tensor is allocated.
+        unsafe { sys::ggml_backend_tensor_get(self.ptr(), out.as_mut_ptr() as *mut c_void, 0, n * 4) };
+        out
+    }
+
+    /// Reads `len` bytes at `offset` (raw storage, any type).
+    pub fn read_bytes(&self, offset: usize, len: usize) -> Vec<u8> {
+        assert!(offset + len <= self.n_bytes());
+        let mut out = vec![0u8; len];
+        // SAFETY: range checked above against the tensor's size.
+        unsafe { sys::ggml_backend_tensor_get(self.ptr(), out.as_mut_ptr() as *mut c_void, offset, len) };
+        out
+    }
+
+    /// Writes `data` at byte `offset` (raw storage, any type).
+    pub fn write_bytes(&self, offset: usize, data: &[u8]) {
+        assert!(offset + data.len() <= self.n_bytes());
+        // SAFETY: range checked above against the tensor's size.
+        unsafe {
+            sys::ggml_backend_tensor_set(self.ptr(), data.as_ptr() as *const c_void, offset, data.len())
+        };
+    }
+}
+
+/// Plain-old-data element types that may be copied byte-wise into tensors.
+///
+/// # Safety
+/// Implementors must be plain data with no padding or invalid bit patterns.
+pub unsafe trait Element: Copy {}
+// SAFETY: primitive numeric types are plain data.
+unsafe impl Element for f32 {}
+// SAFETY: as above.
+unsafe impl Element for i32 {}
+// SAFETY: as above.
+unsafe impl Element for i64 {}
+// SAFETY: as above.
+unsafe impl Element for u16 {}
+// SAFETY: as above.
+unsafe impl Element for u8 {}
+
+/// A no-alloc ggml context plus the one backend buffer that holds its tensors' data:
+/// the model's weights (a buffer wrapping the mmap'd file) or the KV cache.
+pub struct TensorArena {
+    ctx: NonNull<sys::ggml_context>,
+    buffer: *mut sys::ggml_backend_buffer,
+    tensors: Vec<NonNull<sys::ggml_tensor>>,
+    capacity: usize,
+}
+
+fn no_alloc_context(n_tensors: usize) -> Result<NonNull<sys::ggml_context>, GgmlError> {
+    // SAFETY: plain size query.
+    let mem_size = unsafe { sys::ggml_tensor_overhead() } * (n_tensors + 1);
+    let params = sys::ggml_init_params {
+        mem_size,
+        mem_buffer: std::ptr::null_mut(),
+        no_alloc: true,
+    };
+    // SAFETY: ggml_init copies the params; null on failure is handled.
+    let ctx = unsafe { sys::ggml_init(params) };
+    NonNull::new(ctx).ok_or(GgmlError::ContextInit(mem_size))
+}
+
+/// Where one weight tensor lives in the mapped bytes.
+pub struct WeightPlacement<'n> {
+    pub name: &'n str,
+    pub ty: GgmlType,
+    pub ne: Vec<i64>,
+    /// Byte offset from the start of the mapping.
+    pub offset: usize,
+    pub n_bytes: usize,
+}
+
+impl TensorArena {
+    /// An arena for up to `capacity` tensors, allocated together by `allocate`.
+    pub fn new(capacity: usize) -> Result<Self, GgmlError> {
+        Ok(TensorArena {
+            ctx: no_alloc_context(capacity)?,
+            buffer: std::ptr::null_mut(),
+            tensors: Vec::new(),
+            capacity,
+        })
+    }
+
+    /// Adds a tensor (not yet backed by memory) and returns its index.
+    pub fn add_tensor(&mut self, ty: GgmlType, ne: &[i64], name: &str) -> usize {
+        assert!(self.tensors.len() < self.capacity, "tensor arena is full");
+        assert!(self.buffer.is_null(), "tensor arena is already allocated");
+        let t = new_tensor_in(self.ctx.as_ptr(), ty, ne);
+        set_name(t, name);
+        self.tensors.push(t.raw);
+        self.tensors.len() - 1
+    }
+
+    pub fn tensor(&self, index: usize) -> Tensor<'_> {
+        Tensor {
+            raw: self.tensors[index],
+            _ctx: PhantomData,
+        }
+    }
+
+    /// Allocates one zeroed backend buffer for every tensor of the arena; returns its size.
+    pub fn allocate(&mut self, backend: &CpuBackend) -> Result<usize, GgmlError> {
+        // SAFETY: ctx is live and no_alloc; the returned buffer is owned by self.
+        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors(self.ctx.as_ptr(), backend.raw.as_ptr()) };
+        if buf.is_null() {
+            return Err(GgmlError::Alloc {
+                what: "tensor arena",
+                bytes: self.tensors.iter().map(|t| Tensor { raw: *t, _ctx: PhantomData }.n_bytes()).sum(),
+            });
+        }
+        self.buffer = buf;
+        self.clear();
+        Ok(self.buffer_bytes())
+    }
+
+    /// Weights used in place from a read-only memory map: the mapped bytes become one
+    /// CPU backend buffer and each tensor points into it. No copy, no dequantization.
+    /// The caller keeps `bytes` mapped and unchanged for as long as the arena lives.
+    pub fn from_mapped(bytes: &[u8], placements: &[WeightPlacement<'_>]) -> Result<Self, GgmlError> {
+        let mut arena = TensorArena::new(placements.len())?;
+        for p in placements {
+            arena.add_tensor(p.ty, &p.ne, p.name);
+        }
+        let base = bytes.as_ptr() as *mut c_void;
+        // SAFETY: ggml only reads weight tensors (they are never graph outputs or copy
+        // destinations), so wrapping read-only mapped memory is sound; the pointer and
+        // length describe the caller's live mapping.
+        let buf = unsafe { sys::ggml_backend_cpu_buffer_from_ptr(base, bytes.len()) };
+        if buf.is_null() {
+            return Err(GgmlError::Alloc {
+                what: "mapped weights",
+                bytes: bytes.len(),
+            });
+        }
+        arena.buffer = buf;
+        for (i, p) in placements.iter().enumerate() {
+            let t = arena.tensor(i);
+            let end = p.offset.checked_add(p.n_bytes);
+            if end.is_none_or(|e| e > bytes.len()) || t.n_bytes() != p.n_bytes {
+                return Err(GgmlError::Placement { name: p.name.to_string() });
+            }
+            // SAFETY: offset + size lie inside the buffer (checked above); the
+            // tensor is fresh and unallocated.
+            let status = unsafe {
+                sys::ggml_backend_tensor_alloc(buf, t.ptr(), (base as *mut u8).add(p.offset) as *mut c_void)
+            };
+            if status != sys::GGML_STATUS_SUCCESS {
+                return Err(GgmlError::Placement { name: p.name.to_string() });
+            }
+        }
+        Ok(arena)
+    }
+
+    pub fn clear(&self) {
+        if !self.buffer.is_null() {
+            // SAFETY: live buffer owned by self.
+            unsafe { sys::ggml_backend_buffer_clear(self.buffer, 0) };
+        }
+    }
+
+    pub fn buffer_bytes(&self) -> usize {
+        if self.buffer.is_null() {
+            0
+        } else {
+            // SAFETY: live buffer owned by self.
+            unsafe { sys::ggml_backend_buffer_get_size(self.buffer) }
+        }
+    }
+}
+
+impl Drop for TensorArena {
+    fn drop(&mut self) {
+        // SAFETY: we own both; tensors handed out borrow self so none outlive this.
+        unsafe {
+            if !self.buffer.is_null() {
+                sys::ggml_backend_buffer_free(self.buffer);
+            }
+            sys::ggml_free(self.ctx.as_ptr());
+        }
+    }
+}
+
+// SAFETY: the arena's metadata is immutable after allocation; buffer contents are only
+// written through ggml calls made by the one thread that holds the arena.
+unsafe impl Send for TensorArena {}
+// SAFETY: shared references only read metadata or run read-only ggml calls.
+unsafe impl Sync for TensorArena {}
+
+fn new_tensor_in<'a>(ctx: *mut sys::ggml_context, ty: GgmlType, ne: &[i64]) -> Tensor<'a> {
+    assert!((1..=4).contains(&ne.len()));
+    // SAFETY: ctx is a live context with room reserved for this tensor's metadata.
+    let raw = unsafe { sys::ggml_new_tensor(ctx, raw_type(ty), ne.len() as i32, ne.as_ptr()) };
+    Tensor::from_raw(raw)
+}
+
+fn set_name(t: Tensor<'_>, name: &str) {
+    let c = CString::new(name.replace('\0', "")).unwrap_or_default();
+    // SAFETY: ggml copies (and truncates) the name into the tensor's fixed buffer.
+    unsafe { sys::ggml_set_name(t.ptr(), c.as_ptr()) };
+}
+
+/// Reuses graph memory across forward passes (ggml's graph allocator).
+pub struct GraphAllocator {
+    raw: NonNull<sys::ggml_gallocr>,
+}
+
+impl GraphAllocator {
+    pub fn new(backend: &CpuBackend) -> Result<Self, GgmlError> {
+        // SAFETY: buffer type of a live backend.
+        let raw = unsafe { sys::ggml_gallocr_new(backend.default_buffer_type()) };
+        Ok(GraphAllocator {
+            raw: NonNull::new(raw).ok_or(GgmlError::Alloc {
+                what: "graph allocator",
+                bytes: 0,
+            })?,
+        })
+    }
+
+    pub fn allocate(&mut self, graph: &Graph<'_>) -> Result<(), GgmlError> {
+        // SAFETY: live allocator and graph; tensors already placed are left alone.
+        if unsafe { sys::ggml_gallocr_alloc_graph(self.raw.as_ptr(), graph.raw) } {
+            Ok(())
+        } else {
+            Err(GgmlError::Alloc {
+                what: "compute graph",
+                bytes: 0,
+            })
+        }
+    }
+
+    pub fn buffer_bytes(&self) -> usize {
+        // SAFETY: live allocator; buffer 0 is the only one (single buffer type).
+        unsafe { sys::ggml_gallocr_get_buffer_size(self.raw.as_ptr(), 0) }
+    }
+}
+
+impl Drop for GraphAllocator {
+    fn drop(&mut self) {
+        // SAFETY: owned, freed once.
+        unsafe { sys::ggml_gallocr_free(self.raw.as_ptr()) };
+    }
+}
+
+// SAFETY: used only through &mut self.
+unsafe impl Send for GraphAllocator {}
+
+/// A built compute graph.
+pub struct Graph<'a> {
+    raw: *mut sys::ggml_cgraph,
+    _ctx: PhantomData<&'a ()>,
+}
+
+/// Rope parameters as ggml_rope_ext takes them.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeParams {
+    pub n_dims: i32,
+    pub mode: i32,
+    pub n_ctx_orig: i32,
+    pub freq_base: f32,
+    pub freq_scale: f32,
+    pub ext_factor: f32,
+    pub attn_factor: f32,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+}
+
+/// The context one forward pass builds its graph in. Ops mirror ggml's names.
+pub struct GraphCtx {
+    ctx: NonNull<sys::ggml_context>,
+    graph: NonNull<sys::ggml_cgraph>,
+}
+
+impl GraphCtx {
+    pub fn new(max_nodes: usize) -> Result<Self, GgmlError> {
+        // SAFETY: plain size queries.
+        let mem_size = unsafe {
+            sys::ggml_tensor_overhead() * max_nodes + sys::ggml_graph_overhead_custom(max_nodes, false)
+        };
+        let params = sys::ggml_init_params {
+            mem_size,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: true,
+        };
+        // SAFETY: ggml_init copies params; null handled.
+        let ctx = unsafe { sys::ggml_init(params) };
+        let ctx = NonNull::new(ctx).ok_or(GgmlError::ContextInit(mem_size))?;
+        // SAFETY: live context sized for max_nodes graph nodes plus the graph itself.
+        let graph = unsafe { sys::ggml_new_graph_custom(ctx.as_ptr(), max_nodes, false) };
+        let graph = NonNull::new(graph).ok_or(GgmlError::ContextInit(mem_size))?;
+        Ok(GraphCtx { ctx, graph })
+    }
+
+    fn c(&self) -> *mut sys::ggml_context {
+        self.ctx.as_ptr()
+    }
+
+    /// A graph input; its data is written after allocation with `Tensor::write`.
+    pub fn input(&self, ty: GgmlType, ne: &[i64], name: &str) -> Tensor<'_> {
+        let t = new_tensor_in(self.c(), ty, ne);
+        set_name(t, name);
+        // SAFETY: live tensor of this context.
+        unsafe { sys::ggml_set_input(t.ptr()) };
+        t
+    }
+
+    pub fn mark_output(&self, t: Tensor<'_>) {
+        // SAFETY: live tensor.
+        unsafe { sys::ggml_set_output(t.ptr()) };
+    }
+
+    /// Adds `t` and everything it depends on to the graph, after what is already
+    /// there: the order of `expand` calls is the order of side effects (cache writes).
+    pub fn expand(&self, t: Tensor<'_>) {
+        // SAFETY: live graph; t belongs to this or a longer-lived context.
+        unsafe { sys::ggml_build_forward_expand(self.graph.as_ptr(), t.ptr()) };
+    }
+
+    pub fn graph(&self) -> Graph<'_> {
+        Graph {
+            raw: self.graph.as_ptr(),
+            _ctx: PhantomData,
+        }
+    }
+
+    pub fn mul_mat<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: live context and tensors; shapes are the caller's contract.
+        Tensor::from_raw(unsafe { sys::ggml_mul_mat(self.c(), a.ptr(), b.ptr()) })
+    }
+
+    pub fn mul<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: as for mul_mat.
+        Tensor::from_raw(unsafe { sys::ggml_mul(self.c(), a.ptr(), b.ptr()) })
+    }
+
+    pub fn add<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: as for mul_mat.
+        Tensor::from_raw(unsafe { sys::ggml_add(self.c(), a.ptr(), b.ptr()) })
+    }
+
+    pub fn scale<'a>(&'a self, a: Tensor<'a>, s: f32) -> Tensor<'a> {
+        // SAFETY: as for mul_mat.
+        Tensor::from_raw(unsafe { sys::ggml_scale(self.c(), a.ptr(), s) })
+    }
+
+    pub fn rms_norm<'a>(&'a self, a: Tensor<'a>, eps: f32) -> Tensor<'a> {
+        // SAFETY: as for mul_mat.
+        Tensor::from_raw(unsafe { sys::ggml_rms_norm(self.c(), a.ptr(), eps) })
+    }
+
+    pub fn get_rows<'a>(&'a self, a: Tensor<'a>, rows: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: as for mul_mat.
+        Tensor::from_raw(unsafe { sys::ggml_get_rows(self.c(), a.ptr(), rows.ptr()) })
+    }
+
+    /// silu(gate) * up
+    pub fn swiglu<'a>(&'a self, gate: Tensor<'a>, up: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: as for mul_mat.
+        Tensor::from_raw(unsafe { sys::ggml_swiglu_split(self.c(), gate.ptr(), up.ptr()) })
+    }
+
+    pub fn reshape_2d<'a>(&'a self, a: Tensor<'a>, ne0: i64, ne1: i64) -> Tensor<'a> {
+        // SAFETY: as for mul_mat (ggml checks element counts).
+        Tensor::from_raw(unsafe { sys::ggml_reshape_2d(self.c(), a.ptr(), ne0, ne1) })
+    }
+
+    pub fn reshape_3d<'a>(&'a self, a: Tensor<'a>, ne0: i64, ne1: i64, ne2: i64) -> Tensor<'a> {
+        // SAFETY: as for mul_mat.
+        Tensor::from_raw(unsafe { sys::ggml_reshape_3d(self.c(), a.ptr(), ne0, ne1, ne2) })
+    }
+
+    pub fn view_2d<'a>(&'a self, a: Tensor<'a>, ne0: i64, ne1: i64, nb1: usize, offset: usize) -> Tensor<'a> {
+        // SAFETY: as for mul_mat; the view stays inside `a` by the caller's contract.
+        Tensor::from_raw(unsafe { sys::ggml_view_2d(self.c(), a.ptr(), ne0, ne1, nb1, offset) })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn view_3d<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        ne: [i64; 3],
+        nb1: usize,
+        nb2: usize,
+        offset: usize,
+    ) -> Tensor<'a> {
+        // SAFETY: as for view_2d.
+        Tensor::from_raw(unsafe { sys::ggml_view_3d(self.c(), a.ptr(), ne[0], ne[1], ne[2], nb1, nb2, offset) })
+    }
+
+    pub fn permute<'a>(&'a self, a: Tensor<'a>, axes: [i32; 4]) -> Tensor<'a> {
+        // SAFETY: as for mul_mat.
+        Tensor::from_raw(unsafe { sys::ggml_permute(self.c(), a.ptr(), axes[0], axes[1], axes[2], axes[3]) })
+    }
+
+    pub fn cont<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: as for mul_mat.
+        Tensor::from_raw(unsafe { sys::ggml_cont(self.c(), a.ptr()) })
+    }
+
+    pub fn cpy<'a>(&'a self, src: Tensor<'a>, dst: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: as for mul_mat.
+        Tensor::from_raw(unsafe { sys::ggml_cpy(self.c(), src.ptr(), dst.ptr()) })
+    }
+
+    /// Writes the rows of `src` into `dst` at the row indices `idx` (I64); returns the
+    /// node that must be part of the graph for the write to happen.
+    pub fn set_rows<'a>(&'a self, dst: Tensor<'a>, src: Tensor<'a>, idx: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: as for mul_mat.
+        Tensor::from_raw(unsafe { sys::ggml_set_rows(self.c(), dst.ptr(), src.ptr(), idx.ptr()) })
+    }
+
+    pub fn rope<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        pos: Tensor<'a>,
+        freq_factors: Option<Tensor<'a>>,
+        p: &RopeParams,
+    ) -> Tensor<'a> {
+        let ff = freq_factors.map_or(std::ptr::null_mut(), |t| t.ptr());
+        // SAFETY: as for mul_mat; a null freq-factors tensor means "none" to ggml.
+        Tensor::from_raw(unsafe {
+            sys::ggml_rope_ext(
+                self.c(),
+                a.ptr(),
+                pos.ptr(),
+                ff,
+                p.n_dims,
+                p.mode,
+                p.n_ctx_orig,
+                p.freq_base,
+                p.freq_scale,
+                p.ext_factor,
+                p.attn_factor,
+                p.beta_fast,
+                p.beta_slow,
+            )
+        })
+    }
+
+    /// Fused attention with f32 accumulation.
+    /// q: [d, n_tokens, n_head], k/v: [d, n_kv, n_kv_head], mask: [n_kv, n_tokens] f16.
+    /// Result: [d, n_head, n_tokens].
+    pub fn flash_attn<'a>(
+        &'a self,
+        q: Tensor<'a>,
+        k: Tensor<'a>,
+        v: Tensor<'a>,
+        mask: Tensor<'a>,
+        scale: f32,
+    ) -> Tensor<'a> {
+        // SAFETY: as for mul_mat.
+        let t = unsafe { sys::ggml_flash_attn_ext(self.c(), q.ptr(), k.ptr(), v.ptr(), mask.ptr(), scale, 0.0, 0.0) };
+        // SAFETY: t is the live node just created.
+        unsafe { sys::ggml_prec_set_acc(t, sys::GGML_PREC_F32) };
+        Tensor::from_raw(t)
+    }
+}
+
+impl Drop for GraphCtx {
+    fn drop(&mut self) {
+        // SAFETY: owned; tensors and graphs borrow self so none outlive this.
+        unsafe { sys::ggml_free(self.ctx.as_ptr()) };
+    }
+}
+
+/// Bytes of one row of `n` elements of `ty`.
+pub fn row_size(ty: GgmlType, n: i64) -> usize {
+    // SAFETY: pure arithmetic on ggml's type table.
+    unsafe { sys::ggml_row_size(raw_type(ty), n) }
+}
+
+/// Quantizes `data` (rows of `n_per_row`) to `ty` with ggml's reference quantizer.
+pub fn quantize(ty: GgmlType, data: &[f32], n_per_row: usize) -> Result<Vec<u8>, GgmlError> {
+    let raw = raw_type(ty);
+    if n_per_row == 0 || data.len() % n_per_row != 0 {
+        return Err(GgmlError::Other("quantize: data is not whole rows".into()));
+    }
+    // SAFETY: pure query on ggml's type table for a valid type id.
+    let needs_imatrix = unsafe { sys::ggml_quantize_requires_imatrix(raw) };
+    // SAFETY: as above.
+    let traits = unsafe { &*sys::ggml_get_type_traits(raw) };
+    if needs_imatrix || (n_per_row as i64) % traits.blck_size != 0 {
+        return Err(GgmlError::Quantize(ty.name()));
+    }
+    let n_rows = data.len() / n_per_row;
+    let out_len = row_size(ty, n_per_row as i64) * n_rows;
+    let mut out = vec![0u8; out_len];
+    if ty == GgmlType::F32 {
+        for (o, v) in out.chunks_exact_mut(4).zip(data) {
+            o.copy_from_slice(&v.to_le_bytes());
+        }
+        return Ok(out);
+    }
+    // SAFETY: ggml initializes its quantization tables lazily; this call is
+    // idempotent and thread-safe.
+    unsafe { sys::ggml_quantize_init(raw) };
+    // SAFETY: src holds n_rows*n_per_row floats; dst holds exactly the row bytes.
+    let written = unsafe {
+        sys::ggml_quantize_chunk(
+            raw,
+            data.as_ptr(),
+            out.as_mut_ptr() as *mut c_void,
+            0,
+            n_rows as i64,
+            n_per_row as i64,
+            std::ptr::null(),
+        )
+    };
+    if written != out_len {
+        return Err(GgmlError::Quantize(ty.name()));
+    }
+    Ok(out)
+}
+
+/// Dequantizes `n` elements of `ty` stored in `bytes` with ggml's reference routine.
+pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, GgmlError> {
+    let raw = raw_type(ty);
+    // SAFETY: pure query on ggml's type table for a valid type id.
+    let traits = unsafe { &*sys::ggml_get_type_traits(raw) };
+    if traits.blck_size <= 0 || n as i64 % traits.blck_size != 0 || row_size(ty, n as i64) != bytes.len() {
+        return Err(GgmlError::Other(format!(
+            "dequantize: {} bytes do not hold {n} elements of {}",
+            bytes.len(),
+            ty.name()
+        )));
+    }
+    let mut out = vec![0f32; n];
+    if ty == GgmlType::F32 {
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        return Ok(out);
+    }
+    let to_float = traits
+        .to_float
+        .ok_or(GgmlError::Other(format!("no dequantizer for {}", ty.name())))?;
+    // SAFETY: sizes checked above: `bytes` holds exactly n elements of ty.
+    unsafe { to_float(bytes.as_ptr() as *const c_void, out.as_mut_ptr(), n as i64) };
+    Ok(out)
+}
+
+/// f32 -> IEEE half bits, as ggml stores F16.
+pub fn f32_to_f16_bits(v: f32) -> u16 {
+    half::f16::from_f32(v).to_bits()
+}

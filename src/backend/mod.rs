@@ -1,0 +1,4 @@
+//! Compute backends. `ggml` is the CPU path (and CUDA/Vulkan/Metal through ggml's
+//! own backends behind cargo features); `graph` is the Llama forward pass on it.
+
+pub mod ggml;
