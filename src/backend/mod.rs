@@ -2,3 +2,4 @@
 //! own backends behind cargo features); `graph` is the Llama forward pass on it.
 
 pub mod ggml;
+pub mod graph;

@@ -1,0 +1,199 @@
+//! The Llama forward pass as a ggml graph, with KV sharing: a layer whose map entry
+//! points at an earlier layer computes only its queries and attends over that layer's
+//! cache slot; it has no K/V projections, no key RoPE and no cache write.
+//!
+//! Mirrors llama.cpp's `llm_build_llama` op for op (so logits match it closely):
+//! RMSNorm -> Q/K/V -> RoPE (NORM) -> cache write -> flash attention (f16 cache,
+//! f32 accumulation) -> Wo -> residual -> RMSNorm -> SwiGLU FFN -> residual.
+
+use crate::backend::ggml::{CpuBackend, GgmlError, GraphAllocator, GraphCtx, RopeParams, Tensor};
+use crate::gguf::GgmlType;
+use crate::kv::KvCache;
+use crate::model::Model;
+
+/// Which rows of logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's (perplexity, parity tests).
+    All,
+    /// None (prefill of a prompt whose logits are not needed, calibration capture).
+    None,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardRequest {
+    pub logits: Logits,
+    /// Also return the final hidden states (after the output norm) of every token.
+    pub hidden: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct ForwardOutput {
+    /// Row-major `[rows][n_vocab]`.
+    pub logits: Vec<f32>,
+    pub logit_rows: usize,
+    /// Row-major `[n_tokens][n_embd]` when requested.
+    pub hidden: Option<Vec<f32>>,
+}
+
+/// Mask rows are padded to this many cache cells, as llama.cpp does for flash
+/// attention, so graphs of neighbouring lengths share allocations.
+const KV_PAD: usize = 256;
+const MAX_NODES: usize = 8192;
+const NEG_INF_F16: u16 = 0xFC00;
+
+/// Runs `tokens` at positions `pos0..pos0+n` through the model, writing the owning
+/// layers' K/V into `cache`. The caller guarantees `pos0 + n <= cache.n_ctx()` and
+/// every token id `< n_vocab` (the session checks both).
+pub fn forward(
+    model: &Model,
+    cache: &KvCache,
+    backend: &CpuBackend,
+    alloc: &mut GraphAllocator,
+    tokens: &[u32],
+    pos0: usize,
+    req: ForwardRequest,
+) -> Result<ForwardOutput, GgmlError> {
+    let c = &model.config;
+    let w = &model.weights;
+    let n = tokens.len();
+    let (hd, n_head, n_head_kv, n_embd_kv) = (c.head_dim as i64, c.n_head as i64, c.n_head_kv as i64, c.n_embd_kv());
+    let n_kv = (pos0 + n).next_multiple_of(KV_PAD).min(cache.n_ctx());
+    let all_rows = req.logits == Logits::All || req.hidden;
+    let rope = RopeParams {
+        n_dims: c.rope_dim as i32,
+        mode: 0, // LLAMA_ROPE_TYPE_NORM: adjacent pairs
+        n_ctx_orig: c.n_ctx_train as i32,
+        freq_base: c.rope_freq_base,
+        freq_scale: c.rope_freq_scale,
+        ext_factor: 0.0,
+        attn_factor: 1.0,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+    };
+
+    let g = GraphCtx::new(MAX_NODES)?;
+    let inp_tokens = g.input(GgmlType::I32, &[n as i64], "inp_tokens");
+    let inp_pos = g.input(GgmlType::I32, &[n as i64], "inp_pos");
+    let inp_rows = g.input(GgmlType::I64, &[n as i64], "inp_kv_rows");
+    let inp_mask = g.input(GgmlType::F16, &[n_kv as i64, n as i64], "inp_kq_mask");
+    // Only the last row leaves the final layer unless every row is wanted.
+    let inp_last = (!all_rows).then(|| g.input(GgmlType::I32, &[1], "inp_out_ids"));
+    let rope_freqs = w.rope_freqs.map(|i| model.w(i));
+    let kq_scale = 1.0 / (c.head_dim as f32).sqrt();
+
+    let mut x = g.get_rows(model.w(w.token_embd), inp_tokens);
+    for (il, lw) in w.layers.iter().enumerate() {
+        let residual = x;
+        let cur = g.mul(g.rms_norm(x, c.rms_eps), model.w(lw.attn_norm));
+
+        let q = g.reshape_3d(g.mul_mat(model.w(lw.wq), cur), hd, n_head, n as i64);
+        let q = g.rope(q, inp_pos, rope_freqs, &rope);
+        let (k_slot, v_slot) = (cache.k(il), cache.v(il));
+        if cache.map().owns_slot(il) {
+            let k = g.reshape_3d(g.mul_mat(model.w(lw.wk), cur), hd, n_head_kv, n as i64);
+            let k = g.rope(k, inp_pos, rope_freqs, &rope);
+            let v = g.mul_mat(model.w(lw.wv), cur);
+            // Cache writes go into the graph before the attention that reads the slot.
+            g.expand(g.set_rows(k_slot, g.reshape_2d(k, n_embd_kv as i64, n as i64), inp_rows));
+            g.expand(g.set_rows(v_slot, v, inp_rows));
+        }
+        let cur = attention(&g, q, k_slot, v_slot, inp_mask, c.n_head_kv, c.head_dim, n_kv, kq_scale);
+        let mut cur = g.mul_mat(model.w(lw.wo), g.reshape_2d(cur, hd * n_head, n as i64));
+        let mut residual = residual;
+        if let (true, Some(last)) = (il + 1 == w.layers.len(), inp_last) {
+            cur = g.get_rows(cur, last);
+            residual = g.get_rows(residual, last);
+        }
+        let ffn_inp = g.add(cur, residual);
+
+        let cur = g.mul(g.rms_norm(ffn_inp, c.rms_eps), model.w(lw.ffn_norm));
+        let up = g.mul_mat(model.w(lw.ffn_up), cur);
+        let gate = g.mul_mat(model.w(lw.ffn_gate), cur);
+        let cur = g.mul_mat(model.w(lw.ffn_down), g.swiglu(gate, up));
+        x = g.add(cur, ffn_inp);
+    }
+    let hidden = g.mul(g.rms_norm(x, c.rms_eps), model.w(w.output_norm));
+    g.mark_output(hidden);
+    g.expand(hidden);
+    let logits = (req.logits != Logits::None).then(|| {
+        let t = g.mul_mat(model.w(w.output), hidden);
+        g.mark_output(t);
+        g.expand(t);
+        t
+    });
+
+    let graph = g.graph();
+    alloc.allocate(&graph)?;
+    write_inputs(tokens, pos0, n_kv, [inp_tokens, inp_pos, inp_rows, inp_mask]);
+    if let Some(last) = inp_last {
+        last.write(&[(tokens.len() - 1) as i32]);
+    }
+    backend.compute(&graph)?;
+
+    let mut out = ForwardOutput::default();
+    if let Some(t) = logits {
+        let all = t.read_f32();
+        let rows = t.ne()[1] as usize;
+        if req.logits == Logits::Last && rows > 1 {
+            out.logits = all[(rows - 1) * c.n_vocab..].to_vec();
+            out.logit_rows = 1;
+        } else {
+            out.logits = all;
+            out.logit_rows = rows;
+        }
+    }
+    if req.hidden {
+        out.hidden = Some(hidden.read_f32());
+    }
+    Ok(out)
+}
+
+/// Flash attention of `q` ([hd, n_head, n]) over the first `n_kv` cells of a slot.
+#[allow(clippy::too_many_arguments)]
+fn attention<'a>(
+    g: &'a GraphCtx,
+    q: Tensor<'a>,
+    k_slot: Tensor<'a>,
+    v_slot: Tensor<'a>,
+    mask: Tensor<'a>,
+    n_head_kv: usize,
+    head_dim: usize,
+    n_kv: usize,
+    scale: f32,
+) -> Tensor<'a> {
+    let kv_view = |slot: Tensor<'a>, ty_row: usize, ty_head: usize| {
+        let view = g.view_3d(slot, [head_dim as i64, n_head_kv as i64, n_kv as i64], ty_head, ty_row, 0);
+        g.permute(view, [0, 2, 1, 3])
+    };
+    let k_row = slot_row_bytes(k_slot);
+    let v_row = slot_row_bytes(v_slot);
+    let k = kv_view(k_slot, k_row, k_row / n_head_kv);
+    let v = kv_view(v_slot, v_row, v_row / n_head_kv);
+    let q = g.permute(q, [0, 2, 1, 3]);
+    g.flash_attn(q, k, v, mask, scale)
+}
+
+fn slot_row_bytes(slot: Tensor<'_>) -> usize {
+    slot.nb()[1]
+}
+
+fn write_inputs(tokens: &[u32], pos0: usize, n_kv: usize, inputs: [Tensor<'_>; 4]) {
+    let [inp_tokens, inp_pos, inp_rows, inp_mask] = inputs;
+    let n = tokens.len();
+    let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    let pos: Vec<i32> = (0..n).map(|i| (pos0 + i) as i32).collect();
+    let rows: Vec<i64> = (0..n).map(|i| (pos0 + i) as i64).collect();
+    let mut mask = vec![NEG_INF_F16; n_kv * n];
+    for t in 0..n {
+        for j in 0..=(pos0 + t).min(n_kv - 1) {
+            mask[t * n_kv + j] = 0;
+        }
+    }
+    inp_tokens.write(&ids);
+    inp_pos.write(&pos);
+    inp_rows.write(&rows);
+    inp_mask.write(&mask);
+}

@@ -1,0 +1,171 @@
+//! The KV cache: one K and one V tensor per *owning* layer (a slot); a shared layer
+//! has no storage of its own and reads its source's slot. The `ShareMap` is the only
+//! link between layers and slots.
+
+use crate::backend::ggml::{row_size, CpuBackend, GgmlError, Tensor, TensorArena};
+use crate::gguf::GgmlType;
+use crate::model::LlamaConfig;
+use crate::share::ShareMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error(transparent)]
+    Ggml(#[from] GgmlError),
+    #[error("sharing map has {map} layers but the model has {model}")]
+    MapMismatch { map: usize, model: usize },
+    #[error("KV cache type {0} is not supported (use f16, q8_0 or q4_0)")]
+    UnsupportedType(String),
+    #[error("KV cache type {ty} needs the head dimension ({head_dim}) to be a multiple of {block}")]
+    BlockMismatch {
+        ty: &'static str,
+        head_dim: usize,
+        block: u64,
+    },
+    #[error("context size must be at least 1")]
+    EmptyContext,
+}
+
+/// Element types a cache slot may use, as llama.cpp's `--cache-type-k/-v` spell them.
+pub const CACHE_TYPES: &[(&str, GgmlType)] = &[
+    ("f16", GgmlType::F16),
+    ("f32", GgmlType::F32),
+    ("q8_0", GgmlType::Q8_0),
+    ("q4_0", GgmlType::Q4_0),
+];
+
+pub fn parse_cache_type(name: &str) -> Result<GgmlType, KvError> {
+    CACHE_TYPES
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, t)| *t)
+        .ok_or_else(|| KvError::UnsupportedType(name.to_string()))
+}
+
+pub struct KvCache {
+    arena: TensorArena,
+    /// Arena indices of each slot's K and V, `[n_embd_kv, n_ctx]` each.
+    k: Vec<usize>,
+    v: Vec<usize>,
+    slot_of_layer: Vec<usize>,
+    map: ShareMap,
+    n_ctx: usize,
+    n_embd_kv: usize,
+    type_k: GgmlType,
+    type_v: GgmlType,
+}
+
+impl KvCache {
+    pub fn new(
+        config: &LlamaConfig,
+        map: &ShareMap,
+        n_ctx: usize,
+        type_k: GgmlType,
+        type_v: GgmlType,
+        backend: &CpuBackend,
+    ) -> Result<Self, KvError> {
+        if map.n_layers() != config.n_layers {
+            return Err(KvError::MapMismatch {
+                map: map.n_layers(),
+                model: config.n_layers,
+            });
+        }
+        if n_ctx == 0 {
+            return Err(KvError::EmptyContext);
+        }
+        for ty in [type_k, type_v] {
+            if !CACHE_TYPES.iter().any(|(_, t)| *t == ty) {
+                return Err(KvError::UnsupportedType(ty.name().to_string()));
+            }
+            if config.head_dim as u64 % ty.block_size() != 0 {
+                return Err(KvError::BlockMismatch {
+                    ty: ty.name(),
+                    head_dim: config.head_dim,
+                    block: ty.block_size(),
+                });
+            }
+        }
+        let n_slots = map.owner_count();
+        let n_embd_kv = config.n_embd_kv();
+        let mut arena = TensorArena::new(2 * n_slots)?;
+        let mut k = Vec::with_capacity(n_slots);
+        let mut v = Vec::with_capacity(n_slots);
+        for layer in (0..config.n_layers).filter(|&l| map.owns_slot(l)) {
+            let ne = [n_embd_kv as i64, n_ctx as i64];
+            k.push(arena.add_tensor(type_k, &ne, &format!("cache_k_l{layer}")));
+            v.push(arena.add_tensor(type_v, &ne, &format!("cache_v_l{layer}")));
+        }
+        arena.allocate(backend)?;
+        Ok(KvCache {
+            arena,
+            k,
+            v,
+            slot_of_layer: map.slot_of_layers(),
+            map: map.clone(),
+            n_ctx,
+            n_embd_kv,
+            type_k,
+            type_v,
+        })
+    }
+
+    /// The K tensor layer `layer` writes (if it owns a slot) or reads (if shared).
+    pub fn k(&self, layer: usize) -> Tensor<'_> {
+        self.arena.tensor(self.k[self.slot_of_layer[layer]])
+    }
+
+    pub fn v(&self, layer: usize) -> Tensor<'_> {
+        self.arena.tensor(self.v[self.slot_of_layer[layer]])
+    }
+
+    pub fn map(&self) -> &ShareMap {
+        &self.map
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    pub fn type_k(&self) -> GgmlType {
+        self.type_k
+    }
+
+    pub fn type_v(&self) -> GgmlType {
+        self.type_v
+    }
+
+    pub fn n_slots(&self) -> usize {
+        self.k.len()
+    }
+
+    /// Bytes of K and V storage actually allocated (all slots).
+    pub fn bytes(&self) -> usize {
+        self.n_slots() * self.slot_bytes()
+    }
+
+    /// Bytes one slot (K + V) takes for the whole context.
+    pub fn slot_bytes(&self) -> usize {
+        (row_size(self.type_k, self.n_embd_kv as i64) + row_size(self.type_v, self.n_embd_kv as i64))
+            * self.n_ctx
+    }
+
+    /// Bytes the same cache would take with every layer owning a slot.
+    pub fn bytes_unshared(&self) -> usize {
+        self.map.n_layers() * self.slot_bytes()
+    }
+
+    /// Bytes per token of context across all slots.
+    pub fn bytes_per_token(&self) -> usize {
+        self.bytes() / self.n_ctx
+    }
+
+    /// Zeroes every slot (a new conversation).
+    pub fn clear(&self) {
+        self.arena.clear();
+    }
+}
+
+/// KV bytes per token for a config, a map and cache types, without allocating.
+pub fn bytes_per_token(config: &LlamaConfig, map: &ShareMap, type_k: GgmlType, type_v: GgmlType) -> usize {
+    let n = config.n_embd_kv() as i64;
+    map.owner_count() * (row_size(type_k, n) + row_size(type_v, n))
+}

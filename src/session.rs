@@ -1,0 +1,176 @@
+//! Run state for one conversation or evaluation (llama2.c's `RunState`): the KV cache
+//! sized for the owning layers of a `ShareMap`, the position, and the graph memory.
+
+use crate::backend::ggml::{CpuBackend, GgmlError, GraphAllocator};
+use crate::backend::graph::{self, ForwardOutput, ForwardRequest, Logits};
+use crate::gguf::GgmlType;
+use crate::kv::{KvCache, KvError};
+use crate::model::Model;
+use crate::share::ShareMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Ggml(#[from] GgmlError),
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error("the context is full: {needed} tokens needed but the context holds {n_ctx} (hint: raise -c/--ctx-size)")]
+    ContextFull { needed: usize, n_ctx: usize },
+    #[error("token id {id} is outside the vocabulary ({n_vocab} tokens)")]
+    BadToken { id: u32, n_vocab: usize },
+    #[error("nothing to evaluate: the token list is empty")]
+    Empty,
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    pub n_ctx: usize,
+    /// Prompt tokens per graph during prefill (llama.cpp's `--batch-size`).
+    pub n_batch: usize,
+    pub n_threads: usize,
+    pub type_k: GgmlType,
+    pub type_v: GgmlType,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            n_ctx: 4096,
+            n_batch: 512,
+            n_threads: default_threads(),
+            type_k: GgmlType::F16,
+            type_v: GgmlType::F16,
+        }
+    }
+}
+
+/// Physical cores are what ggml scales with; without a reliable count, use all
+/// logical CPUs up to 8.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get().min(8))
+}
+
+pub struct Session<'m> {
+    model: &'m Model,
+    backend: CpuBackend,
+    cache: KvCache,
+    alloc: GraphAllocator,
+    n_past: usize,
+    n_batch: usize,
+}
+
+impl<'m> Session<'m> {
+    pub fn new(model: &'m Model, map: &ShareMap, opts: &SessionOptions) -> Result<Self, SessionError> {
+        let backend = CpuBackend::new(opts.n_threads)?;
+        let cache = KvCache::new(&model.config, map, opts.n_ctx, opts.type_k, opts.type_v, &backend)?;
+        let alloc = GraphAllocator::new(&backend)?;
+        Ok(Session {
+            model,
+            backend,
+            cache,
+            alloc,
+            n_past: 0,
+            n_batch: opts.n_batch.max(1),
+        })
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    pub fn map(&self) -> &ShareMap {
+        self.cache.map()
+    }
+
+    /// Tokens currently in the cache.
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.cache.n_ctx()
+    }
+
+    pub fn set_threads(&mut self, n: usize) {
+        self.backend.set_threads(n);
+    }
+
+    /// Forgets the conversation.
+    pub fn reset(&mut self) {
+        self.n_past = 0;
+    }
+
+    /// Drops everything after the first `n` tokens (cells past `n_past` are masked
+    /// out, so their stale contents are never read).
+    pub fn truncate(&mut self, n: usize) {
+        self.n_past = self.n_past.min(n);
+    }
+
+    /// Appends `tokens` and returns logits: the last token's, or every token's.
+    pub fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, SessionError> {
+        Ok(self
+            .eval_full(
+                tokens,
+                ForwardRequest {
+                    logits,
+                    hidden: false,
+                },
+            )?
+            .logits)
+    }
+
+    /// Appends `tokens` in prefill chunks of `n_batch`, gathering what `req` asks for.
+    pub fn eval_full(&mut self, tokens: &[u32], req: ForwardRequest) -> Result<ForwardOutput, SessionError> {
+        if tokens.is_empty() {
+            return Err(SessionError::Empty);
+        }
+        let needed = self.n_past + tokens.len();
+        if needed > self.n_ctx() {
+            return Err(SessionError::ContextFull {
+                needed,
+                n_ctx: self.n_ctx(),
+            });
+        }
+        let n_vocab = self.model.config.n_vocab;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(SessionError::BadToken { id, n_vocab });
+        }
+        let mut out = ForwardOutput::default();
+        let chunks: Vec<&[u32]> = tokens.chunks(self.n_batch).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            let chunk_req = ForwardRequest {
+                logits: match req.logits {
+                    Logits::Last if !last => Logits::None,
+                    other => other,
+                },
+                hidden: req.hidden,
+            };
+            let r = graph::forward(
+                self.model,
+                &self.cache,
+                &self.backend,
+                &mut self.alloc,
+                chunk,
+                self.n_past,
+                chunk_req,
+            )?;
+            self.n_past += chunk.len();
+            out.logits.extend_from_slice(&r.logits);
+            out.logit_rows += r.logit_rows;
+            if let Some(h) = r.hidden {
+                out.hidden.get_or_insert_with(Vec::new).extend_from_slice(&h);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes of KV storage allocated for this session.
+    pub fn kv_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+}
