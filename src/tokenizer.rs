@@ -400,7 +400,9 @@ fn load_vocab_like_llama_cpp(
 
     // Text-based detection, which also forces the control attribute. llama.cpp
     // walks a hash map, so among several candidates its choice is arbitrary; the
-    // lowest id is taken here. It does not change the end-of-generation set.
+    // lowest id is taken here. For EOT/EOM that cannot change the end-of-generation
+    // set (every candidate is in EOG_TEXTS); for the FIM pad/repo/sep slots it
+    // could, in a vocabulary holding two candidates for one slot.
     let detect = |slot: &mut Option<u32>, texts: &[&str], attrs: &mut Vec<u16>| {
         if slot.is_some() {
             return;
@@ -529,8 +531,9 @@ fn score_ranked_merges(
             }
         }
     }
-    // Ties: lower id first, then the shorter left part (llama.cpp breaks score ties
-    // by position in the text, which a rank table cannot express exactly).
+    // Ties: lower id first, then the shorter left part. llama.cpp breaks score ties
+    // by position in the text, which a rank table cannot express exactly; with
+    // distinct scores the two agree (see `spm_matches_reference_on_random_vocabularies`).
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     ranked
         .into_iter()
@@ -1119,6 +1122,201 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// Byte-level vocabulary: ids 0..=255 are the byte chars (id = byte value), then
+    /// "Ġt" 256, "he" 257, "Ġthe" 258, "12" 259, "123" 260, "xyz" 261 (reachable by
+    /// no merge) and "<|endoftext|>" 262 (control).
+    fn tiny_gpt2(pre: Option<&str>) -> Tokenizer {
+        let mut tokens: Vec<String> = byte_level_chars().iter().map(|c| c.to_string()).collect();
+        let mut types = vec![1; 256];
+        for text in ["Ġt", "he", "Ġthe", "12", "123", "xyz"] {
+            tokens.push(text.to_owned());
+            types.push(1);
+        }
+        tokens.push("<|endoftext|>".to_owned());
+        types.push(3);
+        let merges = ["Ġ t", "h e", "Ġt he", "1 2", "12 3", "no such"];
+        Tokenizer::from_spec(TokenizerSpec {
+            model: "gpt2".into(),
+            pre: pre.map(str::to_owned),
+            tokens,
+            token_types: Some(types),
+            merges: Some(merges.iter().map(|m| (*m).to_owned()).collect()),
+            ..TokenizerSpec::default()
+        })
+        .expect("tiny gpt2 vocabulary builds")
+    }
+
+    #[test]
+    fn byte_level_bpe_follows_the_pre_tokenizer_family() {
+        let smollm = tiny_gpt2(Some("smollm"));
+        // " the " -> " the" + " "; digits one by one, so "12"/"123" never form.
+        assert_eq!(
+            smollm.encode(" the 12", false, false).unwrap(),
+            vec![258, 32, 49, 50]
+        );
+        assert_eq!(
+            smollm.encode("12345", false, false).unwrap(),
+            vec![49, 50, 51, 52, 53]
+        );
+        assert_eq!(
+            smollm.encode("xyz", false, false).unwrap(),
+            vec![120, 121, 122]
+        );
+        assert_eq!(smollm.decode(&[258, 32, 49, 50]), " the 12");
+
+        let llama3 = tiny_gpt2(Some("llama-bpe"));
+        // Digits in groups of three; a whole pre-token in the vocab skips merging.
+        assert_eq!(
+            llama3.encode("12345", false, false).unwrap(),
+            vec![260, 52, 53]
+        );
+        assert_eq!(llama3.encode("xyz", false, false).unwrap(), vec![261]);
+
+        let gpt2 = tiny_gpt2(Some("gpt-2"));
+        assert_eq!(
+            gpt2.encode("12345", false, false).unwrap(),
+            vec![260, 52, 53]
+        );
+        assert_eq!(
+            gpt2.encode("xyz", false, false).unwrap(),
+            vec![120, 121, 122]
+        );
+    }
+
+    #[test]
+    fn byte_level_bpe_special_token_defaults_follow_llama_cpp() {
+        // Without bos/eos keys llama.cpp uses id 11 for both, and adds BOS by
+        // default only for the llama3 family.
+        let smollm = tiny_gpt2(Some("smollm"));
+        assert_eq!((smollm.bos(), smollm.eos()), (Some(11), Some(11)));
+        assert_eq!(smollm.encode("he", true, false).unwrap(), vec![257]);
+        assert!(smollm.is_eog(11));
+        let llama3 = tiny_gpt2(Some("llama-bpe"));
+        assert_eq!(llama3.encode("he", true, false).unwrap(), vec![11, 257]);
+
+        // "<|endoftext|>" is end-of-generation and a single token only when parsed.
+        assert!(smollm.is_eog(262));
+        assert_eq!(
+            smollm.encode("<|endoftext|>", false, true).unwrap(),
+            vec![262]
+        );
+        assert_eq!(
+            smollm.encode("<|endoftext|>", false, false).unwrap().len(),
+            13
+        );
+        assert!(smollm.decode_piece(262).is_empty());
+    }
+
+    #[test]
+    fn merges_split_at_the_first_space_after_the_first_byte() {
+        let tokens = ["Ġ", "t", "Ġt", " ", "x", " x"];
+        let to_id: HashMap<&str, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (*t, i as u32))
+            .collect();
+        let merges: Vec<String> = ["Ġ t", "  x", "Ġ t", "Ġ q"]
+            .iter()
+            .map(|m| (*m).to_owned())
+            .collect();
+        // Duplicates keep the first rank; merges naming non-tokens are dropped; a
+        // merge may start with a space ("  x" is " " + "x").
+        assert_eq!(
+            byte_level_merges(&merges, &to_id),
+            vec![
+                ("Ġ".to_owned(), "t".to_owned()),
+                (" ".to_owned(), "x".to_owned())
+            ]
+        );
+    }
+
+    /// llama.cpp's SPM session, transcribed as directly as possible: merge the
+    /// adjacent pair forming the best-scored token (ties: leftmost), repeat.
+    fn reference_spm(text: &str, tokens: &[String], scores: &[f32]) -> Vec<u32> {
+        let to_id: HashMap<&str, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i as u32))
+            .collect();
+        let mut symbols: Vec<String> = text.chars().map(String::from).collect();
+        loop {
+            let mut best: Option<(f32, usize)> = None;
+            for i in 0..symbols.len().saturating_sub(1) {
+                let joined = format!("{}{}", symbols[i], symbols[i + 1]);
+                if let Some(&id) = to_id.get(joined.as_str()) {
+                    let score = scores[id as usize];
+                    if best.is_none_or(|(s, _)| score > s) {
+                        best = Some((score, i));
+                    }
+                }
+            }
+            let Some((_, i)) = best else { break };
+            let right = symbols.remove(i + 1);
+            symbols[i].push_str(&right);
+        }
+        symbols
+            .iter()
+            .flat_map(|s| match to_id.get(s.as_str()) {
+                Some(&id) => vec![id],
+                None => s
+                    .bytes()
+                    .map(|b| to_id[format!("<0x{b:02X}>").as_str()])
+                    .collect(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn spm_matches_reference_on_random_vocabularies() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet = ['▁', 'a', 'b', 'c'];
+        let mut mismatches = 0;
+        for _ in 0..200 {
+            let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+            tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+            tokens.extend(alphabet.iter().map(char::to_string));
+            while tokens.len() < 259 + 3 + 25 {
+                let len = rng.random_range(2..6);
+                let piece: String = (0..len)
+                    .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                    .collect();
+                if !tokens.contains(&piece) {
+                    tokens.push(piece);
+                }
+            }
+            // Distinct scores: llama.cpp and a rank table agree on different tokens.
+            let scores: Vec<f32> = (0..tokens.len())
+                .map(|i| -(i as f32) - rng.random::<f32>())
+                .collect();
+            let mut types = vec![2, 3, 3];
+            types.extend(std::iter::repeat_n(6, 256));
+            types.resize(tokens.len(), 1);
+            let tok = Tokenizer::from_spec(TokenizerSpec {
+                model: "llama".into(),
+                tokens: tokens.clone(),
+                token_types: Some(types),
+                scores: Some(scores.clone()),
+                add_space_prefix: Some(false),
+                ..TokenizerSpec::default()
+            })
+            .unwrap();
+            for _ in 0..20 {
+                let len = rng.random_range(1..14);
+                let text: String = (0..len)
+                    .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                    .collect();
+                let ours = tok.encode(&text, false, false).unwrap();
+                let reference = reference_spm(&text, &tokens, &scores);
+                if ours != reference {
+                    mismatches += 1;
+                    eprintln!("{text:?}: ours {ours:?} reference {reference:?}");
+                }
+            }
+        }
+        assert_eq!(mismatches, 0);
     }
 
     #[test]
