@@ -2,7 +2,9 @@
 //! has no storage of its own and reads its source's slot. The `ShareMap` is the only
 //! link between layers and slots.
 
-use crate::backend::ggml::{row_size, CpuBackend, GgmlError, Tensor, TensorArena};
+use std::ops::Range;
+
+use crate::backend::ggml::{dequantize, row_size, CpuBackend, GgmlError, Tensor, TensorArena};
 use crate::gguf::GgmlType;
 use crate::model::LlamaConfig;
 use crate::share::ShareMap;
@@ -39,6 +41,12 @@ pub fn parse_cache_type(name: &str) -> Result<GgmlType, KvError> {
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
         .map(|(_, t)| *t)
         .ok_or_else(|| KvError::UnsupportedType(name.to_string()))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvPart {
+    Keys,
+    Values,
 }
 
 pub struct KvCache {
@@ -156,6 +164,19 @@ impl KvCache {
     /// Bytes per token of context across all slots.
     pub fn bytes_per_token(&self) -> usize {
         self.bytes() / self.n_ctx
+    }
+
+    /// The keys (post-RoPE) or values layer `layer` sees at cache rows `rows`, as f32,
+    /// row-major `[rows][n_head_kv * head_dim]`.
+    pub fn read_rows_f32(&self, layer: usize, part: KvPart, rows: Range<usize>) -> Result<Vec<f32>, KvError> {
+        let (t, ty) = match part {
+            KvPart::Keys => (self.k(layer), self.type_k),
+            KvPart::Values => (self.v(layer), self.type_v),
+        };
+        let row_bytes = row_size(ty, self.n_embd_kv as i64);
+        let rows = rows.start.min(self.n_ctx)..rows.end.min(self.n_ctx);
+        let bytes = t.read_bytes(rows.start * row_bytes, rows.len() * row_bytes);
+        Ok(dequantize(ty, &bytes, rows.len() * self.n_embd_kv)?)
     }
 
     /// Zeroes every slot (a new conversation).

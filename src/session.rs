@@ -2,7 +2,7 @@
 //! sized for the owning layers of a `ShareMap`, the position, and the graph memory.
 
 use crate::backend::ggml::{CpuBackend, GgmlError, GraphAllocator};
-use crate::backend::graph::{self, ForwardOutput, ForwardRequest, Logits};
+use crate::backend::graph::{self, ForwardOutput, ForwardRequest, Layout, Logits};
 use crate::gguf::GgmlType;
 use crate::kv::{KvCache, KvError};
 use crate::model::Model;
@@ -125,6 +125,33 @@ impl<'m> Session<'m> {
 
     /// Appends `tokens` in prefill chunks of `n_batch`, gathering what `req` asks for.
     pub fn eval_full(&mut self, tokens: &[u32], req: ForwardRequest) -> Result<ForwardOutput, SessionError> {
+        self.eval_layout(tokens, Layout::Single, self.n_batch, req)
+    }
+
+    /// Evaluates `tokens` as independent texts of `seq_len` tokens each, packed into
+    /// one cache from row 0 (each attends only to itself, positions restart at 0).
+    /// Replaces whatever the session held. Used by calibration and its tests.
+    pub fn eval_packed(
+        &mut self,
+        tokens: &[u32],
+        seq_len: usize,
+        req: ForwardRequest,
+    ) -> Result<ForwardOutput, SessionError> {
+        if seq_len == 0 || tokens.len() % seq_len != 0 {
+            return Err(SessionError::Empty);
+        }
+        self.n_past = 0;
+        let chunk = (self.n_batch / seq_len).max(1) * seq_len;
+        self.eval_layout(tokens, Layout::Packed { seq_len }, chunk, req)
+    }
+
+    fn eval_layout(
+        &mut self,
+        tokens: &[u32],
+        layout: Layout,
+        chunk_len: usize,
+        req: ForwardRequest,
+    ) -> Result<ForwardOutput, SessionError> {
         if tokens.is_empty() {
             return Err(SessionError::Empty);
         }
@@ -140,7 +167,7 @@ impl<'m> Session<'m> {
             return Err(SessionError::BadToken { id, n_vocab });
         }
         let mut out = ForwardOutput::default();
-        let chunks: Vec<&[u32]> = tokens.chunks(self.n_batch).collect();
+        let chunks: Vec<&[u32]> = tokens.chunks(chunk_len).collect();
         for (i, chunk) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len();
             let chunk_req = ForwardRequest {
@@ -157,6 +184,7 @@ impl<'m> Session<'m> {
                 &mut self.alloc,
                 chunk,
                 self.n_past,
+                layout,
                 chunk_req,
             )?;
             self.n_past += chunk.len();

@@ -29,6 +29,32 @@ pub struct ForwardRequest {
     pub hidden: bool,
 }
 
+/// How cache rows map to sequences. One conversation is one sequence whose row `r`
+/// holds position `r`. Calibration packs many equal-length texts into one cache so a
+/// single graph evaluates them all: row `r` is position `r % len` of text `r / len`,
+/// and a token only attends to rows of its own text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    Single,
+    Packed { seq_len: usize },
+}
+
+impl Layout {
+    fn position(self, row: usize) -> usize {
+        match self {
+            Layout::Single => row,
+            Layout::Packed { seq_len } => row % seq_len,
+        }
+    }
+
+    fn first_visible_row(self, row: usize) -> usize {
+        match self {
+            Layout::Single => 0,
+            Layout::Packed { seq_len } => row - row % seq_len,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct ForwardOutput {
     /// Row-major `[rows][n_vocab]`.
@@ -44,23 +70,25 @@ const KV_PAD: usize = 256;
 const MAX_NODES: usize = 8192;
 const NEG_INF_F16: u16 = 0xFC00;
 
-/// Runs `tokens` at positions `pos0..pos0+n` through the model, writing the owning
-/// layers' K/V into `cache`. The caller guarantees `pos0 + n <= cache.n_ctx()` and
+/// Runs `tokens` into cache rows `row0..row0+n` through the model, writing the owning
+/// layers' K/V into `cache`. The caller guarantees `row0 + n <= cache.n_ctx()` and
 /// every token id `< n_vocab` (the session checks both).
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     model: &Model,
     cache: &KvCache,
     backend: &CpuBackend,
     alloc: &mut GraphAllocator,
     tokens: &[u32],
-    pos0: usize,
+    row0: usize,
+    layout: Layout,
     req: ForwardRequest,
 ) -> Result<ForwardOutput, GgmlError> {
     let c = &model.config;
     let w = &model.weights;
     let n = tokens.len();
     let (hd, n_head, n_head_kv, n_embd_kv) = (c.head_dim as i64, c.n_head as i64, c.n_head_kv as i64, c.n_embd_kv());
-    let n_kv = (pos0 + n).next_multiple_of(KV_PAD).min(cache.n_ctx());
+    let n_kv = (row0 + n).next_multiple_of(KV_PAD).min(cache.n_ctx());
     let all_rows = req.logits == Logits::All || req.hidden;
     let rope = RopeParams {
         n_dims: c.rope_dim as i32,
@@ -127,7 +155,7 @@ pub fn forward(
 
     let graph = g.graph();
     alloc.allocate(&graph)?;
-    write_inputs(tokens, pos0, n_kv, [inp_tokens, inp_pos, inp_rows, inp_mask]);
+    write_inputs(tokens, row0, layout, n_kv, [inp_tokens, inp_pos, inp_rows, inp_mask]);
     if let Some(last) = inp_last {
         last.write(&[(tokens.len() - 1) as i32]);
     }
@@ -180,15 +208,16 @@ fn slot_row_bytes(slot: Tensor<'_>) -> usize {
     slot.nb()[1]
 }
 
-fn write_inputs(tokens: &[u32], pos0: usize, n_kv: usize, inputs: [Tensor<'_>; 4]) {
+fn write_inputs(tokens: &[u32], row0: usize, layout: Layout, n_kv: usize, inputs: [Tensor<'_>; 4]) {
     let [inp_tokens, inp_pos, inp_rows, inp_mask] = inputs;
     let n = tokens.len();
     let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-    let pos: Vec<i32> = (0..n).map(|i| (pos0 + i) as i32).collect();
-    let rows: Vec<i64> = (0..n).map(|i| (pos0 + i) as i64).collect();
+    let pos: Vec<i32> = (0..n).map(|i| layout.position(row0 + i) as i32).collect();
+    let rows: Vec<i64> = (0..n).map(|i| (row0 + i) as i64).collect();
     let mut mask = vec![NEG_INF_F16; n_kv * n];
     for t in 0..n {
-        for j in 0..=(pos0 + t).min(n_kv - 1) {
+        let row = row0 + t;
+        for j in layout.first_visible_row(row)..=row.min(n_kv - 1) {
             mask[t * n_kv + j] = 0;
         }
     }

@@ -2,6 +2,7 @@
 //! code that turns them into a loaded model, a sharing map and a session.
 
 pub mod bench;
+pub mod calibrate;
 pub mod info;
 pub mod run;
 
@@ -41,6 +42,10 @@ pub enum Command {
     Info(info::InfoArgs),
     /// Measure prompt processing and generation speed, beside llama.cpp on the same file
     Bench(bench::BenchArgs),
+    /// Find a KV sharing map for a model (the KVSharer search) and report it
+    Calibrate(calibrate::CalibrateArgs),
+    /// Write a copy of a model with a KV sharing map stored in its metadata
+    Share(calibrate::ShareArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -49,6 +54,8 @@ pub fn main() -> Result<()> {
         Command::Run(a) => run::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Calibrate(a) => calibrate::calibrate(a),
+        Command::Share(a) => calibrate::share(a),
     }
 }
 
@@ -73,7 +80,8 @@ pub struct ModelArgs {
     /// KV cache type for values: f16, q8_0, q4_0 (or f32)
     #[arg(long = "cache-type-v", default_value = "f16", value_name = "TYPE")]
     pub cache_type_v: String,
-    /// Share KV caches between layers. Without a value: use the map stored in the GGUF
+    /// Share KV caches between layers. Without a value: use the map stored in the GGUF.
+    /// With a value (25%, 0.25 or a layer count): calibrate on the fly (cached)
     #[arg(long = "kv-share", value_name = "SPEC", num_args = 0..=1, default_missing_value = "stored")]
     pub kv_share: Option<String>,
     /// Ignore a sharing map stored in the GGUF (run unshared)
@@ -138,7 +146,7 @@ impl ModelArgs {
                      `kvsharer share -m MODEL --layers N -o OUT.gguf`)"
                 ),
             },
-            Some(spec) => bail!("--kv-share {spec}: on-the-fly calibration is not available yet; use a GGUF with a stored map"),
+            Some(spec) => calibrate::on_the_fly_map(loaded, spec, self.threads()),
         }
     }
 }

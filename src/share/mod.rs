@@ -1,6 +1,8 @@
 //! KV cache sharing: the map (`ShareMap`) and, in `calibrate`, the search that finds it.
 
+pub mod calibrate;
 pub mod map;
+pub mod report;
 
 pub use map::{ShareMap, ShareMapError};
 

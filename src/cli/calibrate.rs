@@ -1,0 +1,295 @@
+//! `kvsharer calibrate` (find a sharing map and report it) and `kvsharer share`
+//! (write a copy of the model with the map stored in it), plus the on-the-fly
+//! calibration behind `--kv-share 25%`, cached per model and settings.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+
+use kvsharer::gguf::{self, GgufFile};
+use kvsharer::loader::LoadedModel;
+use kvsharer::share::calibrate::{self, CalibrationOptions, Corpus, PairOrder, SearchResult};
+use kvsharer::share::{report, ShareMap};
+
+use super::ModelArgs;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OrderArg {
+    /// Most dissimilar layer pairs first (the paper)
+    Dissimilar,
+    /// Most similar first (the baseline the paper compares against)
+    Similar,
+}
+
+/// How much to share and how to search.
+#[derive(Args, Debug, Clone)]
+pub struct SearchArgs {
+    /// Number of layers to share
+    #[arg(long = "layers", conflicts_with = "ratio", required_unless_present_any = ["ratio", "map"])]
+    pub layers: Option<usize>,
+    /// Fraction of layers to share (e.g. 0.25)
+    #[arg(long = "ratio")]
+    pub ratio: Option<f32>,
+    /// Keep a pair only if the calibration cosine stays above this
+    #[arg(long = "threshold", default_value_t = 0.5)]
+    pub threshold: f32,
+    /// Calibration text, one text per non-empty line [default: the built-in corpus]
+    #[arg(long = "calib", value_name = "FILE")]
+    pub calib: Option<PathBuf>,
+    /// Calibration texts to use (the first N lines)
+    #[arg(long = "samples", default_value_t = 30)]
+    pub samples: usize,
+    /// Tokens per calibration text (all are cut to the shortest, at most this)
+    #[arg(long = "tokens", default_value_t = 64)]
+    pub tokens: usize,
+    /// Order in which layer pairs are tried
+    #[arg(long = "order", value_enum, default_value_t = OrderArg::Dissimilar)]
+    pub order: OrderArg,
+    /// Write report.json and distances.svg here
+    #[arg(long = "report", value_name = "DIR")]
+    pub report: Option<PathBuf>,
+    /// Use the map in this report.json instead of searching (share only)
+    #[arg(long = "map", value_name = "REPORT_JSON", hide = true)]
+    pub map: Option<PathBuf>,
+}
+
+impl SearchArgs {
+    fn target(&self, n_layers: usize) -> Result<usize> {
+        match (self.layers, self.ratio) {
+            (Some(n), _) => Ok(n),
+            (None, Some(r)) => ratio_to_layers(r, n_layers),
+            (None, None) => bail!("give --layers N or --ratio R"),
+        }
+    }
+
+    fn corpus(&self) -> Result<Corpus> {
+        match &self.calib {
+            None => Ok(Corpus::default_corpus()),
+            Some(p) => {
+                let bytes = std::fs::read(p).with_context(|| format!("cannot read calibration file {}", p.display()))?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|e| anyhow::anyhow!("calibration file {} is not UTF-8 text (byte {})", p.display(), e.utf8_error().valid_up_to()))?;
+                Ok(Corpus::from_text(&text))
+            }
+        }
+    }
+}
+
+fn ratio_to_layers(r: f32, n_layers: usize) -> Result<usize> {
+    if !(r.is_finite() && r > 0.0 && r < 1.0) {
+        bail!("--ratio must be between 0 and 1 (exclusive), got {r}");
+    }
+    Ok(((r * n_layers as f32).round() as usize).max(1))
+}
+
+#[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub search: SearchArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ShareArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub search: SearchArgs,
+    /// Where to write the model copy with the map stored in it
+    #[arg(short = 'o', long = "output", value_name = "OUT.gguf")]
+    pub output: PathBuf,
+}
+
+/// Runs the search with a progress bar on stderr.
+pub fn run_search(loaded: &LoadedModel, s: &SearchArgs, threads: usize) -> Result<SearchResult> {
+    let n_layers = loaded.model.config.n_layers;
+    let target = s.target(n_layers)?;
+    let corpus = s.corpus()?;
+    let opts = CalibrationOptions {
+        samples: s.samples,
+        tokens: s.tokens,
+        target,
+        threshold: s.threshold,
+        order: match s.order {
+            OrderArg::Dissimilar => PairOrder::Dissimilar,
+            OrderArg::Similar => PairOrder::Similar,
+        },
+        threads,
+    };
+    let bar = ProgressBar::new(target as u64);
+    bar.set_style(
+        ProgressStyle::with_template("calibrating [{bar:30}] {pos}/{len} shared | {msg} | {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message("capturing K/V of the unshared model");
+    let result = calibrate::search(&loaded.model, &loaded.tokenizer, &corpus, &opts, |p| {
+        bar.set_position(p.accepted as u64);
+        bar.set_message(format!("{} pairs tried, last cosine {:.4}", p.tried, p.last_cosine));
+    });
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
+fn print_result(r: &SearchResult, n_layers: usize) {
+    eprintln!("{}", report::trials_table(r));
+    eprintln!(
+        "{} | map: {} | {} of {} layers shared | calibration cosine {:.4} | threshold {} | order {:?} | {} samples x {} tokens | {:.1} s (capture {:.1} s)",
+        r.outcome,
+        r.map,
+        r.shared,
+        n_layers,
+        r.mean_cosine,
+        r.threshold,
+        r.order,
+        r.samples,
+        r.tokens_per_sample,
+        r.total_time().as_secs_f64(),
+        r.capture_seconds
+    );
+}
+
+pub fn calibrate(a: CalibrateArgs) -> Result<()> {
+    let (_, loaded) = a.model.load()?;
+    let r = run_search(&loaded, &a.search, a.model.threads())?;
+    print_result(&r, loaded.model.config.n_layers);
+    println!("{}", serde_json::to_string(&r.map.sources())?);
+    if let Some(dir) = &a.search.report {
+        let (json, svg) = report::write_report_dir(&r, dir)
+            .with_context(|| format!("cannot write the report into {}", dir.display()))?;
+        eprintln!("report: {} and {}", json.display(), svg.display());
+    }
+    Ok(())
+}
+
+pub fn share(a: ShareArgs) -> Result<()> {
+    let path = a.model.model_path()?;
+    check_output(&path, &a.output)?;
+    let (_, loaded) = a.model.load()?;
+    let n_layers = loaded.model.config.n_layers;
+    let metadata = match &a.search.map {
+        Some(report_path) => {
+            let map = report::read_report_map(report_path, n_layers).map_err(anyhow::Error::msg)?;
+            eprintln!("using the map from {}: {map}", report_path.display());
+            report::map_metadata(&map)
+        }
+        None => {
+            let r = run_search(&loaded, &a.search, a.model.threads())?;
+            print_result(&r, n_layers);
+            if let Some(dir) = &a.search.report {
+                report::write_report_dir(&r, dir)
+                    .with_context(|| format!("cannot write the report into {}", dir.display()))?;
+            }
+            report::metadata(&r)
+        }
+    };
+    let file = loaded.model.file();
+    gguf::write_with_metadata(file, &metadata, &["kvsharer."], &a.output)
+        .with_context(|| format!("cannot write {}", a.output.display()))?;
+    eprintln!("wrote {} (all tensors and original keys kept; inspect with `kvsharer info {}`)", a.output.display(), a.output.display());
+    Ok(())
+}
+
+/// Refuses outputs that would overwrite the input or land in a missing directory,
+/// before any time is spent calibrating.
+fn check_output(input: &Path, output: &Path) -> Result<()> {
+    if output.is_dir() {
+        bail!("output {} is a directory; give a file name such as {}/model-shared.gguf", output.display(), output.display());
+    }
+    let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        bail!("output directory {} does not exist", dir.display());
+    }
+    if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
+        if a == b {
+            bail!("refusing to overwrite the input model {}; choose another -o", input.display());
+        }
+    }
+    let probe = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("output directory {} is not writable", dir.display()))?;
+    drop(probe);
+    Ok(())
+}
+
+/// The map for `--kv-share SPEC` (`25%`, `0.25` or a layer count), calibrated with
+/// the default settings and cached in the user cache dir under the model's
+/// fingerprint and the settings, so the second run starts at once.
+pub fn on_the_fly_map(loaded: &LoadedModel, spec: &str, threads: usize) -> Result<ShareMap> {
+    let n_layers = loaded.model.config.n_layers;
+    let target = parse_share_spec(spec, n_layers)?;
+    if target == 0 {
+        return Ok(ShareMap::identity(n_layers));
+    }
+    let search = SearchArgs {
+        layers: Some(target),
+        ratio: None,
+        threshold: 0.5,
+        calib: None,
+        samples: 30,
+        tokens: 64,
+        order: OrderArg::Dissimilar,
+        report: None,
+        map: None,
+    };
+    let corpus = Corpus::default_corpus();
+    let key = format!(
+        "{}-n{target}-t0.5-s30-k64-dissimilar-{}",
+        model_fingerprint(loaded.model.file())?,
+        &corpus.sha256[..16]
+    );
+    let cache = kvsharer::fetch::cache_dir()?.join("maps");
+    let cached = cache.join(format!("{key}.json"));
+    if cached.exists() {
+        if let Ok(map) = report::read_report_map(&cached, n_layers) {
+            eprintln!("kv-share: using cached map {} ({map})", cached.display());
+            return Ok(map);
+        }
+    }
+    eprintln!("kv-share: no stored map for {target} shared layers; calibrating (cached for next time)");
+    let r = run_search(loaded, &search, threads)?;
+    eprintln!("kv-share: {} | map {} | calibration cosine {:.4} | {:.1} s", r.outcome, r.map, r.mean_cosine, r.total_time().as_secs_f64());
+    if let Err(e) = report::write_report_dir(&r, &cache.join(&key)).and_then(|(json, _)| std::fs::copy(json, &cached)) {
+        eprintln!("note: could not cache the map in {}: {e}", cache.display());
+    }
+    Ok(r.map)
+}
+
+/// `25%`, `0.25` or `8`.
+pub fn parse_share_spec(spec: &str, n_layers: usize) -> Result<usize> {
+    let s = spec.trim();
+    let target = if let Some(p) = s.strip_suffix('%') {
+        let pct: f32 = p.trim().parse().map_err(|_| anyhow::anyhow!("--kv-share {spec}: not a percentage"))?;
+        ratio_to_layers(pct / 100.0, n_layers)?
+    } else if s.contains('.') {
+        let r: f32 = s.parse().map_err(|_| anyhow::anyhow!("--kv-share {spec}: not a ratio"))?;
+        ratio_to_layers(r, n_layers)?
+    } else {
+        s.parse::<usize>()
+            .map_err(|_| anyhow::anyhow!("--kv-share {spec}: expected a layer count (8), a percentage (25%) or a ratio (0.25)"))?
+    };
+    if target >= n_layers {
+        bail!("--kv-share {spec}: cannot share {target} of {n_layers} layers (at most {})", n_layers - 1);
+    }
+    Ok(target)
+}
+
+/// A cheap, stable identity for a model file: sha256 over its size, its whole header
+/// (metadata and tensor index) and 1 MiB samples at 16 evenly spaced offsets of the
+/// tensor data. Hashing a multi-GB file fully on every start would defeat the cache.
+pub fn model_fingerprint(file: &GgufFile) -> Result<String> {
+    let bytes = file.bytes();
+    let mut h = Sha256::new();
+    h.update((bytes.len() as u64).to_le_bytes());
+    let header_end = (file.data_offset() as usize).min(bytes.len());
+    h.update(&bytes[..header_end]);
+    let data = &bytes[header_end..];
+    const SAMPLE: usize = 1 << 20;
+    for k in 0..16 {
+        let start = data.len().saturating_sub(SAMPLE) * k / 15;
+        h.update(&data[start..(start + SAMPLE).min(data.len())]);
+    }
+    Ok(h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect())
+}

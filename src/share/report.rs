@@ -1,0 +1,187 @@
+//! What a calibration run leaves behind for people and machines: a table of every
+//! pair tried, a JSON report, an SVG heatmap of the layer distance matrix with the
+//! accepted pairs marked, and the GGUF metadata that stores the map.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::gguf::{Array, Value};
+use crate::share::calibrate::SearchResult;
+use crate::share::{
+    ShareMap, FORMAT_VERSION, KEY_CORPUS_SHA256, KEY_MEAN_COSINE, KEY_SAMPLE_COUNT, KEY_SHARED_COUNT,
+    KEY_SOURCE_LAYER, KEY_THRESHOLD, KEY_TOKENS_PER_SAMPLE, KEY_VERSION,
+};
+
+/// The `kvsharer.*` metadata for a search result (see `shared/KVSHARER.md`).
+pub fn metadata(r: &SearchResult) -> Vec<(String, Value)> {
+    let mut kv = map_metadata(&r.map);
+    kv.extend([
+        (KEY_THRESHOLD.to_string(), Value::F32(r.threshold)),
+        (KEY_MEAN_COSINE.to_string(), Value::F32(r.mean_cosine)),
+        (KEY_SAMPLE_COUNT.to_string(), Value::U32(r.samples as u32)),
+        (KEY_TOKENS_PER_SAMPLE.to_string(), Value::U32(r.tokens_per_sample as u32)),
+        (KEY_CORPUS_SHA256.to_string(), Value::String(r.corpus_sha256.clone())),
+    ]);
+    kv
+}
+
+/// The keys that describe the map itself.
+pub fn map_metadata(map: &ShareMap) -> Vec<(String, Value)> {
+    vec![
+        (KEY_VERSION.to_string(), Value::U32(FORMAT_VERSION)),
+        (
+            KEY_SOURCE_LAYER.to_string(),
+            Value::Array(Array::U32(map.sources().iter().map(|&s| s as u32).collect())),
+        ),
+        (KEY_SHARED_COUNT.to_string(), Value::U32(map.shared_count() as u32)),
+    ]
+}
+
+/// Every pair tried, one line each.
+pub fn trials_table(r: &SearchResult) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "  #  layer <- source (resolved)   score    cosine  kept");
+    for (n, t) in r.trials.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "{:>3}  {:>5} <- {:<6} ({:>3})      {:>8.3}  {:>7.4}  {}",
+            n + 1,
+            t.layer,
+            t.source,
+            t.resolved_source,
+            t.score,
+            t.cosine,
+            if t.kept { "yes" } else { "no" }
+        );
+    }
+    s
+}
+
+/// Writes `report.json` and `distances.svg` into `dir` (created if needed).
+pub fn write_report_dir(r: &SearchResult, dir: &Path) -> std::io::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let json = dir.join("report.json");
+    let svg = dir.join("distances.svg");
+    write_atomic(&json, serde_json::to_string_pretty(r)?.as_bytes())?;
+    write_atomic(&svg, heatmap_svg(&r.scores, &r.map).as_bytes())?;
+    Ok((json, svg))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut tmp, bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Reads a map back from a report written by `write_report_dir` (`share --map`).
+pub fn read_report_map(path: &Path, n_layers: usize) -> Result<ShareMap, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not valid JSON: {e}", path.display()))?;
+    let src = v
+        .get("map")
+        .and_then(|m| m.get("source"))
+        .and_then(|s| s.as_array())
+        .ok_or_else(|| format!("{} has no map.source array", path.display()))?;
+    let mut sources = Vec::with_capacity(src.len());
+    for x in src {
+        let n = x
+            .as_u64()
+            .ok_or_else(|| format!("{}: map.source holds a non-integer ({x})", path.display()))?;
+        sources.push(n as usize);
+    }
+    ShareMap::for_model(sources, n_layers).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The L x L score matrix (lower triangle) as coloured cells, accepted pairs outlined.
+pub fn heatmap_svg(scores: &[Vec<f32>], map: &ShareMap) -> String {
+    let n = scores.len();
+    let cell = 18usize;
+    let margin = 48usize;
+    let size = margin + n * cell + 140;
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for (i, row) in scores.iter().enumerate() {
+        for &v in &row[..i] {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+    }
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{}" font-family="sans-serif" font-size="10">"#,
+        margin + n * cell + 40
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{margin}" y="16" font-size="12">KV distance between layers (row i reads column j); outlined: shared pairs</text>"#
+    );
+    for (i, row) in scores.iter().enumerate() {
+        for (j, &v) in row.iter().enumerate().take(i) {
+            let t = (v - lo) / span;
+            let (r, g, b) = viridis(t);
+            let _ = writeln!(
+                s,
+                r#"<rect x="{}" y="{}" width="{cell}" height="{cell}" fill="rgb({r},{g},{b})"><title>{i} vs {j}: {v:.3}</title></rect>"#,
+                margin + j * cell,
+                margin + i * cell
+            );
+        }
+    }
+    for (i, j) in map.pairs() {
+        let _ = writeln!(
+            s,
+            r#"<rect x="{}" y="{}" width="{cell}" height="{cell}" fill="none" stroke="red" stroke-width="2.5"/>"#,
+            margin + j * cell,
+            margin + i * cell
+        );
+    }
+    for k in 0..n {
+        if n <= 40 || k % 2 == 0 {
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="end">{k}</text><text x="{}" y="{}" text-anchor="middle">{k}</text>"#,
+                margin - 4,
+                margin + k * cell + cell / 2 + 4,
+                margin + k * cell + cell / 2,
+                margin + n * cell + 14
+            );
+        }
+    }
+    let lx = margin + n * cell + 30;
+    for step in 0..=10 {
+        let t = step as f32 / 10.0;
+        let (r, g, b) = viridis(t);
+        let y = margin + (10 - step) * 14;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{lx}" y="{y}" width="16" height="14" fill="rgb({r},{g},{b})"/><text x="{}" y="{}">{:.2}</text>"#,
+            lx + 22,
+            y + 11,
+            lo + t * span
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// A compact approximation of matplotlib's viridis colour map.
+fn viridis(t: f32) -> (u8, u8, u8) {
+    const STOPS: [(f32, f32, f32); 5] = [
+        (68.0, 1.0, 84.0),
+        (59.0, 82.0, 139.0),
+        (33.0, 145.0, 140.0),
+        (94.0, 201.0, 98.0),
+        (253.0, 231.0, 37.0),
+    ];
+    let t = t.clamp(0.0, 1.0) * 4.0;
+    let k = (t.floor() as usize).min(3);
+    let f = t - k as f32;
+    let (a, b) = (STOPS[k], STOPS[k + 1]);
+    let mix = |x: f32, y: f32| (x + (y - x) * f).round() as u8;
+    (mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
