@@ -1,0 +1,33 @@
+//! Shared support for integration tests: tiny random GGUF Llama models written with
+//! full llama.cpp metadata (`tiny_model`), and a plain f32 reference forward pass that
+//! is the numerical oracle for the ggml runtime (`reference`).
+//!
+//! Each test binary includes this with `mod support;` and uses only part of it.
+#![allow(dead_code, unused_imports)]
+
+pub mod reference;
+pub mod tiny_model;
+
+use std::path::PathBuf;
+
+pub use reference::{
+    attend_head, kv_head_for, reference_forward, reference_forward_f16_cache,
+    reference_forward_full, reference_forward_with, rms_norm, rope_norm, silu, RefOutput,
+    RefPrecision,
+};
+pub use tiny_model::{
+    byte_to_unicode, llama_ftype, random_weights, tiny_vocab, try_write_tiny_model,
+    write_tiny_model, write_weights, RefLayer, RefMatrix, RefWeights, TinySpec, TinyVocab,
+};
+
+/// The real default model (SmolLM2-135M-Instruct Q4_1) for tests that need it:
+/// `KVSHARER_TEST_MODEL` when set, otherwise the crate's own default location.
+pub fn default_model_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("KVSHARER_TEST_MODEL") {
+        return PathBuf::from(path);
+    }
+    // TODO(lead): once the fetch module is merged, replace this fallback with
+    // `kvsharer::fetch::default_model_path().expect("fetch the default model")`
+    // (it returns Result<PathBuf, FetchError> and downloads on first use).
+    PathBuf::from("/work/models/smollm2.gguf")
+}
