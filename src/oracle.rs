@@ -814,9 +814,7 @@ mod tests {
 
     /// The real default model. Set KVSHARER_TEST_MODEL to use another file.
     fn test_model_path() -> PathBuf {
-        std::env::var_os("KVSHARER_TEST_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/work/models/smollm2.gguf"))
+        crate::fetch::model_for_tests()
     }
 
     fn load() -> LlamaCppModel {

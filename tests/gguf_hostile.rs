@@ -1230,9 +1230,7 @@ fn retyped_kvsharer_keys_are_reported_by_typed_getters() {
 }
 
 fn test_model_path() -> Option<PathBuf> {
-    let path = std::env::var_os("KVSHARER_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/models/smollm2.gguf"));
+    let path = kvsharer::fetch::model_for_tests();
     if path.is_file() {
         Some(path)
     } else {

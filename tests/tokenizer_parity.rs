@@ -15,9 +15,7 @@ use rand::{Rng, SeedableRng};
 
 /// The model the parity checks run on.
 fn model_path() -> PathBuf {
-    std::env::var_os("KVSHARER_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/models/smollm2.gguf"))
+    kvsharer::fetch::model_for_tests()
 }
 
 struct Fixture {

