@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# kvsharer's one entry point for a fresh machine: installs the system packages the
+# build needs (cmake, libclang for bindgen, a C++ compiler), then either runs the
+# kvsharer binary or the test suite.
+#
+#   bash scripts/dev.sh run -p "Once upon a time" -n 64   # any kvsharer subcommand
+#   bash scripts/dev.sh test                              # the whole test suite
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v cmake >/dev/null 2>&1 || need_pkgs+=(cmake)
+command -v c++ >/dev/null 2>&1 || need_pkgs+=(g++)
+if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/*/libclang*.so* >/dev/null 2>&1; then
+    need_pkgs+=(libclang-dev clang)
+fi
+python3 -m pip --version >/dev/null 2>&1 || need_pkgs+=(python3-pip)
+
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    echo "dev.sh: installing ${need_pkgs[*]}" >&2
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then
+        command -v sudo >/dev/null 2>&1 || { echo "dev.sh: need root or sudo to install ${need_pkgs[*]}" >&2; exit 1; }
+        SUDO=sudo
+    fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+# Both commands share one release build, so the second is quick.
+cmd="${1:-run}"
+case "$cmd" in
+    test)
+        shift
+        exec cargo test --release "$@"
+        ;;
+    *)
+        exec cargo run --release --quiet -- "$@"
+        ;;
+esac
