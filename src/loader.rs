@@ -97,23 +97,27 @@ pub fn tokenizer_spec(file: &GgufFile) -> Result<TokenizerSpec, GgufError> {
         .to_vec();
     let token_types = match file.get("tokenizer.ggml.token_type") {
         None => None,
-        Some(_) => Some(file.get_array("tokenizer.ggml.token_type")?.to_i32_vec().ok_or_else(|| {
-            GgufError::WrongType {
-                key: "tokenizer.ggml.token_type".into(),
-                expected: "array of integers",
-                found: "another array",
-            }
-        })?),
+        Some(_) => Some(
+            file.get_array("tokenizer.ggml.token_type")?
+                .to_i32_vec()
+                .ok_or_else(|| GgufError::WrongType {
+                    key: "tokenizer.ggml.token_type".into(),
+                    expected: "array of integers",
+                    found: "another array",
+                })?,
+        ),
     };
     let scores = match file.get("tokenizer.ggml.scores") {
         None => None,
-        Some(_) => Some(file.get_array("tokenizer.ggml.scores")?.to_f32_vec().ok_or_else(|| {
-            GgufError::WrongType {
-                key: "tokenizer.ggml.scores".into(),
-                expected: "array of floats",
-                found: "another array",
-            }
-        })?),
+        Some(_) => Some(
+            file.get_array("tokenizer.ggml.scores")?
+                .to_f32_vec()
+                .ok_or_else(|| GgufError::WrongType {
+                    key: "tokenizer.ggml.scores".into(),
+                    expected: "array of floats",
+                    found: "another array",
+                })?,
+        ),
     };
     let merges = match file.get("tokenizer.ggml.merges") {
         None => None,
@@ -130,7 +134,11 @@ pub fn tokenizer_spec(file: &GgufFile) -> Result<TokenizerSpec, GgufError> {
     };
     Ok(TokenizerSpec {
         model: file.get_str("tokenizer.ggml.model")?.to_string(),
-        pre: file.get("tokenizer.ggml.pre").map(|_| file.get_str("tokenizer.ggml.pre")).transpose()?.map(str::to_string),
+        pre: file
+            .get("tokenizer.ggml.pre")
+            .map(|_| file.get_str("tokenizer.ggml.pre"))
+            .transpose()?
+            .map(str::to_string),
         tokens,
         token_types,
         scores,

@@ -112,7 +112,8 @@ impl LlamaConfig {
         let n_ctx_train = req("context_length")?;
         if n_layers == 0 || n_embd == 0 || n_ff == 0 || n_head == 0 || n_head_kv == 0 {
             return Err(ModelError::Metadata(
-                "block_count, embedding_length, feed_forward_length and head counts must be > 0".into(),
+                "block_count, embedding_length, feed_forward_length and head counts must be > 0"
+                    .into(),
             ));
         }
         if n_layers > 4096 || n_head > 4096 || n_embd > 1 << 20 || n_ff > 1 << 22 {
@@ -148,7 +149,9 @@ impl LlamaConfig {
             Some("linear") => {
                 let f = file.get_f32(&key("rope.scaling.factor"))?;
                 if !(f.is_finite() && f > 0.0) {
-                    return Err(ModelError::Metadata(format!("rope.scaling.factor {f} is invalid")));
+                    return Err(ModelError::Metadata(format!(
+                        "rope.scaling.factor {f} is invalid"
+                    )));
                 }
                 1.0 / f
             }
@@ -158,8 +161,14 @@ impl LlamaConfig {
                 )))
             }
         };
-        if !(rms_eps.is_finite() && rms_eps > 0.0 && rope_freq_base.is_finite() && rope_freq_base > 0.0) {
-            return Err(ModelError::Metadata("rms epsilon or rope base is not a positive number".into()));
+        if !(rms_eps.is_finite()
+            && rms_eps > 0.0
+            && rope_freq_base.is_finite()
+            && rope_freq_base > 0.0)
+        {
+            return Err(ModelError::Metadata(
+                "rms epsilon or rope base is not a positive number".into(),
+            ));
         }
         let token_embd = file
             .tensor("token_embd.weight")
@@ -264,48 +273,53 @@ fn plan_weights<'f>(
 ) -> Result<(Vec<WeightPlacement<'f>>, TransformerWeights), ModelError> {
     let mut placements: Vec<WeightPlacement<'f>> = Vec::new();
     let base = file.data_offset() as usize;
-    let mut place = |name: &str, shape: &[usize], matmul: bool| -> Result<Option<usize>, ModelError> {
-        let Some(t) = file.tensor(name) else {
-            return Ok(None);
-        };
-        let expected: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-        let mut found = t.dims.clone();
-        while found.len() > expected.len() && found.last() == Some(&1) {
-            found.pop();
-        }
-        if found != expected {
-            return Err(ModelError::Shape {
-                name: name.to_string(),
-                expected,
-                found: t.dims.clone(),
-            });
-        }
-        let ok_type = if matmul {
-            MATMUL_TYPES.contains(&t.ggml_type)
-        } else {
-            t.ggml_type == GgmlType::F32
-        };
-        if !ok_type {
-            let supported = if matmul {
-                MATMUL_TYPES.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
-            } else {
-                "f32".to_string()
+    let mut place =
+        |name: &str, shape: &[usize], matmul: bool| -> Result<Option<usize>, ModelError> {
+            let Some(t) = file.tensor(name) else {
+                return Ok(None);
             };
-            return Err(ModelError::UnsupportedType {
-                name: name.to_string(),
-                ty: t.ggml_type.name(),
-                supported,
+            let expected: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+            let mut found = t.dims.clone();
+            while found.len() > expected.len() && found.last() == Some(&1) {
+                found.pop();
+            }
+            if found != expected {
+                return Err(ModelError::Shape {
+                    name: name.to_string(),
+                    expected,
+                    found: t.dims.clone(),
+                });
+            }
+            let ok_type = if matmul {
+                MATMUL_TYPES.contains(&t.ggml_type)
+            } else {
+                t.ggml_type == GgmlType::F32
+            };
+            if !ok_type {
+                let supported = if matmul {
+                    MATMUL_TYPES
+                        .iter()
+                        .map(|t| t.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                } else {
+                    "f32".to_string()
+                };
+                return Err(ModelError::UnsupportedType {
+                    name: name.to_string(),
+                    ty: t.ggml_type.name(),
+                    supported,
+                });
+            }
+            placements.push(WeightPlacement {
+                name: &t.name,
+                ty: t.ggml_type,
+                ne: t.dims.iter().map(|&d| d as i64).collect(),
+                offset: base + t.offset as usize,
+                n_bytes: t.n_bytes as usize,
             });
-        }
-        placements.push(WeightPlacement {
-            name: &t.name,
-            ty: t.ggml_type,
-            ne: t.dims.iter().map(|&d| d as i64).collect(),
-            offset: base + t.offset as usize,
-            n_bytes: t.n_bytes as usize,
-        });
-        Ok(Some(placements.len() - 1))
-    };
+            Ok(Some(placements.len() - 1))
+        };
     let mut need = |name: &str, shape: &[usize], matmul: bool| -> Result<usize, ModelError> {
         place(name, shape, matmul)?.ok_or_else(|| ModelError::MissingTensor(name.to_string()))
     };

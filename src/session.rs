@@ -60,9 +60,20 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
-    pub fn new(model: &'m Model, map: &ShareMap, opts: &SessionOptions) -> Result<Self, SessionError> {
+    pub fn new(
+        model: &'m Model,
+        map: &ShareMap,
+        opts: &SessionOptions,
+    ) -> Result<Self, SessionError> {
         let backend = CpuBackend::new(opts.n_threads)?;
-        let cache = KvCache::new(&model.config, map, opts.n_ctx, opts.type_k, opts.type_v, &backend)?;
+        let cache = KvCache::new(
+            &model.config,
+            map,
+            opts.n_ctx,
+            opts.type_k,
+            opts.type_v,
+            &backend,
+        )?;
         let alloc = GraphAllocator::new(&backend)?;
         Ok(Session {
             model,
@@ -124,7 +135,11 @@ impl<'m> Session<'m> {
     }
 
     /// Appends `tokens` in prefill chunks of `n_batch`, gathering what `req` asks for.
-    pub fn eval_full(&mut self, tokens: &[u32], req: ForwardRequest) -> Result<ForwardOutput, SessionError> {
+    pub fn eval_full(
+        &mut self,
+        tokens: &[u32],
+        req: ForwardRequest,
+    ) -> Result<ForwardOutput, SessionError> {
         self.eval_layout(tokens, Layout::Single, self.n_batch, req)
     }
 
@@ -137,7 +152,7 @@ impl<'m> Session<'m> {
         seq_len: usize,
         req: ForwardRequest,
     ) -> Result<ForwardOutput, SessionError> {
-        if seq_len == 0 || tokens.len() % seq_len != 0 {
+        if seq_len == 0 || !tokens.len().is_multiple_of(seq_len) {
             return Err(SessionError::Empty);
         }
         self.n_past = 0;
@@ -191,7 +206,9 @@ impl<'m> Session<'m> {
             out.logits.extend_from_slice(&r.logits);
             out.logit_rows += r.logit_rows;
             if let Some(h) = r.hidden {
-                out.hidden.get_or_insert_with(Vec::new).extend_from_slice(&h);
+                out.hidden
+                    .get_or_insert_with(Vec::new)
+                    .extend_from_slice(&h);
             }
         }
         Ok(out)

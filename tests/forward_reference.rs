@@ -20,7 +20,10 @@ use kvsharer::share::ShareMap;
 use support::{reference_forward_with, write_tiny_model, RefPrecision, TinySpec};
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Max |ours - reference| over all positions, and the distance between the
@@ -33,21 +36,42 @@ fn check(ty: GgmlType, map_sources: Vec<usize>, tol: f32) -> (f32, f32) {
     let weights = write_tiny_model(&spec, &path);
     let loaded = loader::load(&path).unwrap_or_else(|e| panic!("{}: {e}", ty.name()));
     let map = ShareMap::new(map_sources).unwrap();
-    let tokens: Vec<u32> = (0..24u32).map(|i| (i * 7 + 3) % spec.n_vocab as u32).collect();
-    let opts = SessionOptions { n_ctx: 64, n_batch: 512, n_threads: 2, ..Default::default() };
+    let tokens: Vec<u32> = (0..24u32)
+        .map(|i| (i * 7 + 3) % spec.n_vocab as u32)
+        .collect();
+    let opts = SessionOptions {
+        n_ctx: 64,
+        n_batch: 512,
+        n_threads: 2,
+        ..Default::default()
+    };
     let mut s = Session::new(&loaded.model, &map, &opts).unwrap();
     let ours = s.eval(&tokens, Logits::All).unwrap();
 
-    let precision = RefPrecision { kv_cache_f16: true, attn_inputs_f16: false };
-    let reference = reference_forward_with(&weights, &spec, &map, &tokens, precision).logits.concat();
+    let precision = RefPrecision {
+        kv_cache_f16: true,
+        attn_inputs_f16: false,
+    };
+    let reference = reference_forward_with(&weights, &spec, &map, &tokens, precision)
+        .logits
+        .concat();
     let unshared = ShareMap::identity(spec.n_layers);
-    let other = reference_forward_with(&weights, &spec, &unshared, &tokens, precision).logits.concat();
+    let other = reference_forward_with(&weights, &spec, &unshared, &tokens, precision)
+        .logits
+        .concat();
     let err = max_abs_diff(&ours, &reference);
     let separation = max_abs_diff(&reference, &other);
-    eprintln!("{:>8} map {map}: max |ours - ref| {err:.5}, |ref(map) - ref(identity)| {separation:.4}", ty.name());
+    eprintln!(
+        "{:>8} map {map}: max |ours - ref| {err:.5}, |ref(map) - ref(identity)| {separation:.4}",
+        ty.name()
+    );
     assert!(err < tol, "{}: max diff {err} >= {tol}", ty.name());
     if !map.is_identity() {
-        assert!(err < 0.25 * separation, "{}: error {err} is not small next to the sharing effect {separation}", ty.name());
+        assert!(
+            err < 0.25 * separation,
+            "{}: error {err} is not small next to the sharing effect {separation}",
+            ty.name()
+        );
     }
     (err, separation)
 }
@@ -96,14 +120,27 @@ fn sharing_with_many_readers_of_one_slot_matches_the_reference() {
 
 #[test]
 fn kv_bytes_are_exactly_the_owned_fraction() {
-    let spec = TinySpec { n_layers: 4, ..TinySpec::default() };
+    let spec = TinySpec {
+        n_layers: 4,
+        ..TinySpec::default()
+    };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_tiny_model(&spec, &path);
     let loaded = loader::load(&path).unwrap();
-    let opts = SessionOptions { n_ctx: 128, n_threads: 1, ..Default::default() };
-    let full = Session::new(&loaded.model, &ShareMap::identity(4), &opts).unwrap().kv_bytes();
-    for (sources, owners) in [(vec![0, 1, 2, 3], 4), (vec![0, 0, 2, 3], 3), (vec![0, 0, 0, 3], 2)] {
+    let opts = SessionOptions {
+        n_ctx: 128,
+        n_threads: 1,
+        ..Default::default()
+    };
+    let full = Session::new(&loaded.model, &ShareMap::identity(4), &opts)
+        .unwrap()
+        .kv_bytes();
+    for (sources, owners) in [
+        (vec![0, 1, 2, 3], 4),
+        (vec![0, 0, 2, 3], 3),
+        (vec![0, 0, 0, 3], 2),
+    ] {
         let map = ShareMap::new(sources).unwrap();
         let s = Session::new(&loaded.model, &map, &opts).unwrap();
         assert_eq!(s.kv_bytes() * 4, full * owners, "map {map}");
@@ -126,6 +163,9 @@ fn unsupported_weight_types_are_a_clear_error() {
             Ok(_) => panic!("{} should be refused", ty.name()),
             Err(e) => e.to_string(),
         };
-        assert!(msg.contains(ty.name()) && msg.contains("cannot run"), "{msg}");
+        assert!(
+            msg.contains(ty.name()) && msg.contains("cannot run"),
+            "{msg}"
+        );
     }
 }

@@ -52,14 +52,25 @@ fn logits_match_llama_cpp_whole_prompt() {
     let llama = LlamaCppModel::load(&path).unwrap();
     let toks = tokens_128(&llama);
     let mut ctx = llama
-        .context(ContextOptions { n_ctx: 256, n_threads: 2, ..Default::default() })
+        .context(ContextOptions {
+            n_ctx: 256,
+            n_threads: 2,
+            ..Default::default()
+        })
         .unwrap();
     let theirs = ctx.eval_all_logits(&toks).unwrap();
 
     let loaded = loader::load(&path).unwrap();
-    assert_eq!(loaded.tokenizer.encode(PROMPT, true, false).unwrap()[..128], toks[..]);
+    assert_eq!(
+        loaded.tokenizer.encode(PROMPT, true, false).unwrap()[..128],
+        toks[..]
+    );
     let map = ShareMap::identity(loaded.model.config.n_layers);
-    let opts = SessionOptions { n_ctx: 256, n_threads: 2, ..Default::default() };
+    let opts = SessionOptions {
+        n_ctx: 256,
+        n_threads: 2,
+        ..Default::default()
+    };
     let mut s = Session::new(&loaded.model, &map, &opts).unwrap();
     let ours = s.eval(&toks, Logits::All).unwrap();
     let (max_diff, mismatches) = compare(&ours, &theirs, loaded.model.config.n_vocab);
@@ -78,7 +89,13 @@ fn logits_match_llama_cpp_chunked_then_token_by_token() {
     let llama = LlamaCppModel::load(&path).unwrap();
     let toks = tokens_128(&llama);
     let mut ctx = llama
-        .context(ContextOptions { n_ctx: 256, n_batch: 40, n_ubatch: 40, n_threads: 2, ..Default::default() })
+        .context(ContextOptions {
+            n_ctx: 256,
+            n_batch: 40,
+            n_ubatch: 40,
+            n_threads: 2,
+            ..Default::default()
+        })
         .unwrap();
     let mut theirs = ctx.eval_all_logits(&toks[..96]).unwrap();
     for &t in &toks[96..] {
@@ -88,7 +105,12 @@ fn logits_match_llama_cpp_chunked_then_token_by_token() {
     let loaded = loader::load(&path).unwrap();
     let map = ShareMap::identity(loaded.model.config.n_layers);
     // Prefill of 96 tokens in chunks of 40 (three graphs), then 32 single tokens.
-    let opts = SessionOptions { n_ctx: 256, n_batch: 40, n_threads: 2, ..Default::default() };
+    let opts = SessionOptions {
+        n_ctx: 256,
+        n_batch: 40,
+        n_threads: 2,
+        ..Default::default()
+    };
     let mut s = Session::new(&loaded.model, &map, &opts).unwrap();
     let mut ours = s.eval(&toks[..96], Logits::All).unwrap();
     for &t in &toks[96..] {

@@ -142,7 +142,9 @@ impl<'a> Tensor<'a> {
         assert_eq!(bytes, self.n_bytes(), "tensor write of the wrong size");
         assert!(!self.meta().buffer.is_null(), "tensor has no buffer");
         // SAFETY: sizes checked above; the tensor is allocated in a host buffer.
-        unsafe { sys::ggml_backend_tensor_set(self.ptr(), data.as_ptr() as *const c_void, 0, bytes) };
+        unsafe {
+            sys::ggml_backend_tensor_set(self.ptr(), data.as_ptr() as *const c_void, 0, bytes)
+        };
     }
 
     /// Reads the whole tensor as f32 (the tensor must be F32 and allocated).
@@ -151,7 +153,9 @@ impl<'a> Tensor<'a> {
         let n = self.n_elements() as usize;
         let mut out = vec![0f32; n];
         // SAFETY: `out` has exactly the tensor's byte size; the tensor is allocated.
-        unsafe { sys::ggml_backend_tensor_get(self.ptr(), out.as_mut_ptr() as *mut c_void, 0, n * 4) };
+        unsafe {
+            sys::ggml_backend_tensor_get(self.ptr(), out.as_mut_ptr() as *mut c_void, 0, n * 4)
+        };
         out
     }
 
@@ -160,7 +164,9 @@ impl<'a> Tensor<'a> {
         assert!(offset + len <= self.n_bytes());
         let mut out = vec![0u8; len];
         // SAFETY: range checked above against the tensor's size.
-        unsafe { sys::ggml_backend_tensor_get(self.ptr(), out.as_mut_ptr() as *mut c_void, offset, len) };
+        unsafe {
+            sys::ggml_backend_tensor_get(self.ptr(), out.as_mut_ptr() as *mut c_void, offset, len)
+        };
         out
     }
 
@@ -169,7 +175,12 @@ impl<'a> Tensor<'a> {
         assert!(offset + data.len() <= self.n_bytes());
         // SAFETY: range checked above against the tensor's size.
         unsafe {
-            sys::ggml_backend_tensor_set(self.ptr(), data.as_ptr() as *const c_void, offset, data.len())
+            sys::ggml_backend_tensor_set(
+                self.ptr(),
+                data.as_ptr() as *const c_void,
+                offset,
+                data.len(),
+            )
         };
     }
 }
@@ -253,11 +264,22 @@ impl TensorArena {
     /// Allocates one zeroed backend buffer for every tensor of the arena; returns its size.
     pub fn allocate(&mut self, backend: &CpuBackend) -> Result<usize, GgmlError> {
         // SAFETY: ctx is live and no_alloc; the returned buffer is owned by self.
-        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors(self.ctx.as_ptr(), backend.raw.as_ptr()) };
+        let buf =
+            unsafe { sys::ggml_backend_alloc_ctx_tensors(self.ctx.as_ptr(), backend.raw.as_ptr()) };
         if buf.is_null() {
             return Err(GgmlError::Alloc {
                 what: "tensor arena",
-                bytes: self.tensors.iter().map(|t| Tensor { raw: *t, _ctx: PhantomData }.n_bytes()).sum(),
+                bytes: self
+                    .tensors
+                    .iter()
+                    .map(|t| {
+                        Tensor {
+                            raw: *t,
+                            _ctx: PhantomData,
+                        }
+                        .n_bytes()
+                    })
+                    .sum(),
             });
         }
         self.buffer = buf;
@@ -268,7 +290,10 @@ impl TensorArena {
     /// Weights used in place from a read-only memory map: the mapped bytes become one
     /// CPU backend buffer and each tensor points into it. No copy, no dequantization.
     /// The caller keeps `bytes` mapped and unchanged for as long as the arena lives.
-    pub fn from_mapped(bytes: &[u8], placements: &[WeightPlacement<'_>]) -> Result<Self, GgmlError> {
+    pub fn from_mapped(
+        bytes: &[u8],
+        placements: &[WeightPlacement<'_>],
+    ) -> Result<Self, GgmlError> {
         let mut arena = TensorArena::new(placements.len())?;
         for p in placements {
             arena.add_tensor(p.ty, &p.ne, p.name);
@@ -289,15 +314,23 @@ impl TensorArena {
             let t = arena.tensor(i);
             let end = p.offset.checked_add(p.n_bytes);
             if end.is_none_or(|e| e > bytes.len()) || t.n_bytes() != p.n_bytes {
-                return Err(GgmlError::Placement { name: p.name.to_string() });
+                return Err(GgmlError::Placement {
+                    name: p.name.to_string(),
+                });
             }
             // SAFETY: offset + size lie inside the buffer (checked above); the
             // tensor is fresh and unallocated.
             let status = unsafe {
-                sys::ggml_backend_tensor_alloc(buf, t.ptr(), (base as *mut u8).add(p.offset) as *mut c_void)
+                sys::ggml_backend_tensor_alloc(
+                    buf,
+                    t.ptr(),
+                    (base as *mut u8).add(p.offset) as *mut c_void,
+                )
             };
             if status != sys::GGML_STATUS_SUCCESS {
-                return Err(GgmlError::Placement { name: p.name.to_string() });
+                return Err(GgmlError::Placement {
+                    name: p.name.to_string(),
+                });
             }
         }
         Ok(arena)
@@ -426,7 +459,8 @@ impl GraphCtx {
     pub fn new(max_nodes: usize) -> Result<Self, GgmlError> {
         // SAFETY: plain size queries.
         let mem_size = unsafe {
-            sys::ggml_tensor_overhead() * max_nodes + sys::ggml_graph_overhead_custom(max_nodes, false)
+            sys::ggml_tensor_overhead() * max_nodes
+                + sys::ggml_graph_overhead_custom(max_nodes, false)
         };
         let params = sys::ggml_init_params {
             mem_size,
@@ -520,7 +554,14 @@ impl GraphCtx {
         Tensor::from_raw(unsafe { sys::ggml_reshape_3d(self.c(), a.ptr(), ne0, ne1, ne2) })
     }
 
-    pub fn view_2d<'a>(&'a self, a: Tensor<'a>, ne0: i64, ne1: i64, nb1: usize, offset: usize) -> Tensor<'a> {
+    pub fn view_2d<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        ne0: i64,
+        ne1: i64,
+        nb1: usize,
+        offset: usize,
+    ) -> Tensor<'a> {
         // SAFETY: as for mul_mat; the view stays inside `a` by the caller's contract.
         Tensor::from_raw(unsafe { sys::ggml_view_2d(self.c(), a.ptr(), ne0, ne1, nb1, offset) })
     }
@@ -535,12 +576,16 @@ impl GraphCtx {
         offset: usize,
     ) -> Tensor<'a> {
         // SAFETY: as for view_2d.
-        Tensor::from_raw(unsafe { sys::ggml_view_3d(self.c(), a.ptr(), ne[0], ne[1], ne[2], nb1, nb2, offset) })
+        Tensor::from_raw(unsafe {
+            sys::ggml_view_3d(self.c(), a.ptr(), ne[0], ne[1], ne[2], nb1, nb2, offset)
+        })
     }
 
     pub fn permute<'a>(&'a self, a: Tensor<'a>, axes: [i32; 4]) -> Tensor<'a> {
         // SAFETY: as for mul_mat.
-        Tensor::from_raw(unsafe { sys::ggml_permute(self.c(), a.ptr(), axes[0], axes[1], axes[2], axes[3]) })
+        Tensor::from_raw(unsafe {
+            sys::ggml_permute(self.c(), a.ptr(), axes[0], axes[1], axes[2], axes[3])
+        })
     }
 
     pub fn cont<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
@@ -600,7 +645,18 @@ impl GraphCtx {
         scale: f32,
     ) -> Tensor<'a> {
         // SAFETY: as for mul_mat.
-        let t = unsafe { sys::ggml_flash_attn_ext(self.c(), q.ptr(), k.ptr(), v.ptr(), mask.ptr(), scale, 0.0, 0.0) };
+        let t = unsafe {
+            sys::ggml_flash_attn_ext(
+                self.c(),
+                q.ptr(),
+                k.ptr(),
+                v.ptr(),
+                mask.ptr(),
+                scale,
+                0.0,
+                0.0,
+            )
+        };
         // SAFETY: t is the live node just created.
         unsafe { sys::ggml_prec_set_acc(t, sys::GGML_PREC_F32) };
         Tensor::from_raw(t)
@@ -623,7 +679,7 @@ pub fn row_size(ty: GgmlType, n: i64) -> usize {
 /// Quantizes `data` (rows of `n_per_row`) to `ty` with ggml's reference quantizer.
 pub fn quantize(ty: GgmlType, data: &[f32], n_per_row: usize) -> Result<Vec<u8>, GgmlError> {
     let raw = raw_type(ty);
-    if n_per_row == 0 || data.len() % n_per_row != 0 {
+    if n_per_row == 0 || !data.len().is_multiple_of(n_per_row) {
         return Err(GgmlError::Other("quantize: data is not whole rows".into()));
     }
     // SAFETY: pure query on ggml's type table for a valid type id.
@@ -668,7 +724,10 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Ggml
     let raw = raw_type(ty);
     // SAFETY: pure query on ggml's type table for a valid type id.
     let traits = unsafe { &*sys::ggml_get_type_traits(raw) };
-    if traits.blck_size <= 0 || n as i64 % traits.blck_size != 0 || row_size(ty, n as i64) != bytes.len() {
+    if traits.blck_size <= 0
+        || n as i64 % traits.blck_size != 0
+        || row_size(ty, n as i64) != bytes.len()
+    {
         return Err(GgmlError::Other(format!(
             "dequantize: {} bytes do not hold {n} elements of {}",
             bytes.len(),
@@ -682,9 +741,10 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Ggml
         }
         return Ok(out);
     }
-    let to_float = traits
-        .to_float
-        .ok_or(GgmlError::Other(format!("no dequantizer for {}", ty.name())))?;
+    let to_float = traits.to_float.ok_or(GgmlError::Other(format!(
+        "no dequantizer for {}",
+        ty.name()
+    )))?;
     // SAFETY: sizes checked above: `bytes` holds exactly n elements of ty.
     unsafe { to_float(bytes.as_ptr() as *const c_void, out.as_mut_ptr(), n as i64) };
     Ok(out)

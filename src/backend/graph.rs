@@ -87,7 +87,12 @@ pub fn forward(
     let c = &model.config;
     let w = &model.weights;
     let n = tokens.len();
-    let (hd, n_head, n_head_kv, n_embd_kv) = (c.head_dim as i64, c.n_head as i64, c.n_head_kv as i64, c.n_embd_kv());
+    let (hd, n_head, n_head_kv, n_embd_kv) = (
+        c.head_dim as i64,
+        c.n_head as i64,
+        c.n_head_kv as i64,
+        c.n_embd_kv(),
+    );
     let n_kv = (row0 + n).next_multiple_of(KV_PAD).min(cache.n_ctx());
     let all_rows = req.logits == Logits::All || req.hidden;
     let rope = RopeParams {
@@ -125,10 +130,24 @@ pub fn forward(
             let k = g.rope(k, inp_pos, rope_freqs, &rope);
             let v = g.mul_mat(model.w(lw.wv), cur);
             // Cache writes go into the graph before the attention that reads the slot.
-            g.expand(g.set_rows(k_slot, g.reshape_2d(k, n_embd_kv as i64, n as i64), inp_rows));
+            g.expand(g.set_rows(
+                k_slot,
+                g.reshape_2d(k, n_embd_kv as i64, n as i64),
+                inp_rows,
+            ));
             g.expand(g.set_rows(v_slot, v, inp_rows));
         }
-        let cur = attention(&g, q, k_slot, v_slot, inp_mask, c.n_head_kv, c.head_dim, n_kv, kq_scale);
+        let cur = attention(
+            &g,
+            q,
+            k_slot,
+            v_slot,
+            inp_mask,
+            c.n_head_kv,
+            c.head_dim,
+            n_kv,
+            kq_scale,
+        );
         let mut cur = g.mul_mat(model.w(lw.wo), g.reshape_2d(cur, hd * n_head, n as i64));
         let mut residual = residual;
         if let (true, Some(last)) = (il + 1 == w.layers.len(), inp_last) {
@@ -155,7 +174,13 @@ pub fn forward(
 
     let graph = g.graph();
     alloc.allocate(&graph)?;
-    write_inputs(tokens, row0, layout, n_kv, [inp_tokens, inp_pos, inp_rows, inp_mask]);
+    write_inputs(
+        tokens,
+        row0,
+        layout,
+        n_kv,
+        [inp_tokens, inp_pos, inp_rows, inp_mask],
+    );
     if let Some(last) = inp_last {
         last.write(&[(tokens.len() - 1) as i32]);
     }
@@ -193,7 +218,13 @@ fn attention<'a>(
     scale: f32,
 ) -> Tensor<'a> {
     let kv_view = |slot: Tensor<'a>, ty_row: usize, ty_head: usize| {
-        let view = g.view_3d(slot, [head_dim as i64, n_head_kv as i64, n_kv as i64], ty_head, ty_row, 0);
+        let view = g.view_3d(
+            slot,
+            [head_dim as i64, n_head_kv as i64, n_kv as i64],
+            ty_head,
+            ty_row,
+            0,
+        );
         g.permute(view, [0, 2, 1, 3])
     };
     let k_row = slot_row_bytes(k_slot);

@@ -78,7 +78,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let map = a.model.share_map(&loaded)?;
     let n_vocab = loaded.model.config.n_vocab as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let mut random_tokens = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..n_vocab)).collect() };
+    let mut random_tokens =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..n_vocab)).collect() };
     let depth_tokens = random_tokens(a.depth);
     let prompt_tokens = random_tokens(a.n_prompt);
     let gen_tokens = random_tokens(a.n_gen);
@@ -106,17 +107,37 @@ pub fn run(a: BenchArgs) -> Result<()> {
         file_name(&path),
         opts.n_threads,
         a.depth,
-        describe_sharing(&map, session.cache().bytes(), session.cache().bytes_unshared())
+        describe_sharing(
+            &map,
+            session.cache().bytes(),
+            session.cache().bytes_unshared()
+        )
     );
     let pp_name = format!("pp{}{}", a.n_prompt, depth_suffix(a.depth));
     let tg_name = format!("tg{}{}", a.n_gen, depth_suffix(a.depth));
-    let mut ours_pp = Series { runtime: "kvsharer".into(), test: pp_name.clone(), ..Default::default() };
-    let mut ours_tg = Series { runtime: "kvsharer".into(), test: tg_name.clone(), ..Default::default() };
-    let mut theirs_pp = Series { runtime: "llama.cpp".into(), test: pp_name, ..Default::default() };
-    let mut theirs_tg = Series { runtime: "llama.cpp".into(), test: tg_name, ..Default::default() };
+    let mut ours_pp = Series {
+        runtime: "kvsharer".into(),
+        test: pp_name.clone(),
+        ..Default::default()
+    };
+    let mut ours_tg = Series {
+        runtime: "kvsharer".into(),
+        test: tg_name.clone(),
+        ..Default::default()
+    };
+    let mut theirs_pp = Series {
+        runtime: "llama.cpp".into(),
+        test: pp_name,
+        ..Default::default()
+    };
+    let mut theirs_tg = Series {
+        runtime: "llama.cpp".into(),
+        test: tg_name,
+        ..Default::default()
+    };
 
     // Warm-up (page in the weights, size the graph buffers), not timed.
-    session.eval(&prompt_tokens[..prompt_tokens.len().min(32).max(1)], Logits::Last).ok();
+    session.eval(&[0; 8], Logits::Last)?;
     session.reset();
     // Alternating runs so both runtimes see the same machine conditions.
     for _ in 0..a.repetitions {
@@ -127,7 +148,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             let t = Instant::now();
             session.eval(&prompt_tokens, Logits::Last)?;
-            ours_pp.samples.push(a.n_prompt as f64 / t.elapsed().as_secs_f64());
+            ours_pp
+                .samples
+                .push(a.n_prompt as f64 / t.elapsed().as_secs_f64());
             if let Some(ctx) = llama_ctx.as_mut() {
                 ctx.clear();
                 if a.depth > 0 {
@@ -135,7 +158,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 }
                 let t = Instant::now();
                 ctx.eval_last_logits(&prompt_tokens)?;
-                theirs_pp.samples.push(a.n_prompt as f64 / t.elapsed().as_secs_f64());
+                theirs_pp
+                    .samples
+                    .push(a.n_prompt as f64 / t.elapsed().as_secs_f64());
             }
         }
         if a.n_gen > 0 {
@@ -147,7 +172,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             for &tok in &gen_tokens {
                 session.eval(&[tok], Logits::Last)?;
             }
-            ours_tg.samples.push(a.n_gen as f64 / t.elapsed().as_secs_f64());
+            ours_tg
+                .samples
+                .push(a.n_gen as f64 / t.elapsed().as_secs_f64());
             if let Some(ctx) = llama_ctx.as_mut() {
                 ctx.clear();
                 if a.depth > 0 {
@@ -157,7 +184,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 for &tok in &gen_tokens {
                     ctx.eval_last_logits(&[tok])?;
                 }
-                theirs_tg.samples.push(a.n_gen as f64 / t.elapsed().as_secs_f64());
+                theirs_tg
+                    .samples
+                    .push(a.n_gen as f64 / t.elapsed().as_secs_f64());
             }
         }
     }
@@ -189,21 +218,37 @@ pub fn run(a: BenchArgs) -> Result<()> {
     println!("| runtime   | test         |             t/s |");
     println!("| --------- | ------------ | --------------: |");
     for s in &all {
-        println!("| {:<9} | {:<12} | {:>8.2} ± {:<5.2} |", s.runtime, s.test, s.mean(), s.sd());
+        println!(
+            "| {:<9} | {:<12} | {:>8.2} ± {:<5.2} |",
+            s.runtime,
+            s.test,
+            s.mean(),
+            s.sd()
+        );
     }
     for (ours, theirs) in [(&ours_pp, &theirs_pp), (&ours_tg, &theirs_tg)] {
         if !ours.samples.is_empty() && !theirs.samples.is_empty() {
-            println!("ratio kvsharer/llama.cpp {}: {:.3}", ours.test, ours.mean() / theirs.mean());
+            println!(
+                "ratio kvsharer/llama.cpp {}: {:.3}",
+                ours.test,
+                ours.mean() / theirs.mean()
+            );
         }
     }
     println!(
         "KV cache: kvsharer {} ({} cells){}",
         human_bytes(kv_ours),
         opts.n_ctx,
-        kv_theirs.map_or(String::new(), |b| format!(", llama.cpp {}", human_bytes(b as usize)))
+        kv_theirs.map_or(String::new(), |b| format!(
+            ", llama.cpp {}",
+            human_bytes(b as usize)
+        ))
     );
     if let Some(r) = rss {
-        println!("peak RSS (both runtimes in this process): {}", human_bytes(r));
+        println!(
+            "peak RSS (both runtimes in this process): {}",
+            human_bytes(r)
+        );
     }
     Ok(())
 }

@@ -69,9 +69,15 @@ impl SearchArgs {
         match &self.calib {
             None => Ok(Corpus::default_corpus()),
             Some(p) => {
-                let bytes = std::fs::read(p).with_context(|| format!("cannot read calibration file {}", p.display()))?;
-                let text = String::from_utf8(bytes)
-                    .map_err(|e| anyhow::anyhow!("calibration file {} is not UTF-8 text (byte {})", p.display(), e.utf8_error().valid_up_to()))?;
+                let bytes = std::fs::read(p)
+                    .with_context(|| format!("cannot read calibration file {}", p.display()))?;
+                let text = String::from_utf8(bytes).map_err(|e| {
+                    anyhow::anyhow!(
+                        "calibration file {} is not UTF-8 text (byte {})",
+                        p.display(),
+                        e.utf8_error().valid_up_to()
+                    )
+                })?;
                 Ok(Corpus::from_text(&text))
             }
         }
@@ -122,13 +128,18 @@ pub fn run_search(loaded: &LoadedModel, s: &SearchArgs, threads: usize) -> Resul
     };
     let bar = ProgressBar::new(target as u64);
     bar.set_style(
-        ProgressStyle::with_template("calibrating [{bar:30}] {pos}/{len} shared | {msg} | {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "calibrating [{bar:30}] {pos}/{len} shared | {msg} | {elapsed}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("capturing K/V of the unshared model");
     let result = calibrate::search(&loaded.model, &loaded.tokenizer, &corpus, &opts, |p| {
         bar.set_position(p.accepted as u64);
-        bar.set_message(format!("{} pairs tried, last cosine {:.4}", p.tried, p.last_cosine));
+        bar.set_message(format!(
+            "{} pairs tried, last cosine {:.4}",
+            p.tried, p.last_cosine
+        ));
     });
     bar.finish_and_clear();
     Ok(result?)
@@ -189,7 +200,11 @@ pub fn share(a: ShareArgs) -> Result<()> {
     let file = loaded.model.file();
     gguf::write_with_metadata(file, &metadata, &["kvsharer."], &a.output)
         .with_context(|| format!("cannot write {}", a.output.display()))?;
-    eprintln!("wrote {} (all tensors and original keys kept; inspect with `kvsharer info {}`)", a.output.display(), a.output.display());
+    eprintln!(
+        "wrote {} (all tensors and original keys kept; inspect with `kvsharer info {}`)",
+        a.output.display(),
+        a.output.display()
+    );
     Ok(())
 }
 
@@ -197,15 +212,25 @@ pub fn share(a: ShareArgs) -> Result<()> {
 /// before any time is spent calibrating.
 fn check_output(input: &Path, output: &Path) -> Result<()> {
     if output.is_dir() {
-        bail!("output {} is a directory; give a file name such as {}/model-shared.gguf", output.display(), output.display());
+        bail!(
+            "output {} is a directory; give a file name such as {}/model-shared.gguf",
+            output.display(),
+            output.display()
+        );
     }
-    let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if !dir.is_dir() {
         bail!("output directory {} does not exist", dir.display());
     }
     if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
         if a == b {
-            bail!("refusing to overwrite the input model {}; choose another -o", input.display());
+            bail!(
+                "refusing to overwrite the input model {}; choose another -o",
+                input.display()
+            );
         }
     }
     let probe = tempfile::NamedTempFile::new_in(dir)
@@ -248,10 +273,20 @@ pub fn on_the_fly_map(loaded: &LoadedModel, spec: &str, threads: usize) -> Resul
             return Ok(map);
         }
     }
-    eprintln!("kv-share: no stored map for {target} shared layers; calibrating (cached for next time)");
+    eprintln!(
+        "kv-share: no stored map for {target} shared layers; calibrating (cached for next time)"
+    );
     let r = run_search(loaded, &search, threads)?;
-    eprintln!("kv-share: {} | map {} | calibration cosine {:.4} | {:.1} s", r.outcome, r.map, r.mean_cosine, r.total_time().as_secs_f64());
-    if let Err(e) = report::write_report_dir(&r, &cache.join(&key)).and_then(|(json, _)| std::fs::copy(json, &cached)) {
+    eprintln!(
+        "kv-share: {} | map {} | calibration cosine {:.4} | {:.1} s",
+        r.outcome,
+        r.map,
+        r.mean_cosine,
+        r.total_time().as_secs_f64()
+    );
+    if let Err(e) = report::write_report_dir(&r, &cache.join(&key))
+        .and_then(|(json, _)| std::fs::copy(json, &cached))
+    {
         eprintln!("note: could not cache the map in {}: {e}", cache.display());
     }
     Ok(r.map)
@@ -261,17 +296,25 @@ pub fn on_the_fly_map(loaded: &LoadedModel, spec: &str, threads: usize) -> Resul
 pub fn parse_share_spec(spec: &str, n_layers: usize) -> Result<usize> {
     let s = spec.trim();
     let target = if let Some(p) = s.strip_suffix('%') {
-        let pct: f32 = p.trim().parse().map_err(|_| anyhow::anyhow!("--kv-share {spec}: not a percentage"))?;
+        let pct: f32 = p
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--kv-share {spec}: not a percentage"))?;
         ratio_to_layers(pct / 100.0, n_layers)?
     } else if s.contains('.') {
-        let r: f32 = s.parse().map_err(|_| anyhow::anyhow!("--kv-share {spec}: not a ratio"))?;
+        let r: f32 = s
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--kv-share {spec}: not a ratio"))?;
         ratio_to_layers(r, n_layers)?
     } else {
         s.parse::<usize>()
             .map_err(|_| anyhow::anyhow!("--kv-share {spec}: expected a layer count (8), a percentage (25%) or a ratio (0.25)"))?
     };
     if target >= n_layers {
-        bail!("--kv-share {spec}: cannot share {target} of {n_layers} layers (at most {})", n_layers - 1);
+        bail!(
+            "--kv-share {spec}: cannot share {target} of {n_layers} layers (at most {})",
+            n_layers - 1
+        );
     }
     Ok(target)
 }
@@ -291,5 +334,9 @@ pub fn model_fingerprint(file: &GgufFile) -> Result<String> {
         let start = data.len().saturating_sub(SAMPLE) * k / 15;
         h.update(&data[start..(start + SAMPLE).min(data.len())]);
     }
-    Ok(h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect())
+    Ok(h.finalize()
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }

@@ -19,7 +19,12 @@ pub struct InfoArgs {
     #[arg(value_name = "MODEL")]
     pub model: Option<PathBuf>,
     /// GGUF model file (same as the positional argument)
-    #[arg(short = 'm', long = "model", value_name = "PATH", conflicts_with = "model")]
+    #[arg(
+        short = 'm',
+        long = "model",
+        value_name = "PATH",
+        conflicts_with = "model"
+    )]
     pub model_flag: Option<PathBuf>,
     /// Context size used for the KV cache total
     #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
@@ -33,10 +38,22 @@ pub fn run(a: InfoArgs) -> Result<()> {
     };
     let file = GgufFile::open(&path)?;
     let cfg = LlamaConfig::from_gguf(&file)?;
-    let name = file.get("general.name").and_then(|v| v.as_str()).unwrap_or("(unnamed)");
-    println!("file:          {} ({})", path.display(), human_bytes(file.file_size() as usize));
+    let name = file
+        .get("general.name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("(unnamed)");
+    println!(
+        "file:          {} ({})",
+        path.display(),
+        human_bytes(file.file_size() as usize)
+    );
     println!("name:          {name}");
-    println!("gguf:          version {}, {} metadata keys, {} tensors", file.version(), file.metadata().len(), file.tensors().len());
+    println!(
+        "gguf:          version {}, {} metadata keys, {} tensors",
+        file.version(),
+        file.metadata().len(),
+        file.tensors().len()
+    );
     println!("architecture:  {}", cfg.architecture);
     println!("layers:        {}", cfg.n_layers);
     println!("embedding:     {} (feed-forward {})", cfg.n_embd, cfg.n_ff);
@@ -49,7 +66,10 @@ pub fn run(a: InfoArgs) -> Result<()> {
     );
     println!("context:       {} (trained)", cfg.n_ctx_train);
     println!("vocabulary:    {}", cfg.n_vocab);
-    println!("rope:          base {}, scale {}", cfg.rope_freq_base, cfg.rope_freq_scale);
+    println!(
+        "rope:          base {}, scale {}",
+        cfg.rope_freq_base, cfg.rope_freq_scale
+    );
 
     let mut hist: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
     let mut params = 0u64;
@@ -67,8 +87,15 @@ pub fn run(a: InfoArgs) -> Result<()> {
     println!("quant types:   {}", types.join(", "));
 
     let stored = read_stored_map(&file, cfg.n_layers)?;
-    let map = stored.clone().unwrap_or_else(|| ShareMap::identity(cfg.n_layers));
-    let unshared = kv::bytes_per_token(&cfg, &ShareMap::identity(cfg.n_layers), GgmlType::F16, GgmlType::F16);
+    let map = stored
+        .clone()
+        .unwrap_or_else(|| ShareMap::identity(cfg.n_layers));
+    let unshared = kv::bytes_per_token(
+        &cfg,
+        &ShareMap::identity(cfg.n_layers),
+        GgmlType::F16,
+        GgmlType::F16,
+    );
     println!(
         "KV cache:      {} bytes/token unshared (f16); {} at ctx {}",
         unshared,
@@ -92,7 +119,11 @@ pub fn run(a: InfoArgs) -> Result<()> {
                 a.ctx_size,
                 100.0 * shared as f64 / unshared as f64
             );
-            let get = |k: &str| file.get(k).map(|v| format!("{v:?}")).unwrap_or_else(|| "-".into());
+            let get = |k: &str| {
+                file.get(k)
+                    .map(|v| format!("{v:?}"))
+                    .unwrap_or_else(|| "-".into())
+            };
             println!(
                 "calibration:   threshold {}, mean cosine {}, {} samples x {} tokens, corpus sha256 {}",
                 get(share::KEY_THRESHOLD),

@@ -98,7 +98,9 @@ impl ModelArgs {
                 }
                 Ok(p.clone())
             }
-            None => kvsharer::fetch::default_model_path().context("could not get the default model"),
+            None => {
+                kvsharer::fetch::default_model_path().context("could not get the default model")
+            }
         }
     }
 
@@ -107,7 +109,10 @@ impl ModelArgs {
     }
 
     pub fn cache_types(&self) -> Result<(GgmlType, GgmlType)> {
-        Ok((kv::parse_cache_type(&self.cache_type_k)?, kv::parse_cache_type(&self.cache_type_v)?))
+        Ok((
+            kv::parse_cache_type(&self.cache_type_k)?,
+            kv::parse_cache_type(&self.cache_type_v)?,
+        ))
     }
 
     pub fn session_options(&self) -> Result<SessionOptions> {
@@ -227,5 +232,8 @@ pub fn describe_sharing(map: &ShareMap, kv_bytes: usize, unshared: usize) -> Str
 }
 
 pub fn file_name(p: &Path) -> String {
-    p.file_name().map_or_else(|| p.display().to_string(), |s| s.to_string_lossy().into_owned())
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    )
 }

@@ -26,7 +26,12 @@ pub struct RunArgs {
     #[arg(short = 'f', long = "file", value_name = "PATH")]
     pub file: Option<PathBuf>,
     /// Tokens to generate; -1 = until end of text or a full context
-    #[arg(short = 'n', long = "n-predict", default_value_t = 128, allow_negative_numbers = true)]
+    #[arg(
+        short = 'n',
+        long = "n-predict",
+        default_value_t = 128,
+        allow_negative_numbers = true
+    )]
     pub n_predict: i64,
     /// Keep generating past end-of-text tokens
     #[arg(long = "ignore-eos")]
@@ -40,7 +45,8 @@ pub fn run(a: RunArgs) -> Result<()> {
     let prompt = match (&a.prompt, &a.file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => {
-            let bytes = std::fs::read(f).with_context(|| format!("cannot read prompt file {}", f.display()))?;
+            let bytes = std::fs::read(f)
+                .with_context(|| format!("cannot read prompt file {}", f.display()))?;
             match String::from_utf8(bytes) {
                 Ok(s) => s,
                 Err(e) => {

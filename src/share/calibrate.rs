@@ -123,7 +123,9 @@ pub fn prepare(
     max_tokens: usize,
 ) -> Result<CalibrationSet, CalibrateError> {
     if samples == 0 {
-        return Err(CalibrateError::Corpus("--samples must be at least 1".into()));
+        return Err(CalibrateError::Corpus(
+            "--samples must be at least 1".into(),
+        ));
     }
     if max_tokens < MIN_TOKENS_PER_SAMPLE {
         return Err(CalibrateError::Corpus(format!(
@@ -147,7 +149,10 @@ pub fn prepare(
             "the shortest of the first {samples} lines is {shortest} tokens; every text must have at least {MIN_TOKENS_PER_SAMPLE} (each is cut to the shortest one's length, at most {max_tokens})"
         )));
     }
-    let tokens = encoded.iter().flat_map(|e| e[..seq_len].iter().copied()).collect();
+    let tokens = encoded
+        .iter()
+        .flat_map(|e| e[..seq_len].iter().copied())
+        .collect();
     Ok(CalibrationSet {
         tokens,
         seq_len,
@@ -173,7 +178,11 @@ pub struct RunOutput {
 
 impl<'m> Evaluator<'m> {
     pub fn new(model: &'m Model, set: &'m CalibrationSet, threads: usize) -> Self {
-        Evaluator { model, set, threads }
+        Evaluator {
+            model,
+            set,
+            threads,
+        }
     }
 
     fn session(&self, map: &ShareMap) -> Result<Session<'m>, CalibrateError> {
@@ -190,7 +199,11 @@ impl<'m> Evaluator<'m> {
         Ok(self.run_with_session(map, logits)?.0)
     }
 
-    fn run_with_session(&self, map: &ShareMap, logits: bool) -> Result<(RunOutput, Session<'m>), CalibrateError> {
+    fn run_with_session(
+        &self,
+        map: &ShareMap,
+        logits: bool,
+    ) -> Result<(RunOutput, Session<'m>), CalibrateError> {
         let mut s = self.session(map)?;
         let out = s.eval_packed(
             &self.set.tokens,
@@ -244,7 +257,11 @@ pub struct Capture {
 }
 
 /// Step 1 and 2: run the unshared model and average each layer's K/V over texts.
-pub fn capture(model: &Model, set: &CalibrationSet, threads: usize) -> Result<Capture, CalibrateError> {
+pub fn capture(
+    model: &Model,
+    set: &CalibrationSet,
+    threads: usize,
+) -> Result<Capture, CalibrateError> {
     let n_layers = model.config.n_layers;
     let eval = Evaluator::new(model, set, threads);
     let (out, session) = eval.run_with_session(&ShareMap::identity(n_layers), false)?;
@@ -253,7 +270,9 @@ pub fn capture(model: &Model, set: &CalibrationSet, threads: usize) -> Result<Ca
     let mut values = Vec::with_capacity(n_layers);
     for layer in 0..n_layers {
         for (part, dest) in [(KvPart::Keys, &mut keys), (KvPart::Values, &mut values)] {
-            let all = session.cache().read_rows_f32(layer, part, 0..set.tokens.len())?;
+            let all = session
+                .cache()
+                .read_rows_f32(layer, part, 0..set.tokens.len())?;
             let mut mean = vec![0f32; width];
             for text in all.chunks(width) {
                 for (m, &x) in mean.iter_mut().zip(text) {
@@ -291,11 +310,11 @@ pub fn distance_matrix(capture: &Capture, head_dim: usize) -> Vec<Vec<f32>> {
         total / vectors.max(1) as f64
     };
     let mut m = vec![vec![0f32; n]; n];
-    for i in 0..n {
-        for j in 0..i {
+    for (i, row) in m.iter_mut().enumerate() {
+        for (j, cell) in row.iter_mut().enumerate().take(i) {
             let dk = dist(&capture.keys[i], &capture.keys[j]);
             let dv = dist(&capture.values[i], &capture.values[j]);
-            m[i][j] = ((dk + dv) / 2.0) as f32;
+            *cell = ((dk + dv) / 2.0) as f32;
         }
     }
     m

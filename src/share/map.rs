@@ -53,10 +53,7 @@ impl ShareMap {
                 });
             }
             if j > i {
-                return Err(ShareMapError::Forward {
-                    layer: i,
-                    reads: j,
-                });
+                return Err(ShareMapError::Forward { layer: i, reads: j });
             }
             if source[j] != j {
                 return Err(ShareMapError::Chain {
@@ -149,9 +146,9 @@ impl ShareMap {
     pub fn slot_of_layers(&self) -> Vec<usize> {
         let mut slot_of_owner = vec![usize::MAX; self.n_layers()];
         let mut next = 0;
-        for i in 0..self.n_layers() {
-            if self.owns_slot(i) {
-                slot_of_owner[i] = next;
+        for (i, slot) in slot_of_owner.iter_mut().enumerate() {
+            if self.source[i] == i {
+                *slot = next;
                 next += 1;
             }
         }
@@ -204,10 +201,7 @@ mod tests {
     fn rejects_forward_out_of_range_chain_and_wrong_length() {
         assert_eq!(
             ShareMap::new(vec![0, 2, 2]).unwrap_err(),
-            ShareMapError::Forward {
-                layer: 1,
-                reads: 2
-            }
+            ShareMapError::Forward { layer: 1, reads: 2 }
         );
         assert!(matches!(
             ShareMap::new(vec![0, 1, 7]).unwrap_err(),

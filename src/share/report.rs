@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use crate::gguf::{Array, Value};
 use crate::share::calibrate::SearchResult;
 use crate::share::{
-    ShareMap, FORMAT_VERSION, KEY_CORPUS_SHA256, KEY_MEAN_COSINE, KEY_SAMPLE_COUNT, KEY_SHARED_COUNT,
-    KEY_SOURCE_LAYER, KEY_THRESHOLD, KEY_TOKENS_PER_SAMPLE, KEY_VERSION,
+    ShareMap, FORMAT_VERSION, KEY_CORPUS_SHA256, KEY_MEAN_COSINE, KEY_SAMPLE_COUNT,
+    KEY_SHARED_COUNT, KEY_SOURCE_LAYER, KEY_THRESHOLD, KEY_TOKENS_PER_SAMPLE, KEY_VERSION,
 };
 
 /// The `kvsharer.*` metadata for a search result (see `shared/KVSHARER.md`).
@@ -19,8 +19,14 @@ pub fn metadata(r: &SearchResult) -> Vec<(String, Value)> {
         (KEY_THRESHOLD.to_string(), Value::F32(r.threshold)),
         (KEY_MEAN_COSINE.to_string(), Value::F32(r.mean_cosine)),
         (KEY_SAMPLE_COUNT.to_string(), Value::U32(r.samples as u32)),
-        (KEY_TOKENS_PER_SAMPLE.to_string(), Value::U32(r.tokens_per_sample as u32)),
-        (KEY_CORPUS_SHA256.to_string(), Value::String(r.corpus_sha256.clone())),
+        (
+            KEY_TOKENS_PER_SAMPLE.to_string(),
+            Value::U32(r.tokens_per_sample as u32),
+        ),
+        (
+            KEY_CORPUS_SHA256.to_string(),
+            Value::String(r.corpus_sha256.clone()),
+        ),
     ]);
     kv
 }
@@ -31,9 +37,14 @@ pub fn map_metadata(map: &ShareMap) -> Vec<(String, Value)> {
         (KEY_VERSION.to_string(), Value::U32(FORMAT_VERSION)),
         (
             KEY_SOURCE_LAYER.to_string(),
-            Value::Array(Array::U32(map.sources().iter().map(|&s| s as u32).collect())),
+            Value::Array(Array::U32(
+                map.sources().iter().map(|&s| s as u32).collect(),
+            )),
         ),
-        (KEY_SHARED_COUNT.to_string(), Value::U32(map.shared_count() as u32)),
+        (
+            KEY_SHARED_COUNT.to_string(),
+            Value::U32(map.shared_count() as u32),
+        ),
     ]
 }
 
@@ -77,9 +88,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Reads a map back from a report written by `write_report_dir` (`share --map`).
 pub fn read_report_map(path: &Path, n_layers: usize) -> Result<ShareMap, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{} is not valid JSON: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not valid JSON: {e}", path.display()))?;
     let src = v
         .get("map")
         .and_then(|m| m.get("source"))

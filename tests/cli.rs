@@ -1,0 +1,280 @@
+//! The `kvsharer` binary on bad input and on tiny generated models: one-line errors
+//! and a non-zero exit, never a panic; `share` writes a loadable copy and never
+//! touches its input.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use support::{write_tiny_model, TinySpec};
+
+fn kvsharer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kvsharer"))
+        .args(args)
+        .env(
+            "KVSHARER_CACHE_DIR",
+            std::env::temp_dir().join("kvsharer-cli-test-cache"),
+        )
+        .output()
+        .expect("run kvsharer")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Fails the test on a panic or a signal; returns the first line of the error.
+fn expect_clean_failure(o: &Output) -> String {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "killed or crashed: {:?}; stderr: {err}",
+        o.status
+    );
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let first = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    first.to_string()
+}
+
+fn tiny(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("tiny.gguf");
+    write_tiny_model(
+        &TinySpec {
+            n_layers: 4,
+            ..TinySpec::default()
+        },
+        &p,
+    );
+    p
+}
+
+#[test]
+fn missing_file() {
+    let e = expect_clean_failure(&kvsharer(&[
+        "run",
+        "-m",
+        "/nonexistent/model.gguf",
+        "-p",
+        "hi",
+    ]));
+    assert!(e.contains("does not exist"), "{e}");
+    let e = expect_clean_failure(&kvsharer(&["info", "/nonexistent/model.gguf"]));
+    assert!(e.contains("/nonexistent/model.gguf"), "{e}");
+}
+
+#[test]
+fn not_a_gguf_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("notes.gguf");
+    std::fs::write(&p, "these are not the weights you are looking for").unwrap();
+    let e = expect_clean_failure(&kvsharer(&["run", "-m", p.to_str().unwrap(), "-p", "hi"]));
+    assert!(e.contains("not a GGUF file"), "{e}");
+}
+
+#[test]
+fn truncated_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = std::fs::read(tiny(dir.path())).unwrap();
+    for cut in [3usize, 24, 200, full.len() / 2, full.len() - 1] {
+        let p = dir.path().join(format!("cut{cut}.gguf"));
+        std::fs::write(&p, &full[..cut]).unwrap();
+        let e = expect_clean_failure(&kvsharer(&["run", "-m", p.to_str().unwrap(), "-p", "hi"]));
+        assert!(
+            e.contains("truncated")
+                || e.contains("remaining")
+                || e.contains("outside")
+                || e.contains("not a GGUF")
+                || e.contains("past the end"),
+            "cut {cut}: {e}"
+        );
+        expect_clean_failure(&kvsharer(&["info", p.to_str().unwrap()]));
+    }
+}
+
+#[test]
+fn other_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = kvsharer::gguf::GgufFile::open(&tiny(dir.path())).unwrap();
+    let p = dir.path().join("gpt2.gguf");
+    kvsharer::gguf::write_with_metadata(
+        &src,
+        &[(
+            "general.architecture".into(),
+            kvsharer::gguf::Value::String("gpt2".into()),
+        )],
+        &[],
+        &p,
+    )
+    .unwrap();
+    let e = expect_clean_failure(&kvsharer(&["run", "-m", p.to_str().unwrap(), "-p", "hi"]));
+    assert!(e.contains("unsupported architecture 'gpt2'"), "{e}");
+    expect_clean_failure(&kvsharer(&["info", p.to_str().unwrap()]));
+}
+
+#[test]
+fn prompt_longer_than_the_context_and_bad_sampling() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let m = m.to_str().unwrap();
+    let long = "abc ".repeat(100);
+    let e = expect_clean_failure(&kvsharer(&["run", "-m", m, "-c", "64", "-p", &long]));
+    assert!(e.contains("context holds 64"), "{e}");
+    let e = expect_clean_failure(&kvsharer(&["run", "-m", m, "--temp=-1", "-p", "x"]));
+    assert!(e.contains("temperature"), "{e}");
+    let e = expect_clean_failure(&kvsharer(&["run", "-m", m, "--top-p", "0", "-p", "x"]));
+    assert!(e.contains("top_p"), "{e}");
+    let e = expect_clean_failure(&kvsharer(&[
+        "run",
+        "-m",
+        m,
+        "--cache-type-k",
+        "q3_k",
+        "-p",
+        "x",
+    ]));
+    assert!(e.contains("not supported"), "{e}");
+}
+
+#[test]
+fn run_generates_and_reports_kv_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let o = kvsharer(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "hello",
+        "-n",
+        "12",
+        "--temp",
+        "0",
+        "--ignore-eos",
+        "-c",
+        "128",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("hello"));
+    // 4 layers x (K + V) x 2 KV heads x 16 dims x f16 x 128 cells.
+    assert!(
+        err.contains(&format!("KV cache {} bytes", 4 * 2 * 32 * 2 * 128)),
+        "{err}"
+    );
+    assert!(err.contains("generation: 12 tokens"), "{err}");
+    // -n 0 and an empty prompt are fine.
+    let o = kvsharer(&["run", "-m", m.to_str().unwrap(), "-p", "", "-n", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn kv_share_without_a_stored_map_says_how_to_make_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let e = expect_clean_failure(&kvsharer(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "--kv-share",
+        "-p",
+        "x",
+    ]));
+    assert!(
+        e.contains("no stored sharing map") && e.contains("kvsharer share"),
+        "{e}"
+    );
+    let e = expect_clean_failure(&kvsharer(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "--kv-share",
+        "4",
+        "-p",
+        "x",
+    ]));
+    assert!(e.contains("cannot share 4 of 4"), "{e}");
+}
+
+#[test]
+fn share_writes_a_loadable_copy_and_refuses_bad_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let ms = m.to_str().unwrap();
+    let before = std::fs::read(&m).unwrap();
+    let out = dir.path().join("shared.gguf");
+    let o = kvsharer(&[
+        "share",
+        "-m",
+        ms,
+        "--layers",
+        "1",
+        "--samples",
+        "4",
+        "--tokens",
+        "16",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&m).unwrap(), before);
+    let info = kvsharer(&["info", out.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(text.contains("1 of 4 layers shared"), "{text}");
+    let run = kvsharer(&[
+        "run",
+        "-m",
+        out.to_str().unwrap(),
+        "--kv-share",
+        "-p",
+        "ab",
+        "-n",
+        "4",
+        "-c",
+        "64",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("KV sharing on: 1 of 4 layers shared"),
+        "{}",
+        stderr(&run)
+    );
+    // Never overwrite the input; no output into a missing directory.
+    let e = expect_clean_failure(&kvsharer(&["share", "-m", ms, "--layers", "1", "-o", ms]));
+    assert!(e.contains("refusing to overwrite"), "{e}");
+    let e = expect_clean_failure(&kvsharer(&[
+        "share",
+        "-m",
+        ms,
+        "--layers",
+        "1",
+        "-o",
+        "/nonexistent-dir/x.gguf",
+    ]));
+    assert!(e.contains("does not exist"), "{e}");
+    let e = expect_clean_failure(&kvsharer(&[
+        "share",
+        "-m",
+        ms,
+        "--layers",
+        "4",
+        "-o",
+        out.to_str().unwrap(),
+    ]));
+    assert!(e.contains("cannot share 4 layers"), "{e}");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
