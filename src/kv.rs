@@ -187,6 +187,22 @@ impl KvCache {
         Ok(dequantize(ty, &bytes, rows.len() * self.n_embd_kv)?)
     }
 
+    /// Copies rows `from` of every slot (K and V) to start at row `to` (`to <=
+    /// from.start`), for context shifts and window eviction.
+    pub fn move_rows(&self, from: Range<usize>, to: usize) {
+        if from.is_empty() || to == from.start {
+            return;
+        }
+        for slot in 0..self.n_slots() {
+            for (t, ty) in [(self.k[slot], self.type_k), (self.v[slot], self.type_v)] {
+                let tensor = self.arena.tensor(t);
+                let row = row_size(ty, self.n_embd_kv as i64);
+                let bytes = tensor.read_bytes(from.start * row, from.len() * row);
+                tensor.write_bytes(to * row, &bytes);
+            }
+        }
+    }
+
     /// Zeroes every slot (a new conversation).
     pub fn clear(&self) {
         self.arena.clear();

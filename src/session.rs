@@ -214,6 +214,31 @@ impl<'m> Session<'m> {
         Ok(out)
     }
 
+    /// Frees room in a full context the way llama.cpp's context shift does: keeps the
+    /// first `n_keep` tokens (the system prompt), drops the `n_discard` after them,
+    /// moves the rest down and re-rotates their keys to their new positions. Works on
+    /// every slot, so shared layers keep following their sources.
+    pub fn context_shift(&mut self, n_keep: usize, n_discard: usize) -> Result<(), SessionError> {
+        let n_keep = n_keep.min(self.n_past);
+        let n_discard = n_discard.min(self.n_past - n_keep);
+        if n_discard == 0 {
+            return Ok(());
+        }
+        let moved = n_keep + n_discard..self.n_past;
+        self.cache.move_rows(moved.clone(), n_keep);
+        let new_rows = n_keep..n_keep + moved.len();
+        graph::shift_keys(
+            self.model,
+            &self.cache,
+            &self.backend,
+            &mut self.alloc,
+            new_rows,
+            -(n_discard as i32),
+        )?;
+        self.n_past -= n_discard;
+        Ok(())
+    }
+
     /// Bytes of KV storage allocated for this session.
     pub fn kv_bytes(&self) -> usize {
         self.cache.bytes()

@@ -593,6 +593,11 @@ impl GraphCtx {
         Tensor::from_raw(unsafe { sys::ggml_cont(self.c(), a.ptr()) })
     }
 
+    pub fn cast<'a>(&'a self, a: Tensor<'a>, ty: GgmlType) -> Tensor<'a> {
+        // SAFETY: as for mul_mat.
+        Tensor::from_raw(unsafe { sys::ggml_cast(self.c(), a.ptr(), raw_type(ty)) })
+    }
+
     pub fn cpy<'a>(&'a self, src: Tensor<'a>, dst: Tensor<'a>) -> Tensor<'a> {
         // SAFETY: as for mul_mat.
         Tensor::from_raw(unsafe { sys::ggml_cpy(self.c(), src.ptr(), dst.ptr()) })

@@ -95,17 +95,7 @@ pub fn forward(
     );
     let n_kv = (row0 + n).next_multiple_of(KV_PAD).min(cache.n_ctx());
     let all_rows = req.logits == Logits::All || req.hidden;
-    let rope = RopeParams {
-        n_dims: c.rope_dim as i32,
-        mode: 0, // LLAMA_ROPE_TYPE_NORM: adjacent pairs
-        n_ctx_orig: c.n_ctx_train as i32,
-        freq_base: c.rope_freq_base,
-        freq_scale: c.rope_freq_scale,
-        ext_factor: 0.0,
-        attn_factor: 1.0,
-        beta_fast: 32.0,
-        beta_slow: 1.0,
-    };
+    let rope = rope_params(model);
 
     let g = GraphCtx::new(MAX_NODES)?;
     let inp_tokens = g.input(GgmlType::I32, &[n as i64], "inp_tokens");
@@ -256,4 +246,63 @@ fn write_inputs(tokens: &[u32], row0: usize, layout: Layout, n_kv: usize, inputs
     inp_pos.write(&pos);
     inp_rows.write(&rows);
     inp_mask.write(&mask);
+}
+
+fn rope_params(model: &Model) -> RopeParams {
+    let c = &model.config;
+    RopeParams {
+        n_dims: c.rope_dim as i32,
+        mode: 0, // LLAMA_ROPE_TYPE_NORM: adjacent pairs
+        n_ctx_orig: c.n_ctx_train as i32,
+        freq_base: c.rope_freq_base,
+        freq_scale: c.rope_freq_scale,
+        ext_factor: 0.0,
+        attn_factor: 1.0,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+    }
+}
+
+/// Re-rotates the cached keys of rows `rows` of every slot by `delta` positions
+/// (rotations compose: RoPE(p) then RoPE(delta) is RoPE(p + delta)), as llama.cpp's
+/// context shift does after it moves cache cells.
+pub fn shift_keys(
+    model: &Model,
+    cache: &KvCache,
+    backend: &CpuBackend,
+    alloc: &mut GraphAllocator,
+    rows: std::ops::Range<usize>,
+    delta: i32,
+) -> Result<(), GgmlError> {
+    if rows.is_empty() || delta == 0 {
+        return Ok(());
+    }
+    let c = &model.config;
+    let m = rows.len();
+    let g = GraphCtx::new(MAX_NODES)?;
+    let pos = g.input(GgmlType::I32, &[m as i64], "shift_pos");
+    let rope = rope_params(model);
+    let freq_factors = model.weights.rope_freqs.map(|i| model.w(i));
+    for layer in (0..c.n_layers).filter(|&l| cache.map().owns_slot(l)) {
+        let slot = cache.k(layer);
+        let row = slot.nb()[1];
+        let view = g.view_3d(
+            slot,
+            [c.head_dim as i64, c.n_head_kv as i64, m as i64],
+            row / c.n_head_kv,
+            row,
+            rows.start * row,
+        );
+        let as_float = if cache.type_k() == GgmlType::F16 || cache.type_k() == GgmlType::F32 {
+            view
+        } else {
+            g.cast(view, GgmlType::F32)
+        };
+        let rotated = g.rope(as_float, pos, freq_factors, &rope);
+        g.expand(g.cpy(rotated, view));
+    }
+    let graph = g.graph();
+    alloc.allocate(&graph)?;
+    pos.write(&vec![delta; m]);
+    backend.compute(&graph)
 }
