@@ -2,7 +2,7 @@
 //! sized for the owning layers of a `ShareMap`, the position, and the graph memory.
 
 use crate::backend::ggml::{CpuBackend, GgmlError, GraphAllocator};
-use crate::backend::graph::{self, ForwardOutput, ForwardRequest, Layout, Logits};
+use crate::backend::graph::{self, ForwardOutput, ForwardRequest, Layout, Logits, Start};
 use crate::gguf::GgmlType;
 use crate::kv::{KvCache, KvError};
 use crate::model::Model;
@@ -124,13 +124,7 @@ impl<'m> Session<'m> {
     /// Appends `tokens` and returns logits: the last token's, or every token's.
     pub fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, SessionError> {
         Ok(self
-            .eval_full(
-                tokens,
-                ForwardRequest {
-                    logits,
-                    hidden: false,
-                },
-            )?
+            .eval_full(tokens, ForwardRequest::logits(logits))?
             .logits)
     }
 
@@ -140,7 +134,7 @@ impl<'m> Session<'m> {
         tokens: &[u32],
         req: ForwardRequest,
     ) -> Result<ForwardOutput, SessionError> {
-        self.eval_layout(tokens, Layout::Single, self.n_batch, req)
+        self.eval_layout(tokens, Layout::Single, self.n_batch, Start::Tokens, req)
     }
 
     /// Evaluates `tokens` as independent texts of `seq_len` tokens each, packed into
@@ -152,12 +146,40 @@ impl<'m> Session<'m> {
         seq_len: usize,
         req: ForwardRequest,
     ) -> Result<ForwardOutput, SessionError> {
+        self.eval_packed_from(tokens, seq_len, None, req)
+    }
+
+    /// As `eval_packed`, but optionally starting at `(layer, residual stream)`: the
+    /// layers below do not run and their cache slots keep what an earlier packed run
+    /// of the same texts left there. The whole batch runs as one graph.
+    pub fn eval_packed_from(
+        &mut self,
+        tokens: &[u32],
+        seq_len: usize,
+        start: Option<(usize, &[f32])>,
+        req: ForwardRequest,
+    ) -> Result<ForwardOutput, SessionError> {
         if seq_len == 0 || !tokens.len().is_multiple_of(seq_len) {
             return Err(SessionError::Empty);
         }
         self.n_past = 0;
-        let chunk = (self.n_batch / seq_len).max(1) * seq_len;
-        self.eval_layout(tokens, Layout::Packed { seq_len }, chunk, req)
+        let start = match start {
+            None => Start::Tokens,
+            Some((layer, input)) => {
+                let n_embd = self.model.config.n_embd;
+                if layer >= self.model.config.n_layers || input.len() != tokens.len() * n_embd {
+                    return Err(SessionError::Empty);
+                }
+                Start::Layer { layer, input }
+            }
+        };
+        // A mid-network start must see every token in one graph (its input is the
+        // whole batch's residual stream).
+        let chunk = match start {
+            Start::Tokens => (self.n_batch / seq_len).max(1) * seq_len,
+            Start::Layer { .. } => tokens.len(),
+        };
+        self.eval_layout(tokens, Layout::Packed { seq_len }, chunk, start, req)
     }
 
     fn eval_layout(
@@ -165,6 +187,7 @@ impl<'m> Session<'m> {
         tokens: &[u32],
         layout: Layout,
         chunk_len: usize,
+        start: Start<'_>,
         req: ForwardRequest,
     ) -> Result<ForwardOutput, SessionError> {
         if tokens.is_empty() {
@@ -190,7 +213,7 @@ impl<'m> Session<'m> {
                     Logits::Last if !last => Logits::None,
                     other => other,
                 },
-                hidden: req.hidden,
+                ..req
             };
             let r = graph::forward(
                 self.model,
@@ -200,6 +223,7 @@ impl<'m> Session<'m> {
                 chunk,
                 self.n_past,
                 layout,
+                start,
                 chunk_req,
             )?;
             self.n_past += chunk.len();
@@ -210,6 +234,7 @@ impl<'m> Session<'m> {
                     .get_or_insert_with(Vec::new)
                     .extend_from_slice(&h);
             }
+            merge_layer_inputs(&mut out.layer_inputs, r.layer_inputs);
         }
         Ok(out)
     }
@@ -242,5 +267,16 @@ impl<'m> Session<'m> {
     /// Bytes of KV storage allocated for this session.
     pub fn kv_bytes(&self) -> usize {
         self.cache.bytes()
+    }
+}
+
+/// Appends one chunk's per-layer residual streams to those of earlier chunks.
+fn merge_layer_inputs(into: &mut Vec<(usize, Vec<f32>)>, chunk: Vec<(usize, Vec<f32>)>) {
+    if into.is_empty() {
+        *into = chunk;
+        return;
+    }
+    for ((_, acc), (_, part)) in into.iter_mut().zip(chunk) {
+        acc.extend_from_slice(&part);
     }
 }

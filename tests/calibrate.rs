@@ -339,3 +339,53 @@ fn report_json_round_trips_the_map_and_the_svg_marks_pairs() {
     assert_eq!(svg.matches("stroke=\"red\"").count(), 2);
     assert_eq!(svg.matches("<title>").count(), 15);
 }
+
+#[test]
+fn a_run_started_mid_network_equals_a_full_run() {
+    use kvsharer::backend::graph::ForwardRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let loaded = loader::load(&planted_model(dir.path())).unwrap();
+    let set = calibrate::prepare(&loaded.tokenizer, &Corpus::default_corpus(), 4, 16).unwrap();
+    let opts = SessionOptions {
+        n_ctx: set.tokens.len(),
+        n_threads: 2,
+        ..Default::default()
+    };
+    let req = ForwardRequest {
+        logits: Logits::None,
+        hidden: true,
+        layer_inputs: true,
+    };
+    let base_map = ShareMap::identity(6);
+    let mut s = Session::new(&loaded.model, &base_map, &opts).unwrap();
+    let base = s.eval_packed(&set.tokens, set.seq_len, req).unwrap();
+    assert_eq!(base.layer_inputs.len(), 6);
+    // Same map, restarted at layer 3 from the captured stream: identical output.
+    let (layer, input) = &base.layer_inputs[3];
+    let again = s
+        .eval_packed_from(&set.tokens, set.seq_len, Some((*layer, input)), req)
+        .unwrap();
+    assert_eq!(again.hidden, base.hidden);
+    // A candidate sharing 3 <- 1: layers below 3 are unchanged, so restarting at 3
+    // (slots 0..3 still hold the base run) equals a full run under the candidate.
+    let cand = base_map.with_shared(3, 1).unwrap();
+    let mut full = Session::new(&loaded.model, &cand, &opts).unwrap();
+    let want = full
+        .eval_packed(&set.tokens, set.seq_len, req)
+        .unwrap()
+        .hidden
+        .unwrap();
+    let mut partial = Session::new(&loaded.model, &cand, &opts).unwrap();
+    partial.eval_packed(&set.tokens, set.seq_len, req).unwrap();
+    let got = partial
+        .eval_packed_from(&set.tokens, set.seq_len, Some((3, input)), req)
+        .unwrap()
+        .hidden
+        .unwrap();
+    let d = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-5, "{d}");
+}

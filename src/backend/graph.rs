@@ -27,6 +27,28 @@ pub struct ForwardRequest {
     pub logits: Logits,
     /// Also return the final hidden states (after the output norm) of every token.
     pub hidden: bool,
+    /// Also return the residual stream entering every layer that runs (all tokens).
+    pub layer_inputs: bool,
+}
+
+impl ForwardRequest {
+    pub fn logits(logits: Logits) -> Self {
+        ForwardRequest {
+            logits,
+            hidden: false,
+            layer_inputs: false,
+        }
+    }
+}
+
+/// Where a forward pass starts: at the token embeddings, or at layer `layer` with
+/// a given residual stream (`[n_tokens][n_embd]`, as captured by `layer_inputs`).
+/// Layers before `layer` do not run and their cache slots are left as they are,
+/// which lets a search re-evaluate only the layers a candidate map changes.
+#[derive(Clone, Copy, Debug)]
+pub enum Start<'a> {
+    Tokens,
+    Layer { layer: usize, input: &'a [f32] },
 }
 
 /// How cache rows map to sequences. One conversation is one sequence whose row `r`
@@ -62,6 +84,8 @@ pub struct ForwardOutput {
     pub logit_rows: usize,
     /// Row-major `[n_tokens][n_embd]` when requested.
     pub hidden: Option<Vec<f32>>,
+    /// `(layer, [n_tokens][n_embd])` for every layer that ran, when requested.
+    pub layer_inputs: Vec<(usize, Vec<f32>)>,
 }
 
 /// Mask rows are padded to this many cache cells, as llama.cpp does for flash
@@ -82,6 +106,7 @@ pub fn forward(
     tokens: &[u32],
     row0: usize,
     layout: Layout,
+    start: Start<'_>,
     req: ForwardRequest,
 ) -> Result<ForwardOutput, GgmlError> {
     let c = &model.config;
@@ -94,11 +119,10 @@ pub fn forward(
         c.n_embd_kv(),
     );
     let n_kv = (row0 + n).next_multiple_of(KV_PAD).min(cache.n_ctx());
-    let all_rows = req.logits == Logits::All || req.hidden;
+    let all_rows = req.logits == Logits::All || req.hidden || req.layer_inputs;
     let rope = rope_params(model);
 
     let g = GraphCtx::new(MAX_NODES)?;
-    let inp_tokens = g.input(GgmlType::I32, &[n as i64], "inp_tokens");
     let inp_pos = g.input(GgmlType::I32, &[n as i64], "inp_pos");
     let inp_rows = g.input(GgmlType::I64, &[n as i64], "inp_kv_rows");
     let inp_mask = g.input(GgmlType::F16, &[n_kv as i64, n as i64], "inp_kq_mask");
@@ -107,8 +131,23 @@ pub fn forward(
     let rope_freqs = w.rope_freqs.map(|i| model.w(i));
     let kq_scale = 1.0 / (c.head_dim as f32).sqrt();
 
-    let mut x = g.get_rows(model.w(w.token_embd), inp_tokens);
-    for (il, lw) in w.layers.iter().enumerate() {
+    // The graph's first input: token ids, or a residual stream to start from.
+    let (first_layer, mut x, inp_tokens, start_input) = match start {
+        Start::Tokens => {
+            let ids = g.input(GgmlType::I32, &[n as i64], "inp_tokens");
+            (0, g.get_rows(model.w(w.token_embd), ids), Some(ids), None)
+        }
+        Start::Layer { layer, input } => {
+            let t = g.input(GgmlType::F32, &[c.n_embd as i64, n as i64], "inp_hidden");
+            (layer, t, None, Some((t, input)))
+        }
+    };
+    let mut captured = Vec::new();
+    for (il, lw) in w.layers.iter().enumerate().skip(first_layer) {
+        if req.layer_inputs {
+            g.mark_output(x);
+            captured.push((il, x));
+        }
         let residual = x;
         let cur = g.mul(g.rms_norm(x, c.rms_eps), model.w(lw.attn_norm));
 
@@ -164,15 +203,15 @@ pub fn forward(
 
     let graph = g.graph();
     alloc.allocate(&graph)?;
-    write_inputs(
-        tokens,
-        row0,
-        layout,
-        n_kv,
-        [inp_tokens, inp_pos, inp_rows, inp_mask],
-    );
+    write_inputs(row0, n, layout, n_kv, [inp_pos, inp_rows, inp_mask]);
+    if let Some(ids) = inp_tokens {
+        ids.write(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>());
+    }
     if let Some(last) = inp_last {
         last.write(&[(tokens.len() - 1) as i32]);
+    }
+    if let Some((t, input)) = start_input {
+        t.write(input);
     }
     backend.compute(&graph)?;
 
@@ -191,6 +230,10 @@ pub fn forward(
     if req.hidden {
         out.hidden = Some(hidden.read_f32());
     }
+    out.layer_inputs = captured
+        .into_iter()
+        .map(|(il, t)| (il, t.read_f32()))
+        .collect();
     Ok(out)
 }
 
@@ -229,10 +272,8 @@ fn slot_row_bytes(slot: Tensor<'_>) -> usize {
     slot.nb()[1]
 }
 
-fn write_inputs(tokens: &[u32], row0: usize, layout: Layout, n_kv: usize, inputs: [Tensor<'_>; 4]) {
-    let [inp_tokens, inp_pos, inp_rows, inp_mask] = inputs;
-    let n = tokens.len();
-    let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+fn write_inputs(row0: usize, n: usize, layout: Layout, n_kv: usize, inputs: [Tensor<'_>; 3]) {
+    let [inp_pos, inp_rows, inp_mask] = inputs;
     let pos: Vec<i32> = (0..n).map(|i| layout.position(row0 + i) as i32).collect();
     let rows: Vec<i64> = (0..n).map(|i| (row0 + i) as i64).collect();
     let mut mask = vec![NEG_INF_F16; n_kv * n];
@@ -242,7 +283,6 @@ fn write_inputs(tokens: &[u32], row0: usize, layout: Layout, n_kv: usize, inputs
             mask[t * n_kv + j] = 0;
         }
     }
-    inp_tokens.write(&ids);
     inp_pos.write(&pos);
     inp_rows.write(&rows);
     inp_mask.write(&mask);

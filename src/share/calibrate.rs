@@ -211,6 +211,7 @@ impl<'m> Evaluator<'m> {
             ForwardRequest {
                 logits: if logits { Logits::All } else { Logits::None },
                 hidden: true,
+                layer_inputs: false,
             },
         )?;
         Ok((
