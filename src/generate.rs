@@ -101,7 +101,7 @@ pub fn generate(
         if tokens.len() >= limit {
             break StopReason::Length;
         }
-        if session.n_past() >= session.n_ctx() {
+        if session.window().is_none() && session.n_past() >= session.n_ctx() {
             break StopReason::ContextFull;
         }
         logits = session.eval(&[next], Logits::Last)?;

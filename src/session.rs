@@ -20,6 +20,8 @@ pub enum SessionError {
     BadToken { id: u32, n_vocab: usize },
     #[error("nothing to evaluate: the token list is empty")]
     Empty,
+    #[error("KV window: {0}")]
+    Window(String),
 }
 
 #[derive(Clone, Debug)]
@@ -30,6 +32,25 @@ pub struct SessionOptions {
     pub n_threads: usize,
     pub type_k: GgmlType,
     pub type_v: GgmlType,
+    /// StreamingLLM-style eviction; when set, the cache holds exactly
+    /// `sink + recent` cells whatever `n_ctx` says.
+    pub window: Option<KvWindow>,
+}
+
+/// Keep the first `sink` tokens and the `recent` most recent ones in every owning
+/// layer's slot (shared layers follow their sources). Older tokens are evicted as
+/// new ones arrive, and the kept ones are re-positioned (keys re-rotated), so
+/// memory is bounded and positions stay inside what the model was trained on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvWindow {
+    pub sink: usize,
+    pub recent: usize,
+}
+
+impl KvWindow {
+    pub fn cells(&self) -> usize {
+        self.sink + self.recent
+    }
 }
 
 impl Default for SessionOptions {
@@ -40,6 +61,7 @@ impl Default for SessionOptions {
             n_threads: default_threads(),
             type_k: GgmlType::F16,
             type_v: GgmlType::F16,
+            window: None,
         }
     }
 }
@@ -57,6 +79,8 @@ pub struct Session<'m> {
     alloc: GraphAllocator,
     n_past: usize,
     n_batch: usize,
+    window: Option<KvWindow>,
+    evicted: usize,
 }
 
 impl<'m> Session<'m> {
@@ -66,10 +90,19 @@ impl<'m> Session<'m> {
         opts: &SessionOptions,
     ) -> Result<Self, SessionError> {
         let backend = CpuBackend::new(opts.n_threads)?;
+        let n_cells = match opts.window {
+            Some(w) if w.recent == 0 => {
+                return Err(SessionError::Window(
+                    "the window must keep at least 1 recent token".into(),
+                ))
+            }
+            Some(w) => w.cells(),
+            None => opts.n_ctx,
+        };
         let cache = KvCache::new(
             &model.config,
             map,
-            opts.n_ctx,
+            n_cells,
             opts.type_k,
             opts.type_v,
             &backend,
@@ -82,6 +115,8 @@ impl<'m> Session<'m> {
             alloc,
             n_past: 0,
             n_batch: opts.n_batch.max(1),
+            window: opts.window,
+            evicted: 0,
         })
     }
 
@@ -113,6 +148,7 @@ impl<'m> Session<'m> {
     /// Forgets the conversation.
     pub fn reset(&mut self) {
         self.n_past = 0;
+        self.evicted = 0;
     }
 
     /// Drops everything after the first `n` tokens (cells past `n_past` are masked
@@ -134,7 +170,50 @@ impl<'m> Session<'m> {
         tokens: &[u32],
         req: ForwardRequest,
     ) -> Result<ForwardOutput, SessionError> {
-        self.eval_layout(tokens, Layout::Single, self.n_batch, Start::Tokens, req)
+        let Some(w) = self.window else {
+            return self.eval_layout(tokens, Layout::Single, self.n_batch, Start::Tokens, req);
+        };
+        // With a window, evaluate in blocks of at most half the recent part, evicting
+        // just enough before each block that it fits: every token then sees the sink
+        // and at least half a window of recent context.
+        let block = (w.recent / 2).clamp(1, self.n_batch);
+        let mut out = ForwardOutput::default();
+        let blocks: Vec<&[u32]> = tokens.chunks(block).collect();
+        for (i, b) in blocks.iter().enumerate() {
+            let overflow = (self.n_past + b.len()).saturating_sub(w.cells());
+            if overflow > 0 {
+                self.context_shift(w.sink, overflow)?;
+                self.evicted += overflow;
+            }
+            let logits = match req.logits {
+                Logits::Last if i + 1 < blocks.len() => Logits::None,
+                other => other,
+            };
+            let r = self.eval_layout(
+                b,
+                Layout::Single,
+                block,
+                Start::Tokens,
+                ForwardRequest { logits, ..req },
+            )?;
+            out.logits.extend_from_slice(&r.logits);
+            out.logit_rows += r.logit_rows;
+            if let Some(h) = r.hidden {
+                out.hidden
+                    .get_or_insert_with(Vec::new)
+                    .extend_from_slice(&h);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tokens evicted by the window so far.
+    pub fn evicted(&self) -> usize {
+        self.evicted
+    }
+
+    pub fn window(&self) -> Option<KvWindow> {
+        self.window
     }
 
     /// Evaluates `tokens` as independent texts of `seq_len` tokens each, packed into

@@ -15,7 +15,7 @@ use kvsharer::gguf::GgmlType;
 use kvsharer::kv;
 use kvsharer::loader::{self, LoadedModel};
 use kvsharer::sample::SamplingParams;
-use kvsharer::session::{default_threads, SessionOptions};
+use kvsharer::session::{default_threads, KvWindow, SessionOptions};
 use kvsharer::share::ShareMap;
 
 #[derive(Parser, Debug)]
@@ -84,6 +84,13 @@ pub struct ModelArgs {
     /// With a value (25%, 0.25 or a layer count): calibrate on the fly (cached)
     #[arg(long = "kv-share", value_name = "SPEC", num_args = 0..=1, default_missing_value = "stored")]
     pub kv_share: Option<String>,
+    /// StreamingLLM-style window: keep the first --kv-sink tokens and the most recent
+    /// N in the cache (the cache then holds exactly sink + N cells)
+    #[arg(long = "kv-window", value_name = "N")]
+    pub kv_window: Option<usize>,
+    /// Tokens at the start kept forever when --kv-window is set (attention sinks)
+    #[arg(long = "kv-sink", value_name = "S", default_value_t = 4)]
+    pub kv_sink: usize,
     /// Ignore a sharing map stored in the GGUF (run unshared)
     #[arg(long = "no-kv-share", conflicts_with = "kv_share")]
     pub no_kv_share: bool,
@@ -115,6 +122,17 @@ impl ModelArgs {
         ))
     }
 
+    pub fn window(&self) -> Result<Option<KvWindow>> {
+        match self.kv_window {
+            None => Ok(None),
+            Some(0) => bail!("--kv-window must be at least 1"),
+            Some(recent) => Ok(Some(KvWindow {
+                sink: self.kv_sink,
+                recent,
+            })),
+        }
+    }
+
     pub fn session_options(&self) -> Result<SessionOptions> {
         if self.ctx_size == 0 {
             bail!("--ctx-size must be at least 1");
@@ -126,6 +144,7 @@ impl ModelArgs {
             n_threads: self.threads(),
             type_k,
             type_v,
+            window: self.window()?,
         })
     }
 

@@ -77,7 +77,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             None => bail!("the prompt is empty and the model has no BOS token to start from (hint: pass -p TEXT)"),
         }
     }
-    if prompt_ids.len() >= opts.n_ctx {
+    if opts.window.is_none() && prompt_ids.len() >= opts.n_ctx {
         bail!(
             "the prompt is {} tokens but the context holds {} (hint: raise -c/--ctx-size or shorten the prompt)",
             prompt_ids.len(),
