@@ -2,6 +2,7 @@
 //! code that turns them into a loaded model, a sharing map and a session.
 
 pub mod bench;
+pub mod chat;
 pub mod info;
 pub mod run;
 
@@ -37,6 +38,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate a continuation of a prompt (streams to stdout)
     Run(run::RunArgs),
+    /// Chat with the model in the terminal (keeps the KV cache between turns)
+    Chat(chat::ChatArgs),
     /// Describe a GGUF model: architecture, sizes, quant types, KV bytes, sharing map
     Info(info::InfoArgs),
     /// Measure prompt processing and generation speed, beside llama.cpp on the same file
@@ -47,6 +50,7 @@ pub fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => run::run(a),
+        Command::Chat(a) => chat::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
     }
