@@ -18,10 +18,21 @@ use rand::{Rng, SeedableRng};
 
 fn load_and_run(path: &std::path::Path) -> Result<(), String> {
     let loaded = loader::load(path).map_err(|e| e.to_string())?;
-    let map = loaded.model.stored_map.clone().unwrap_or_else(|| ShareMap::identity(loaded.model.config.n_layers));
-    let opts = SessionOptions { n_ctx: 16, n_threads: 1, ..Default::default() };
+    let map = loaded
+        .model
+        .stored_map
+        .clone()
+        .unwrap_or_else(|| ShareMap::identity(loaded.model.config.n_layers));
+    let opts = SessionOptions {
+        n_ctx: 16,
+        n_threads: 1,
+        ..Default::default()
+    };
     let mut s = Session::new(&loaded.model, &map, &opts).map_err(|e| e.to_string())?;
-    let ids = loaded.tokenizer.encode("ab c", true, false).map_err(|e| e.to_string())?;
+    let ids = loaded
+        .tokenizer
+        .encode("ab c", true, false)
+        .map_err(|e| e.to_string())?;
     if ids.is_empty() {
         return Ok(());
     }
@@ -33,7 +44,13 @@ fn load_and_run(path: &std::path::Path) -> Result<(), String> {
 fn mutated_models_never_panic() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.gguf");
-    support::write_tiny_model(&support::TinySpec { n_layers: 2, ..Default::default() }, &base);
+    support::write_tiny_model(
+        &support::TinySpec {
+            n_layers: 2,
+            ..Default::default()
+        },
+        &base,
+    );
     let bytes = std::fs::read(&base).unwrap();
     let header_end = GgufFile::open(&base).unwrap().data_offset() as usize;
     let mut rng = StdRng::seed_from_u64(0x6b76);
@@ -82,7 +99,13 @@ fn mutated_models_never_panic() {
 fn wrong_types_for_kvsharer_keys_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.gguf");
-    support::write_tiny_model(&support::TinySpec { n_layers: 2, ..Default::default() }, &base);
+    support::write_tiny_model(
+        &support::TinySpec {
+            n_layers: 2,
+            ..Default::default()
+        },
+        &base,
+    );
     let file = GgufFile::open(&base).unwrap();
     let values = [
         Value::U32(1),
@@ -96,9 +119,17 @@ fn wrong_types_for_kvsharer_keys_are_clear_errors() {
     ];
     for (i, value) in values.into_iter().enumerate() {
         let out = dir.path().join(format!("k{i}.gguf"));
-        kvsharer::gguf::write_with_metadata(&file, &[("kvsharer.kv_source_layer".into(), value.clone())], &[], &out).unwrap();
+        kvsharer::gguf::write_with_metadata(
+            &file,
+            &[("kvsharer.kv_source_layer".into(), value.clone())],
+            &[],
+            &out,
+        )
+        .unwrap();
         let r = catch_unwind(AssertUnwindSafe(|| load_and_run(&out)));
-        let msg = r.expect("no panic").expect_err(&format!("{value:?} must be refused"));
+        let msg = r
+            .expect("no panic")
+            .expect_err(&format!("{value:?} must be refused"));
         assert!(msg.contains("sharing map"), "{msg}");
     }
 }

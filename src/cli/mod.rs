@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod calibrate;
+pub mod chat;
 pub mod info;
 pub mod run;
 
@@ -38,6 +39,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate a continuation of a prompt (streams to stdout)
     Run(run::RunArgs),
+    /// Chat with the model in the terminal (keeps the KV cache between turns)
+    Chat(chat::ChatArgs),
     /// Describe a GGUF model: architecture, sizes, quant types, KV bytes, sharing map
     Info(info::InfoArgs),
     /// Measure prompt processing and generation speed, beside llama.cpp on the same file
@@ -52,6 +55,7 @@ pub fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => run::run(a),
+        Command::Chat(a) => chat::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Calibrate(a) => calibrate::calibrate(a),
