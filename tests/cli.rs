@@ -278,3 +278,62 @@ fn share_writes_a_loadable_copy_and_refuses_bad_outputs() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn odd_but_legal_inputs_do_not_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let m = m.to_str().unwrap();
+    // Invalid UTF-8 in a prompt file: replaced, with a notice.
+    let f = dir.path().join("prompt.bin");
+    std::fs::write(&f, [b'a', b'b', 0xff, 0xfe, b'c']).unwrap();
+    let o = kvsharer(&[
+        "run",
+        "-m",
+        m,
+        "-f",
+        f.to_str().unwrap(),
+        "-n",
+        "2",
+        "-c",
+        "32",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not valid UTF-8"), "{}", stderr(&o));
+    // A huge -n stops at the end of the context, cleanly.
+    let o = kvsharer(&[
+        "run",
+        "-m",
+        m,
+        "-p",
+        "ab",
+        "-n",
+        "1000000",
+        "-c",
+        "24",
+        "--ignore-eos",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("context full"), "{}", stderr(&o));
+    // ...and with a window it keeps going to the requested length.
+    let o = kvsharer(&[
+        "run",
+        "-m",
+        m,
+        "-p",
+        "ab",
+        "-n",
+        "200",
+        "--kv-window",
+        "16",
+        "--kv-sink",
+        "2",
+        "--ignore-eos",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("generation: 200 tokens"),
+        "{}",
+        stderr(&o)
+    );
+}
