@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod info;
+pub mod perplexity;
 pub mod run;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +42,8 @@ pub enum Command {
     Info(info::InfoArgs),
     /// Measure prompt processing and generation speed, beside llama.cpp on the same file
     Bench(bench::BenchArgs),
+    /// Measure perplexity on a text file (llama-perplexity's method); with --kv-share, also KL divergence against the unshared model
+    Perplexity(perplexity::PerplexityArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -49,6 +52,7 @@ pub fn main() -> Result<()> {
         Command::Run(a) => run::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Perplexity(a) => perplexity::run(a),
     }
 }
 
