@@ -373,7 +373,8 @@ fn scored_logits(
 }
 
 fn check_session(session: &Session, n_ctx: usize) -> Result<(), EvalError> {
-    if session.n_ctx() < n_ctx {
+    // A windowed session evicts as it goes, so any chunk length fits it.
+    if session.window().is_none() && session.n_ctx() < n_ctx {
         return Err(EvalError::SessionTooSmall {
             session: session.n_ctx(),
             n_ctx,

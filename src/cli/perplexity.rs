@@ -13,7 +13,8 @@ use kvsharer::eval::{
     self, ComparisonProgress, ComparisonReport, Estimate, PerplexityOptions, PerplexityProgress,
     PerplexityReport, Quantiles,
 };
-use kvsharer::session::Session;
+use kvsharer::gguf::GgmlType;
+use kvsharer::session::{Session, SessionOptions};
 use kvsharer::share::ShareMap;
 
 use super::{describe_sharing, file_name, human_bytes, ModelArgs};
@@ -70,7 +71,18 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         if plan.bos.is_some() { ", BOS first" } else { "" }
     );
     let started = Instant::now();
-    if map.is_identity() {
+    // The reference is always the plain model: unshared, f16 cache, no window.
+    let reference_opts = SessionOptions {
+        type_k: GgmlType::F16,
+        type_v: GgmlType::F16,
+        window: None,
+        ..sopts.clone()
+    };
+    let is_reference = map.is_identity()
+        && sopts.type_k == GgmlType::F16
+        && sopts.type_v == GgmlType::F16
+        && sopts.window.is_none();
+    if is_reference {
         let mut session = Session::new(&loaded.model, &map, &sopts)?;
         eprintln!(
             "{}",
@@ -89,13 +101,18 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         }
     } else {
         let identity = ShareMap::identity(map.n_layers());
-        let mut base = Session::new(&loaded.model, &identity, &sopts)?;
+        let mut base = Session::new(&loaded.model, &identity, &reference_opts)?;
         let mut shared = Session::new(&loaded.model, &map, &sopts)?;
         eprintln!(
             "{}",
             describe_sharing(&map, shared.kv_bytes(), base.kv_bytes())
         );
-        eprintln!("comparing against the unshared model on the same chunks (two passes per chunk)");
+        eprintln!(
+            "comparing against the unshared model with an f16 cache and no window on the same chunks (two passes per chunk); cache {}/{}{}",
+            sopts.type_k.name(),
+            sopts.type_v.name(),
+            sopts.window.map_or(String::new(), |w| format!(", window {} + sink {}", w.recent, w.sink))
+        );
         let mut display = RunningDisplay::new(started);
         let report = eval::compare(
             &mut base,
@@ -294,6 +311,9 @@ fn print_json(
         "sharing": map.sources(),
         "shared_layers": map.shared_count(),
         "owner_layers": map.owner_count(),
+        "cache_type_k": sopts.type_k.name(),
+        "cache_type_v": sopts.type_v.name(),
+        "kv_window": sopts.window.map(|w| serde_json::json!({"sink": w.sink, "recent": w.recent})),
         "perplexity": perplexity,
         "comparison": comparison,
     });
