@@ -389,3 +389,15 @@ fn a_run_started_mid_network_equals_a_full_run() {
         .fold(0f32, f32::max);
     assert!(d < 1e-5, "{d}");
 }
+
+#[test]
+fn random_maps_are_valid_seeded_and_of_the_requested_size() {
+    for seed in 0..50 {
+        let m = calibrate::random_map(30, 8, seed).unwrap();
+        assert_eq!(m.shared_count(), 8);
+        assert!(ShareMap::for_model(m.sources().to_vec(), 30).is_ok());
+        assert_eq!(m, calibrate::random_map(30, 8, seed).unwrap());
+    }
+    assert_ne!(calibrate::random_map(30, 8, 1).unwrap(), calibrate::random_map(30, 8, 2).unwrap());
+    assert!(calibrate::random_map(4, 4, 0).is_err());
+}

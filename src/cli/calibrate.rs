@@ -51,6 +51,13 @@ pub struct SearchArgs {
     /// Write report.json and distances.svg here
     #[arg(long = "report", value_name = "DIR")]
     pub report: Option<PathBuf>,
+    /// Instead of searching, share --layers random layers with random earlier
+    /// owners (the paper's random baseline), seeded by --seed
+    #[arg(long = "random-map")]
+    pub random_map: bool,
+    /// Seed for --random-map
+    #[arg(long = "seed", default_value_t = 1)]
+    pub seed: u64,
     /// Use the map in this report.json instead of searching (share only)
     #[arg(long = "map", value_name = "REPORT_JSON", hide = true)]
     pub map: Option<PathBuf>,
@@ -181,20 +188,29 @@ pub fn share(a: ShareArgs) -> Result<()> {
     check_output(&path, &a.output)?;
     let (_, loaded) = a.model.load()?;
     let n_layers = loaded.model.config.n_layers;
-    let metadata = match &a.search.map {
-        Some(report_path) => {
-            let map = report::read_report_map(report_path, n_layers).map_err(anyhow::Error::msg)?;
-            eprintln!("using the map from {}: {map}", report_path.display());
-            report::map_metadata(&map)
-        }
-        None => {
-            let r = run_search(&loaded, &a.search, a.model.threads())?;
-            print_result(&r, n_layers);
-            if let Some(dir) = &a.search.report {
-                report::write_report_dir(&r, dir)
-                    .with_context(|| format!("cannot write the report into {}", dir.display()))?;
+    let metadata = if a.search.random_map {
+        let target = a.search.target(n_layers)?;
+        let map = calibrate::random_map(n_layers, target, a.search.seed)?;
+        eprintln!("random map (seed {}): {map}", a.search.seed);
+        report::map_metadata(&map)
+    } else {
+        match &a.search.map {
+            Some(report_path) => {
+                let map =
+                    report::read_report_map(report_path, n_layers).map_err(anyhow::Error::msg)?;
+                eprintln!("using the map from {}: {map}", report_path.display());
+                report::map_metadata(&map)
             }
-            report::metadata(&r)
+            None => {
+                let r = run_search(&loaded, &a.search, a.model.threads())?;
+                print_result(&r, n_layers);
+                if let Some(dir) = &a.search.report {
+                    report::write_report_dir(&r, dir).with_context(|| {
+                        format!("cannot write the report into {}", dir.display())
+                    })?;
+                }
+                report::metadata(&r)
+            }
         }
     };
     let file = loaded.model.file();
@@ -258,6 +274,8 @@ pub fn on_the_fly_map(loaded: &LoadedModel, spec: &str, threads: usize) -> Resul
         order: OrderArg::Dissimilar,
         report: None,
         map: None,
+        random_map: false,
+        seed: 1,
     };
     let corpus = Corpus::default_corpus();
     let key = format!(

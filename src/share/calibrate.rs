@@ -468,3 +468,26 @@ impl SearchResult {
         Duration::from_secs_f64(self.capture_seconds + self.search_seconds)
     }
 }
+
+/// A random valid map with `target` shared layers (the paper's "random sharing"
+/// baseline): `target` distinct layers from 1.., each reading a random earlier
+/// layer that owns its slot. Seeded, so a comparison can be repeated.
+pub fn random_map(n_layers: usize, target: usize, seed: u64) -> Result<ShareMap, CalibrateError> {
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+    if target >= n_layers {
+        return Err(CalibrateError::Target { target, n_layers });
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut layers: Vec<usize> = (1..n_layers).collect();
+    layers.shuffle(&mut rng);
+    let mut shared = layers[..target].to_vec();
+    shared.sort_unstable();
+    let mut map = ShareMap::identity(n_layers);
+    for i in shared {
+        let owners: Vec<usize> = (0..i).filter(|&j| map.owns_slot(j)).collect();
+        let j = owners[rng.random_range(0..owners.len())];
+        map = map.with_shared(i, j)?;
+    }
+    Ok(map)
+}
