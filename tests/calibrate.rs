@@ -398,6 +398,9 @@ fn random_maps_are_valid_seeded_and_of_the_requested_size() {
         assert!(ShareMap::for_model(m.sources().to_vec(), 30).is_ok());
         assert_eq!(m, calibrate::random_map(30, 8, seed).unwrap());
     }
-    assert_ne!(calibrate::random_map(30, 8, 1).unwrap(), calibrate::random_map(30, 8, 2).unwrap());
+    assert_ne!(
+        calibrate::random_map(30, 8, 1).unwrap(),
+        calibrate::random_map(30, 8, 2).unwrap()
+    );
     assert!(calibrate::random_map(4, 4, 0).is_err());
 }

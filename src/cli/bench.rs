@@ -29,6 +29,12 @@ pub struct BenchArgs {
     /// Repetitions of each test
     #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
     pub repetitions: usize,
+    /// llama.cpp's key cache type [default: same as --cache-type-k]
+    #[arg(long = "llama-cache-type-k", value_name = "TYPE")]
+    pub llama_cache_type_k: Option<String>,
+    /// llama.cpp's value cache type [default: same as --cache-type-v]
+    #[arg(long = "llama-cache-type-v", value_name = "TYPE")]
+    pub llama_cache_type_v: Option<String>,
     /// Skip the llama.cpp side
     #[arg(long = "no-llama-cpp")]
     pub no_llama_cpp: bool,
@@ -92,15 +98,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let mut llama_ctx = match &llama {
         None => None,
-        Some(m) => Some(m.context(ContextOptions {
-            n_ctx: opts.n_ctx as u32,
-            n_batch: opts.n_batch as u32,
-            n_ubatch: opts.n_batch as u32,
-            n_threads: opts.n_threads,
-            flash_attn: true,
-            type_k: cache_type(&a.model.cache_type_k)?,
-            type_v: cache_type(&a.model.cache_type_v)?,
-        })?),
+        Some(m) => Some(
+            m.context(ContextOptions {
+                n_ctx: opts.n_ctx as u32,
+                n_batch: opts.n_batch as u32,
+                n_ubatch: opts.n_batch as u32,
+                n_threads: opts.n_threads,
+                flash_attn: true,
+                type_k: cache_type(
+                    a.llama_cache_type_k
+                        .as_ref()
+                        .unwrap_or(&a.model.cache_type_k),
+                )?,
+                type_v: cache_type(
+                    a.llama_cache_type_v
+                        .as_ref()
+                        .unwrap_or(&a.model.cache_type_v),
+                )?,
+            })?,
+        ),
     };
     eprintln!(
         "bench: {} | {} threads | depth {} | {}",
