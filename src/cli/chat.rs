@@ -49,6 +49,11 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let n_predict = usize::try_from(a.n_predict).ok();
     let params = a.sampling.params()?;
     let opts = a.model.session_options()?;
+    if opts.window.is_some() {
+        anyhow::bail!(
+            "--kv-window is for run/perplexity/bench; chat manages its context by dropping the oldest turns (hint: use -c to bound memory)"
+        );
+    }
     let (path, loaded) = a.model.load()?;
     let map = a.model.share_map(&loaded)?;
     let template = chat_template(&loaded)?;
