@@ -630,8 +630,17 @@ fn hostile_corpus_never_panics() {
     }
 
     // 3. Random bit flips (mostly in the header, where the parser looks).
-    let mut rng = StdRng::seed_from_u64(0xB17F_11B5);
-    for i in 0..6000 {
+    // KVSHARER_FUZZ_ITERS scales the random parts up for a long run (README).
+    let scale: usize = std::env::var("KVSHARER_FUZZ_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(1, |n: usize| (n / 8000).max(1));
+    let seed = std::env::var("KVSHARER_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0xB17F_11B5u64);
+    let mut rng = StdRng::seed_from_u64(seed);
+    for i in 0..6000 * scale {
         let mut b = enc.bytes.clone();
         let span = if i % 4 == 0 { b.len() } else { data_offset };
         for _ in 0..rng.random_range(1..=8) {
@@ -642,7 +651,7 @@ fn hostile_corpus_never_panics() {
     }
 
     // 4. Random byte runs: overwrite 1..16 bytes with 0x00, 0xFF or noise.
-    for i in 0..2000 {
+    for i in 0..2000 * scale {
         let mut b = enc.bytes.clone();
         let pos = rng.random_range(0..data_offset);
         let len = rng.random_range(1..=16).min(b.len() - pos);
