@@ -759,3 +759,27 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Ggml
 pub fn f32_to_f16_bits(v: f32) -> u16 {
     half::f16::from_f32(v).to_bits()
 }
+
+/// ggml's own block size, bytes per block and name for a raw type id, or `None`
+/// for ids ggml does not know (checks our type table against the linked library).
+pub fn raw_type_traits(id: u32) -> Option<(i64, usize, String)> {
+    if id >= sys::GGML_TYPE_COUNT {
+        return None;
+    }
+    // SAFETY: `id` is below GGML_TYPE_COUNT, so these index ggml's static type table.
+    let (block, size, name) = unsafe {
+        (
+            sys::ggml_blck_size(id as sys::ggml_type),
+            sys::ggml_type_size(id as sys::ggml_type),
+            sys::ggml_type_name(id as sys::ggml_type),
+        )
+    };
+    if block == 0 || name.is_null() {
+        return None;
+    }
+    // SAFETY: ggml returns a pointer to a static NUL-terminated name (checked non-null).
+    let name = unsafe { std::ffi::CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned();
+    Some((block, size, name))
+}

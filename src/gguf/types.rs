@@ -218,33 +218,20 @@ impl std::fmt::Display for GgmlType {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::ffi::CStr;
 
     #[test]
     fn sizes_and_names_match_linked_ggml() {
         for id in 0..llama_cpp_sys_2::GGML_TYPE_COUNT {
-            // SAFETY: ggml_blck_size only indexes ggml's static type_traits table,
-            // and `id` is below GGML_TYPE_COUNT, the table's length.
-            let ggml_block = unsafe { llama_cpp_sys_2::ggml_blck_size(id) };
-            match GgmlType::from_u32(id) {
-                None => assert_eq!(
-                    ggml_block, 0,
-                    "ggml knows type id {id} (block size {ggml_block}) but GgmlType does not"
-                ),
-                Some(t) => {
+            let ggml = crate::backend::ggml::raw_type_traits(id);
+            match (GgmlType::from_u32(id), ggml) {
+                (None, None) => {}
+                (None, Some(g)) => panic!("ggml knows type id {id} ({g:?}) but GgmlType does not"),
+                (Some(t), None) => panic!("GgmlType {t:?} is not a live ggml type"),
+                (Some(t), Some((block, size, name))) => {
                     assert_eq!(t as u32, id);
-                    // SAFETY: as above, a static-table lookup with an in-range id.
-                    let ggml_size = unsafe { llama_cpp_sys_2::ggml_type_size(id) };
-                    // SAFETY: for a live type id ggml returns a pointer to a static
-                    // NUL-terminated name; checked non-null before reading.
-                    let ggml_name = unsafe {
-                        let p = llama_cpp_sys_2::ggml_type_name(id);
-                        assert!(!p.is_null(), "ggml has no name for type {id}");
-                        CStr::from_ptr(p).to_str().expect("ggml type name is ASCII")
-                    };
-                    assert_eq!(t.block_size() as i64, ggml_block, "block size of {t:?}");
-                    assert_eq!(t.type_size(), ggml_size as u64, "type size of {t:?}");
-                    assert_eq!(t.name(), ggml_name, "name of {t:?}");
+                    assert_eq!(t.block_size() as i64, block, "block size of {t:?}");
+                    assert_eq!(t.type_size(), size as u64, "type size of {t:?}");
+                    assert_eq!(t.name(), name, "name of {t:?}");
                 }
             }
         }
