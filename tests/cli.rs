@@ -337,3 +337,57 @@ fn odd_but_legal_inputs_do_not_fail() {
         stderr(&o)
     );
 }
+
+#[test]
+fn on_the_fly_sharing_is_calibrated_once_then_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let cache = dir.path().join("cache");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_kvsharer"))
+            .args([
+                "run",
+                "-m",
+                m.to_str().unwrap(),
+                "--kv-share",
+                "25%",
+                "-p",
+                "ab",
+                "-n",
+                "3",
+                "-c",
+                "64",
+            ])
+            .env("KVSHARER_CACHE_DIR", &cache)
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(stderr(&first).contains("calibrating"), "{}", stderr(&first));
+    assert!(
+        stderr(&first).contains("KV sharing on: 1 of 4 layers shared"),
+        "{}",
+        stderr(&first)
+    );
+    let second = run();
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("using cached map"),
+        "{}",
+        stderr(&second)
+    );
+    assert!(
+        !stderr(&second).contains("calibrating"),
+        "{}",
+        stderr(&second)
+    );
+    // The same map both times.
+    let line = |o: &Output| {
+        stderr(o)
+            .lines()
+            .find(|l| l.contains("KV sharing on"))
+            .map(|l| l.to_string())
+    };
+    assert_eq!(line(&first), line(&second));
+}
