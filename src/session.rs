@@ -2,7 +2,9 @@
 //! sized for the owning layers of a `ShareMap`, the position, and the graph memory.
 
 use crate::backend::ggml::{CpuBackend, GgmlError, GraphAllocator};
-use crate::backend::graph::{self, ForwardOutput, ForwardRequest, Layout, Logits, Start};
+use crate::backend::graph::{
+    self, ForwardOutput, ForwardRequest, GraphCache, Layout, Logits, Start,
+};
 use crate::gguf::GgmlType;
 use crate::kv::{KvCache, KvError};
 use crate::model::Model;
@@ -77,6 +79,7 @@ pub struct Session<'m> {
     backend: CpuBackend,
     cache: KvCache,
     alloc: GraphAllocator,
+    graphs: GraphCache,
     n_past: usize,
     n_batch: usize,
     window: Option<KvWindow>,
@@ -113,6 +116,7 @@ impl<'m> Session<'m> {
             backend,
             cache,
             alloc,
+            graphs: GraphCache::default(),
             n_past: 0,
             n_batch: opts.n_batch.max(1),
             window: opts.window,
@@ -299,6 +303,7 @@ impl<'m> Session<'m> {
                 &self.cache,
                 &self.backend,
                 &mut self.alloc,
+                &mut self.graphs,
                 chunk,
                 self.n_past,
                 layout,
@@ -339,6 +344,9 @@ impl<'m> Session<'m> {
             new_rows,
             -(n_discard as i32),
         )?;
+        // The shift graph took over the allocator's memory, so a kept graph's
+        // tensors would point into freed buffers.
+        self.graphs = GraphCache::default();
         self.n_past -= n_discard;
         Ok(())
     }

@@ -501,6 +501,22 @@ impl GraphCtx {
         unsafe { sys::ggml_build_forward_expand(self.graph.as_ptr(), t.ptr()) };
     }
 
+    /// The graph tensor (input or node) with this name, if the graph uses it.
+    pub fn get(&self, name: &str) -> Option<Tensor<'_>> {
+        let c = CString::new(name).ok()?;
+        // SAFETY: live graph; ggml compares names and returns a tensor of this
+        // graph (or null).
+        let t = unsafe { sys::ggml_graph_get_tensor(self.graph.as_ptr(), c.as_ptr()) };
+        NonNull::new(t).map(|raw| Tensor {
+            raw,
+            _ctx: PhantomData,
+        })
+    }
+
+    pub fn name(&self, t: Tensor<'_>, name: &str) {
+        set_name(t, name);
+    }
+
     pub fn graph(&self) -> Graph<'_> {
         Graph {
             raw: self.graph.as_ptr(),

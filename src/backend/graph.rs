@@ -94,6 +94,33 @@ const KV_PAD: usize = 256;
 const MAX_NODES: usize = 8192;
 const NEG_INF_F16: u16 = 0xFC00;
 
+/// What decides a graph's topology; graphs with equal shapes differ only in their
+/// inputs' values (tokens, positions, cache rows, mask), so one can be reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GraphShape {
+    n_tokens: usize,
+    n_kv: usize,
+    first_layer: usize,
+    logits: Logits,
+    hidden: bool,
+    layer_inputs: bool,
+}
+
+impl GraphShape {
+    fn all_rows(&self) -> bool {
+        self.logits == Logits::All || self.hidden || self.layer_inputs
+    }
+}
+
+/// The last graph built, kept so that decoding (one token at a time, the same
+/// shape for up to `KV_PAD` steps) does not rebuild it for every token, as
+/// llama.cpp's graph reuse does. Its tensors live in the `GraphAllocator`'s buffer:
+/// the owner must drop the cache whenever that allocator serves another graph.
+#[derive(Default)]
+pub struct GraphCache {
+    last: Option<(GraphShape, GraphCtx)>,
+}
+
 /// Runs `tokens` into cache rows `row0..row0+n` through the model, writing the owning
 /// layers' K/V into `cache`. The caller guarantees `row0 + n <= cache.n_ctx()` and
 /// every token id `< n_vocab` (the session checks both).
@@ -103,67 +130,120 @@ pub fn forward(
     cache: &KvCache,
     backend: &CpuBackend,
     alloc: &mut GraphAllocator,
+    graphs: &mut GraphCache,
     tokens: &[u32],
     row0: usize,
     layout: Layout,
     start: Start<'_>,
     req: ForwardRequest,
 ) -> Result<ForwardOutput, GgmlError> {
+    let n = tokens.len();
+    let shape = GraphShape {
+        n_tokens: n,
+        n_kv: (row0 + n).next_multiple_of(KV_PAD).min(cache.n_ctx()),
+        first_layer: match start {
+            Start::Tokens => 0,
+            Start::Layer { layer, .. } => layer,
+        },
+        logits: req.logits,
+        hidden: req.hidden,
+        layer_inputs: req.layer_inputs,
+    };
+    if graphs.last.as_ref().is_none_or(|(s, _)| *s != shape) {
+        graphs.last = Some((shape, build(model, cache, &shape)?));
+    }
+    let g = &graphs.last.as_ref().expect("just built").1;
+    let graph = g.graph();
+    alloc.allocate(&graph)?;
+
+    let input = |name: &str| g.get(name);
+    write_inputs(
+        row0,
+        n,
+        layout,
+        shape.n_kv,
+        [input("inp_pos"), input("inp_kv_rows"), input("inp_kq_mask")],
+    );
+    if let Some(ids) = input("inp_tokens") {
+        ids.write(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>());
+    }
+    if let Some(last) = input("inp_out_ids") {
+        last.write(&[(n - 1) as i32]);
+    }
+    if let (Some(t), Start::Layer { input: x, .. }) = (input("inp_hidden"), start) {
+        t.write(x);
+    }
+    backend.compute(&graph)?;
+
+    let mut out = ForwardOutput::default();
+    if let Some(t) = g.get("result_logits") {
+        let all = t.read_f32();
+        let rows = t.ne()[1] as usize;
+        if req.logits == Logits::Last && rows > 1 {
+            out.logits = all[(rows - 1) * model.config.n_vocab..].to_vec();
+            out.logit_rows = 1;
+        } else {
+            out.logits = all;
+            out.logit_rows = rows;
+        }
+    }
+    if req.hidden {
+        out.hidden = g.get("result_hidden").map(|t| t.read_f32());
+    }
+    if req.layer_inputs {
+        for il in shape.first_layer..model.config.n_layers {
+            if let Some(t) = g.get(&format!("layer_input_{il}")) {
+                out.layer_inputs.push((il, t.read_f32()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Builds the forward graph for one shape. Inputs and results are found again by
+/// name when the graph runs (`inp_*`, `result_*`, `layer_input_N`).
+fn build(model: &Model, cache: &KvCache, shape: &GraphShape) -> Result<GraphCtx, GgmlError> {
     let c = &model.config;
     let w = &model.weights;
-    let n = tokens.len();
-    let (hd, n_head, n_head_kv, n_embd_kv) = (
-        c.head_dim as i64,
-        c.n_head as i64,
-        c.n_head_kv as i64,
-        c.n_embd_kv(),
-    );
-    let n_kv = (row0 + n).next_multiple_of(KV_PAD).min(cache.n_ctx());
-    let all_rows = req.logits == Logits::All || req.hidden || req.layer_inputs;
+    let n = shape.n_tokens as i64;
+    let (hd, n_head, n_head_kv) = (c.head_dim as i64, c.n_head as i64, c.n_head_kv as i64);
     let rope = rope_params(model);
 
     let g = GraphCtx::new(MAX_NODES)?;
-    let inp_pos = g.input(GgmlType::I32, &[n as i64], "inp_pos");
-    let inp_rows = g.input(GgmlType::I64, &[n as i64], "inp_kv_rows");
-    let inp_mask = g.input(GgmlType::F16, &[n_kv as i64, n as i64], "inp_kq_mask");
+    let inp_pos = g.input(GgmlType::I32, &[n], "inp_pos");
+    let inp_rows = g.input(GgmlType::I64, &[n], "inp_kv_rows");
+    let inp_mask = g.input(GgmlType::F16, &[shape.n_kv as i64, n], "inp_kq_mask");
     // Only the last row leaves the final layer unless every row is wanted.
-    let inp_last = (!all_rows).then(|| g.input(GgmlType::I32, &[1], "inp_out_ids"));
+    let inp_last = (!shape.all_rows()).then(|| g.input(GgmlType::I32, &[1], "inp_out_ids"));
     let rope_freqs = w.rope_freqs.map(|i| model.w(i));
     let kq_scale = 1.0 / (c.head_dim as f32).sqrt();
 
     // The graph's first input: token ids, or a residual stream to start from.
-    let (first_layer, mut x, inp_tokens, start_input) = match start {
-        Start::Tokens => {
-            let ids = g.input(GgmlType::I32, &[n as i64], "inp_tokens");
-            (0, g.get_rows(model.w(w.token_embd), ids), Some(ids), None)
-        }
-        Start::Layer { layer, input } => {
-            let t = g.input(GgmlType::F32, &[c.n_embd as i64, n as i64], "inp_hidden");
-            (layer, t, None, Some((t, input)))
-        }
+    let mut x = if shape.first_layer == 0 {
+        let ids = g.input(GgmlType::I32, &[n], "inp_tokens");
+        g.get_rows(model.w(w.token_embd), ids)
+    } else {
+        g.input(GgmlType::F32, &[c.n_embd as i64, n], "inp_hidden")
     };
-    let mut captured = Vec::new();
-    for (il, lw) in w.layers.iter().enumerate().skip(first_layer) {
-        if req.layer_inputs {
-            g.mark_output(x);
-            captured.push((il, x));
+    for (il, lw) in w.layers.iter().enumerate().skip(shape.first_layer) {
+        if shape.layer_inputs {
+            let captured = g.cont(x);
+            g.name(captured, &format!("layer_input_{il}"));
+            g.mark_output(captured);
+            g.expand(captured);
         }
         let residual = x;
         let cur = g.mul(g.rms_norm(x, c.rms_eps), model.w(lw.attn_norm));
 
-        let q = g.reshape_3d(g.mul_mat(model.w(lw.wq), cur), hd, n_head, n as i64);
+        let q = g.reshape_3d(g.mul_mat(model.w(lw.wq), cur), hd, n_head, n);
         let q = g.rope(q, inp_pos, rope_freqs, &rope);
         let (k_slot, v_slot) = (cache.k(il), cache.v(il));
         if cache.map().owns_slot(il) {
-            let k = g.reshape_3d(g.mul_mat(model.w(lw.wk), cur), hd, n_head_kv, n as i64);
+            let k = g.reshape_3d(g.mul_mat(model.w(lw.wk), cur), hd, n_head_kv, n);
             let k = g.rope(k, inp_pos, rope_freqs, &rope);
             let v = g.mul_mat(model.w(lw.wv), cur);
             // Cache writes go into the graph before the attention that reads the slot.
-            g.expand(g.set_rows(
-                k_slot,
-                g.reshape_2d(k, n_embd_kv as i64, n as i64),
-                inp_rows,
-            ));
+            g.expand(g.set_rows(k_slot, g.reshape_2d(k, hd * n_head_kv, n), inp_rows));
             g.expand(g.set_rows(v_slot, v, inp_rows));
         }
         let cur = attention(
@@ -174,10 +254,10 @@ pub fn forward(
             inp_mask,
             c.n_head_kv,
             c.head_dim,
-            n_kv,
+            shape.n_kv,
             kq_scale,
         );
-        let mut cur = g.mul_mat(model.w(lw.wo), g.reshape_2d(cur, hd * n_head, n as i64));
+        let mut cur = g.mul_mat(model.w(lw.wo), g.reshape_2d(cur, hd * n_head, n));
         let mut residual = residual;
         if let (true, Some(last)) = (il + 1 == w.layers.len(), inp_last) {
             cur = g.get_rows(cur, last);
@@ -192,49 +272,16 @@ pub fn forward(
         x = g.add(cur, ffn_inp);
     }
     let hidden = g.mul(g.rms_norm(x, c.rms_eps), model.w(w.output_norm));
+    g.name(hidden, "result_hidden");
     g.mark_output(hidden);
     g.expand(hidden);
-    let logits = (req.logits != Logits::None).then(|| {
+    if shape.logits != Logits::None {
         let t = g.mul_mat(model.w(w.output), hidden);
+        g.name(t, "result_logits");
         g.mark_output(t);
         g.expand(t);
-        t
-    });
-
-    let graph = g.graph();
-    alloc.allocate(&graph)?;
-    write_inputs(row0, n, layout, n_kv, [inp_pos, inp_rows, inp_mask]);
-    if let Some(ids) = inp_tokens {
-        ids.write(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>());
     }
-    if let Some(last) = inp_last {
-        last.write(&[(tokens.len() - 1) as i32]);
-    }
-    if let Some((t, input)) = start_input {
-        t.write(input);
-    }
-    backend.compute(&graph)?;
-
-    let mut out = ForwardOutput::default();
-    if let Some(t) = logits {
-        let all = t.read_f32();
-        let rows = t.ne()[1] as usize;
-        if req.logits == Logits::Last && rows > 1 {
-            out.logits = all[(rows - 1) * c.n_vocab..].to_vec();
-            out.logit_rows = 1;
-        } else {
-            out.logits = all;
-            out.logit_rows = rows;
-        }
-    }
-    if req.hidden {
-        out.hidden = Some(hidden.read_f32());
-    }
-    out.layer_inputs = captured
-        .into_iter()
-        .map(|(il, t)| (il, t.read_f32()))
-        .collect();
-    Ok(out)
+    Ok(g)
 }
 
 /// Flash attention of `q` ([hd, n_head, n]) over the first `n_kv` cells of a slot.
@@ -272,8 +319,16 @@ fn slot_row_bytes(slot: Tensor<'_>) -> usize {
     slot.nb()[1]
 }
 
-fn write_inputs(row0: usize, n: usize, layout: Layout, n_kv: usize, inputs: [Tensor<'_>; 3]) {
-    let [inp_pos, inp_rows, inp_mask] = inputs;
+fn write_inputs(
+    row0: usize,
+    n: usize,
+    layout: Layout,
+    n_kv: usize,
+    inputs: [Option<Tensor<'_>>; 3],
+) {
+    let [Some(inp_pos), Some(inp_rows), Some(inp_mask)] = inputs else {
+        unreachable!("every forward graph has positions, cache rows and a mask");
+    };
     let pos: Vec<i32> = (0..n).map(|i| layout.position(row0 + i) as i32).collect();
     let rows: Vec<i64> = (0..n).map(|i| (row0 + i) as i64).collect();
     let mut mask = vec![NEG_INF_F16; n_kv * n];
