@@ -1,12 +1,15 @@
 // Attention of this pass's queries over a layer's cache slot (f16 keys and values,
 // [n_ctx][n_head_kv * head_dim], two halves per u32), causal: the query at cache row
 // r sees rows 0..=r. Keys are visited in tiles of 64 with an online softmax (running
-// max and sum), so no score row is ever materialized. Queries are rounded to f16
-// first, as ggml's CPU flash attention does with an f16 cache.
+// max and sum), so no score row is ever materialized.
 //
-// `attn_tiled` does one (head, token) per workgroup: prefill. Decode has one token,
-// so `attn_split` spreads its keys over workgroups (split-K flash-decoding), each
-// writing (max, sum, unnormalized output) to PART, and `attn_combine` merges them.
+// `attn_tiled` does one (head, token) per workgroup: prefill, in f32, which is also
+// what ggml's CPU flash attention does for batches of 64 queries or more. Decode has
+// one token, so `attn_split` spreads its keys over workgroups (split-K
+// flash-decoding), each writing (max, sum, unnormalized output) to PART, and
+// `attn_combine` merges them. `attn_f16_serial` reproduces ggml's CPU path for
+// smaller batches (f16 query, one key at a time, f16 output accumulator), for
+// parity with the CPU backend.
 
 struct AttnParams {
     n_head: u32,
@@ -48,12 +51,28 @@ fn cache_half(buf_word: u32, d: u32) -> f32 {
     return select(v.x, v.y, (d & 1u) != 0u);
 }
 
-fn load_query(t: u32, h: u32, li: u32) {
+fn f16_round(v: f32) -> f32 {
+    return unpack2x16float(pack2x16float(vec2<f32>(v, 0.0))).x;
+}
+
+fn load_query(t: u32, h: u32, li: u32, as_f16: bool) {
     let qb = (t * P.n_head + h) * P.head_dim;
     for (var d = li; d < P.head_dim; d += TILE) {
-        q_s[d] = unpack2x16float(pack2x16float(vec2<f32>(Q[qb + d], 0.0))).x;
+        let q = Q[qb + d];
+        q_s[d] = select(q, f16_round(q), as_f16);
     }
     workgroupBarrier();
+}
+
+// q·k for cache row j, times the scale.
+fn score(j: u32, row_words: u32, head_word: u32) -> f32 {
+    let kb = j * row_words + head_word;
+    var dotp = 0.0;
+    for (var d = 0u; d < P.head_dim; d += 2u) {
+        let kv = unpack2x16float(KC[kb + d / 2u]);
+        dotp += q_s[d] * kv.x + q_s[d + 1u] * kv.y;
+    }
+    return dotp * P.scale;
 }
 
 // Online softmax over cache rows [k0, k1) for the query in q_s; invocation li
@@ -68,13 +87,7 @@ fn attend(kvh: u32, k0: u32, k1: u32, li: u32) -> Partial {
         let j = t0 + li;
         var s = NEG_BIG;
         if (j < k1) {
-            let kb = j * row_words + head_word;
-            var dotp = 0.0;
-            for (var d = 0u; d < P.head_dim; d += 2u) {
-                let kv = unpack2x16float(KC[kb + d / 2u]);
-                dotp += q_s[d] * kv.x + q_s[d + 1u] * kv.y;
-            }
-            s = dotp * P.scale;
+            s = score(j, row_words, head_word);
         }
         p_s[li] = s;
         workgroupBarrier();
@@ -115,7 +128,7 @@ fn attn_tiled(
     let h = wid.x;
     let t = wid.y;
     let kvh = h / (P.n_head / P.n_head_kv);
-    load_query(t, h, li);
+    load_query(t, h, li, false);
     let r = attend(kvh, 0u, S.pos0 + t + 1u, li);
     let ob = (t * P.n_head + h) * P.head_dim;
     for (var c = 0u; c < 4u; c++) {
@@ -143,7 +156,7 @@ fn attn_split(
     let n_keys = S.pos0 + 1u;
     let k0 = split * P.split_len;
     let k1 = min(k0 + P.split_len, n_keys);
-    load_query(0u, h, li);
+    load_query(0u, h, li, false);
     let r = attend(kvh, k0, k1, li);
     let pb = part_base(h, split);
     if (li == 0u) {
@@ -181,5 +194,64 @@ fn attn_combine(
             o += PART[pb + 2u + d] * exp(PART[pb] - m);
         }
         O[h * P.head_dim + d] = o / l;
+    }
+}
+
+// ggml's CPU flash attention for batches under 64 queries (its `one_chunk` path):
+// f16 query; keys one at a time in order; the running output kept in f16, rescaled
+// (y = f16(y * ms)) when the max grows, then y = f16(y + v * vs); the sum in f32.
+@compute @workgroup_size(64)
+fn attn_f16_serial(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let h = wid.x;
+    let t = wid.y;
+    let kvh = h / (P.n_head / P.n_head_kv);
+    let row_words = P.n_head_kv * P.head_dim / 2u;
+    let head_word = kvh * P.head_dim / 2u;
+    load_query(t, h, li, true);
+    let n_keys = S.pos0 + t + 1u;
+    var m = NEG_BIG;
+    var l = 0.0;
+    var acc = vec4<f32>(0.0);
+    for (var t0 = 0u; t0 < n_keys; t0 += TILE) {
+        let j = t0 + li;
+        if (j < n_keys) {
+            p_s[li] = score(j, row_words, head_word);
+        }
+        workgroupBarrier();
+        let n_in = min(TILE, n_keys - t0);
+        for (var i = 0u; i < n_in; i++) {
+            let s = p_s[i];
+            var ms = 1.0;
+            var vs = 1.0;
+            if (s > m) {
+                ms = exp(m - s);
+                m = s;
+                for (var c = 0u; c < 4u; c++) {
+                    acc[c] = f16_round(acc[c] * ms);
+                }
+            } else {
+                vs = exp(s - m);
+            }
+            let vb = (t0 + i) * row_words + head_word;
+            for (var c = 0u; c < 4u; c++) {
+                let d = li + c * TILE;
+                if (d < P.head_dim) {
+                    acc[c] = f16_round(fma(cache_half(VC[vb + d / 2u], d), vs, acc[c]));
+                }
+            }
+            l = l * ms + vs;
+        }
+        workgroupBarrier();
+    }
+    let ob = (t * P.n_head + h) * P.head_dim;
+    let inv = 1.0 / l;
+    for (var c = 0u; c < 4u; c++) {
+        let d = li + c * TILE;
+        if (d < P.head_dim) {
+            O[ob + d] = acc[c] * inv;
+        }
     }
 }

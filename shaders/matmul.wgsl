@@ -14,7 +14,9 @@ struct MatmulParams {
     accumulate: u32,
     // 1: only the pass's last token, written to row 0 of Y (the logits of generation).
     last_only: u32,
-    _pad0: u32,
+    // 1: add Σ_blocks block_min(weight) * CORR[token][block] (ggml's Q8_1 block sums,
+    // see act_round.wgsl).
+    corr: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -24,6 +26,7 @@ struct MatmulParams {
 @group(0) @binding(2) var<storage, read_write> Y: array<f32>;
 @group(0) @binding(3) var<uniform> P: MatmulParams;
 @group(0) @binding(5) var<storage, read> TOKENS: array<u32>;
+@group(0) @binding(6) var<storage, read> CORR: array<f32>;
 
 fn store(o: u32, v: f32) {
     if (P.accumulate != 0u) {
@@ -53,6 +56,9 @@ fn matvec(
     for (var k = li * 4u; k < P.k; k += MV_WG * 4u) {
         let x = vec4<f32>(X[xb + k], X[xb + k + 1u], X[xb + k + 2u], X[xb + k + 3u]);
         acc += dot(load4(base, k), x);
+        if (P.corr != 0u && (k & 31u) == 0u) {
+            acc += block_min(base, k) * CORR[tok * (P.k / 32u) + k / 32u];
+        }
     }
     mv_part[li] = acc;
     workgroupBarrier();
@@ -120,6 +126,21 @@ fn matmul_tiled(
             let w = vec4<f32>(w_tile[wb], w_tile[wb + 1u], w_tile[wb + 2u], w_tile[wb + 3u]);
             acc0 += w * x_tile[kk * TM + ty * 2u];
             acc1 += w * x_tile[kk * TM + ty * 2u + 1u];
+        }
+        if (P.corr != 0u) {
+            let nb = P.k / 32u;
+            let b = k0 / 32u;
+            let m_a = min(m0 + ty * 2u, m_count - 1u);
+            let m_b = min(m0 + ty * 2u + 1u, m_count - 1u);
+            let c_a = CORR[m_a * nb + b];
+            let c_b = CORR[m_b * nb + b];
+            var mins = vec4<f32>(0.0);
+            for (var r = 0u; r < 4u; r++) {
+                let n = min(n0 + tx * 4u + r, P.n - 1u);
+                mins[r] = block_min(n * P.row_bytes, k0);
+            }
+            acc0 += mins * c_a;
+            acc1 += mins * c_b;
         }
         workgroupBarrier();
     }

@@ -65,6 +65,11 @@ fn load4_q4_1(base: u32, k: u32) -> vec4<f32> {
     return bytes4(q) * rd_f16(blk) + rd_f16(blk + 2u);
 }
 
+// The min m of the q4_1 block holding element k.
+fn block_min_q4_1(base: u32, k: u32) -> f32 {
+    return rd_f16(base + (k >> 5u) * 20u + 2u);
+}
+
 // block_q8_0 { f16 d; i8 qs[32]; }: value q * d.
 fn load4_q8_0(base: u32, k: u32) -> vec4<f32> {
     let blk = base + (k >> 5u) * 34u;

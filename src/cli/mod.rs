@@ -138,6 +138,7 @@ impl<'m> Runner<'m> {
                         n_ctx: opts.n_ctx,
                         n_batch: opts.n_batch,
                         policy,
+                        ..GpuOptions::default()
                     };
                     match GpuSession::new(model, map, &gpu_opts) {
                         Ok(s) => {

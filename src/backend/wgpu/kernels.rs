@@ -19,6 +19,7 @@ const SWIGLU: &str = include_str!("../../../shaders/swiglu.wgsl");
 const KV_STORE: &str = include_str!("../../../shaders/kv_store.wgsl");
 const ATTENTION: &str = include_str!("../../../shaders/attention.wgsl");
 const ARGMAX: &str = include_str!("../../../shaders/argmax.wgsl");
+const ACT_ROUND: &str = include_str!("../../../shaders/act_round.wgsl");
 
 /// Keys per workgroup of split-K decode attention.
 pub(crate) const SPLIT_LEN: u32 = 128;
@@ -36,6 +37,18 @@ enum Slot {
     Read,
     ReadWrite,
     Uniform,
+}
+
+/// `act_round.wgsl`'s mode for activations about to meet a weight of `ty`: how
+/// ggml's CPU backend converts them (to the type's vec_dot_type) first.
+pub(crate) fn activation_mode(ty: GgmlType) -> u32 {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q8_0 => 1,
+        GgmlType::Q4_1 => 4,
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => 2,
+        GgmlType::F16 => 3,
+        _ => 0,
+    }
 }
 
 fn shader_suffix(ty: GgmlType) -> Option<&'static str> {
@@ -77,7 +90,9 @@ pub(crate) struct Kernels {
     pub attn_tiled: Kernel,
     pub attn_split: Kernel,
     pub attn_combine: Kernel,
+    pub attn_f16_serial: Kernel,
     pub argmax: Kernel,
+    pub act_round: Kernel,
 }
 
 impl Kernels {
@@ -95,12 +110,14 @@ impl Kernels {
                 tensor: format!("(a {} weight)", ty.name()),
                 ty: ty.name(),
             })?;
+            let block_min = if ty == GgmlType::Q4_1 { "block_min_q4_1(base, k)" } else { "0.0" };
             let source = format!(
-                "{COMMON}\n{QUANT}\n{MATMUL}\nfn load4(base: u32, k: u32) -> vec4<f32> {{ return load4_{suffix}(base, k); }}\n"
+                "{COMMON}\n{QUANT}\n{MATMUL}\nfn load4(base: u32, k: u32) -> vec4<f32> {{ return load4_{suffix}(base, k); }}\n\
+                 fn block_min(base: u32, k: u32) -> f32 {{ return {block_min}; }}\n"
             );
             let name = format!("matmul.wgsl ({})", ty.name());
             let module = compile(ctx, &name, &source)?;
-            let mm = layout(ctx, &[(0, Slot::Read), (1, Slot::Read), (2, Slot::ReadWrite), (3, Slot::Uniform), (4, Slot::Uniform)]);
+            let mm = layout(ctx, &[(0, Slot::Read), (1, Slot::Read), (2, Slot::ReadWrite), (3, Slot::Uniform), (4, Slot::Uniform), (6, Slot::Read)]);
             let gr = layout(ctx, &[(0, Slot::Read), (2, Slot::ReadWrite), (3, Slot::Uniform), (4, Slot::Uniform), (5, Slot::Read)]);
             matmul.insert(
                 ty,
@@ -117,7 +134,7 @@ impl Kernels {
         };
         use Slot::*;
         let rms_norm = single("rms_norm.wgsl", RMS_NORM, "rms_norm", &[(0, Read), (1, Read), (2, ReadWrite), (3, Uniform)])?;
-        let rope = single("rope.wgsl", ROPE, "rope", &[(0, ReadWrite), (1, Read), (3, Uniform), (4, Uniform)])?;
+        let rope = single("rope.wgsl", ROPE, "rope", &[(0, ReadWrite), (1, Read), (3, Uniform)])?;
         let swiglu = single("swiglu.wgsl", SWIGLU, "swiglu", &[(0, ReadWrite), (1, Read), (3, Uniform)])?;
         let kv_store = single(
             "kv_store.wgsl",
@@ -126,6 +143,7 @@ impl Kernels {
             &[(0, Read), (1, Read), (2, ReadWrite), (3, Uniform), (4, Uniform), (5, ReadWrite)],
         )?;
         let argmax = single("argmax.wgsl", ARGMAX, "argmax", &[(0, Read), (2, ReadWrite), (3, Uniform)])?;
+        let act_round = single("act_round.wgsl", ACT_ROUND, "act_round", &[(0, Read), (2, ReadWrite), (3, Uniform), (5, ReadWrite)])?;
         let attn_module = compile(ctx, "attention.wgsl", &format!("{COMMON}\n{ATTENTION}"))?;
         let attn_layout = layout(
             ctx,
@@ -141,7 +159,9 @@ impl Kernels {
             attn_tiled: attn("attn_tiled")?,
             attn_split: attn("attn_split")?,
             attn_combine: attn("attn_combine")?,
+            attn_f16_serial: attn("attn_f16_serial")?,
             argmax,
+            act_round,
         })
     }
 
@@ -247,6 +267,27 @@ fn pipeline(
         pipeline,
         layout: bgl.clone(),
     })
+}
+
+/// The (cos, sin) table `rope.wgsl` reads for positions pos0..pos0+n: for pair i,
+/// the angle pos · base^(-2i/head_dim) (divided by `factors[i]` if given, times
+/// `freq_scale`), built in f32 by repeated multiplication and taken through libm,
+/// as ggml's CPU RoPE does.
+pub(crate) fn rope_table(pos0: usize, n: usize, head_dim: usize, freq_base: f32, freq_scale: f32, factors: Option<&[f32]>) -> Vec<f32> {
+    let half = head_dim / 2;
+    let theta_scale = freq_base.powf(-2.0 / head_dim as f32);
+    let mut out = Vec::with_capacity(n * head_dim);
+    for t in 0..n {
+        let mut theta = (pos0 + t) as f32;
+        for i in 0..half {
+            let ff = factors.map_or(1.0, |f| f[i]);
+            let angle = freq_scale * (theta / ff);
+            out.push(angle.cos());
+            out.push(angle.sin());
+            theta *= theta_scale;
+        }
+    }
+    out
 }
 
 /// A 32-byte uniform of eight words (every params struct fits in it).
@@ -364,6 +405,17 @@ fn f32_bytes(v: &[f32]) -> &[u8] {
     bytemuck::cast_slice(v)
 }
 
+/// Which attention kernel `KernelHarness::attention` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// Tiled online softmax in f32 (prefill).
+    Tiled,
+    /// Split-K flash-decoding and its combine (one token).
+    SplitK,
+    /// ggml's CPU small-batch path: f16 query, one key at a time, f16 accumulator.
+    F16Serial,
+}
+
 /// Runs single kernels on host data: the oracle side of each is computed by the
 /// caller (ggml's dequantizer, plain f32 loops).
 pub struct KernelHarness {
@@ -422,8 +474,11 @@ impl KernelHarness {
     }
 
     /// `y[t][r] = Σ_k W[r][k] x[t][k]` for a weight of `ty` (`n_rows` rows of `k`),
-    /// through `matvec` (one dispatch per token) or `matmul_tiled`.
-    pub fn matmul(&self, ty: GgmlType, weight: &[u8], n_rows: usize, k: usize, x: &[f32], tiled: bool) -> Result<Vec<f32>, GpuError> {
+    /// through `matvec` (one dispatch per token) or `matmul_tiled`. With
+    /// `ggml_rounding`, x is first rounded as ggml's CPU backend converts it (see
+    /// `round_activations`), Q8_1 block sums included.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(&self, ty: GgmlType, weight: &[u8], n_rows: usize, k: usize, x: &[f32], tiled: bool, ggml_rounding: bool) -> Result<Vec<f32>, GpuError> {
         let row_bytes = Self::weight_check(ty, weight, n_rows, k)?;
         if x.is_empty() || x.len() % k != 0 {
             return Err(GpuError::BadInput(format!("{} activations are not whole rows of {k}", x.len())));
@@ -432,21 +487,32 @@ impl KernelHarness {
         let kern = self.kernels.matmul_for(ty);
         let w = storage_with(&self.ctx, "w", weight);
         let xb = storage_with(&self.ctx, "x", f32_bytes(x));
+        let corr = storage(&self.ctx, "corr", (m * k / 32 * 4) as u64);
+        let mode = if ggml_rounding { activation_mode(ty) } else { 0 };
+        let xq = if mode == 0 {
+            xb
+        } else {
+            let xq = storage(&self.ctx, "xq", (x.len() * 4) as u64);
+            let p = uniform(&self.ctx, [k as u32, mode, 0, 0, 0, 0, 0, 0]);
+            self.run(&self.kernels.act_round, &[(0, &xb), (2, &xq), (3, &p), (5, &corr)], ((k as u32).div_ceil(256), m as u32, 1), &xq, 1)?;
+            xq
+        };
+        let use_corr = (mode == 4) as u32;
         let y = storage(&self.ctx, "y", (m * n_rows * 4) as u64);
         if tiled {
-            let p = uniform(&self.ctx, [k as u32, n_rows as u32, row_bytes, 0, 0, 0, 0, 0]);
+            let p = uniform(&self.ctx, [k as u32, n_rows as u32, row_bytes, 0, 0, use_corr, 0, 0]);
             let step = self.step(m as u32, 0);
             let (gx, gy) = tiled_grid(n_rows as u32, m as u32);
-            return self.run(&kern.tiled, &[(0, &w), (1, &xb), (2, &y), (3, &p), (4, &step)], (gx, gy, 1), &y, m * n_rows);
+            return self.run(&kern.tiled, &[(0, &w), (1, &xq), (2, &y), (3, &p), (4, &step), (6, &corr)], (gx, gy, 1), &y, m * n_rows);
         }
         // matvec reads the pass's last token and writes row 0 (last_only), so each
         // token is its own pass over a growing prefix of x.
         let mut out = Vec::with_capacity(m * n_rows);
-        let p = uniform(&self.ctx, [k as u32, n_rows as u32, row_bytes, 0, 1, 0, 0, 0]);
+        let p = uniform(&self.ctx, [k as u32, n_rows as u32, row_bytes, 0, 1, use_corr, 0, 0]);
         let (gx, gy) = matvec_grid(n_rows as u32);
         for t in 0..m {
             let step = self.step(t as u32 + 1, 0);
-            out.extend(self.run(&kern.matvec, &[(0, &w), (1, &xb), (2, &y), (3, &p), (4, &step)], (gx, gy, 1), &y, n_rows)?);
+            out.extend(self.run(&kern.matvec, &[(0, &w), (1, &xq), (2, &y), (3, &p), (4, &step), (6, &corr)], (gx, gy, 1), &y, n_rows)?);
         }
         Ok(out)
     }
@@ -486,14 +552,16 @@ impl KernelHarness {
         if row == 0 || head_dim % 2 != 0 || x.len() % row != 0 {
             return Err(GpuError::BadInput("rope: x is not whole rows of heads of even size".into()));
         }
+        if factors.is_some_and(|f| f.len() != head_dim / 2) {
+            return Err(GpuError::BadInput("rope: one frequency factor per pair".into()));
+        }
         let m = x.len() / row;
         let t = storage_with(&self.ctx, "x", f32_bytes(x));
-        let ones = vec![1.0f32; head_dim / 2];
-        let ff = storage_with(&self.ctx, "ff", f32_bytes(factors.unwrap_or(&ones)));
-        let p = uniform(&self.ctx, [n_heads as u32, head_dim as u32, factors.is_some() as u32, 0, freq_base.to_bits(), freq_scale.to_bits(), 0, 0]);
-        let step = self.step(m as u32, pos0);
+        let table = rope_table(pos0 as usize, m, head_dim, freq_base, freq_scale, factors);
+        let tb = storage_with(&self.ctx, "rope table", f32_bytes(&table));
+        let p = uniform(&self.ctx, [n_heads as u32, head_dim as u32, 0, 0, 0, 0, 0, 0]);
         let gx = ((n_heads * head_dim / 2) as u32).div_ceil(64);
-        self.run(&self.kernels.rope, &[(0, &t), (1, &ff), (3, &p), (4, &step)], (gx, m as u32, 1), &t, x.len())
+        self.run(&self.kernels.rope, &[(0, &t), (1, &tb), (3, &p)], (gx, m as u32, 1), &t, x.len())
     }
 
     /// silu(gate) * up over rows of `n`.
@@ -510,9 +578,10 @@ impl KernelHarness {
     /// Causal attention of `q` ([tokens][n_head][head_dim], positions pos0..) over
     /// keys and values of rows 0..pos0+tokens ([rows][n_head_kv][head_dim]), stored
     /// into an f16 cache by `kv_store` first, exactly as the forward pass does.
-    /// `split` runs the split-K decode kernels (one token only).
+    /// `AttentionPath::SplitK` takes one token only.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention(&self, q: &[f32], k: &[f32], v: &[f32], n_head: usize, n_head_kv: usize, head_dim: usize, pos0: usize, split: bool) -> Result<Vec<f32>, GpuError> {
+    pub fn attention(&self, q: &[f32], k: &[f32], v: &[f32], n_head: usize, n_head_kv: usize, head_dim: usize, pos0: usize, path: AttentionPath) -> Result<Vec<f32>, GpuError> {
+        let split = path == AttentionPath::SplitK;
         let q_row = n_head * head_dim;
         let kv_row = n_head_kv * head_dim;
         if q_row == 0 || kv_row == 0 || n_head % n_head_kv != 0 || head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM || q.len() % q_row != 0 {
@@ -549,8 +618,22 @@ impl KernelHarness {
                 q.len(),
             )
         } else {
-            self.run(&self.kernels.attn_tiled, &entries, (n_head as u32, m as u32, 1), &o, q.len())
+            let kernel = if path == AttentionPath::Tiled { &self.kernels.attn_tiled } else { &self.kernels.attn_f16_serial };
+            self.run(kernel, &entries, (n_head as u32, m as u32, 1), &o, q.len())
         }
+    }
+
+    /// Activations (rows of `k`) as ggml's CPU backend rounds them before a matmul
+    /// with a weight of `ty` (unchanged for f32 weights).
+    pub fn round_activations(&self, x: &[f32], k: usize, ty: GgmlType) -> Result<Vec<f32>, GpuError> {
+        if k == 0 || x.len() % k != 0 {
+            return Err(GpuError::BadInput("round_activations: x is not whole rows".into()));
+        }
+        let xb = storage_with(&self.ctx, "x", f32_bytes(x));
+        let y = storage(&self.ctx, "y", (x.len() * 4) as u64);
+        let p = uniform(&self.ctx, [k as u32, activation_mode(ty), 0, 0, 0, 0, 0, 0]);
+        let corr = storage(&self.ctx, "corr", (x.len() / 32 * 4) as u64);
+        self.run(&self.kernels.act_round, &[(0, &xb), (2, &y), (3, &p), (5, &corr)], ((k as u32).div_ceil(256), (x.len() / k) as u32, 1), &y, x.len())
     }
 
     /// Index of the largest value (lowest index on ties; NaN never wins).

@@ -12,7 +12,7 @@ mod kernels;
 mod session;
 
 pub use device::{AdapterPolicy, GpuContext};
-pub use kernels::KernelHarness;
+pub use kernels::{AttentionPath, KernelHarness};
 pub use session::{GpuOptions, GpuSession};
 
 use crate::gguf::GgmlType;

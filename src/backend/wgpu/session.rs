@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use super::device::{AdapterPolicy, GpuContext};
 use super::kernels::{
-    bind, matvec_grid, read_back, staging, storage, storage_with, tiled_grid, uniform, Kernels,
+    activation_mode, bind, matvec_grid, read_back, rope_table, staging, storage, storage_with, tiled_grid, uniform, Kernels,
     MAX_HEAD_DIM, SPLIT_LEN,
 };
 use super::{GpuError, GPU_WEIGHT_TYPES};
@@ -24,6 +24,13 @@ pub struct GpuOptions {
     /// logits of a full batch would not fit one storage binding.
     pub n_batch: usize,
     pub policy: AdapterPolicy,
+    /// Imitate ggml's CPU numerics: round activations before each matmul as ggml
+    /// does (8-bit blocks for quantized weights, f16 for f16 weights) and take its
+    /// f16 attention path for batches under 64. Each matmul then computes ggml's
+    /// formula (see the kernel tests), but whole-model logits get no closer to the
+    /// CPU's: ggml's own results move as much with its batch size. Off (default):
+    /// f32 activations, closer to exact arithmetic.
+    pub ggml_activation_rounding: bool,
 }
 
 impl Default for GpuOptions {
@@ -32,6 +39,7 @@ impl Default for GpuOptions {
             n_ctx: 4096,
             n_batch: 256,
             policy: AdapterPolicy::Any,
+            ggml_activation_rounding: false,
         }
     }
 }
@@ -69,6 +77,10 @@ struct Activations {
     x: wgpu::Buffer,
     /// Normed input of the next matmul [batch][n_embd].
     xn: wgpu::Buffer,
+    /// A matmul input rounded as ggml rounds it [batch][widest input].
+    xq: wgpu::Buffer,
+    /// Q8_1 block-sum corrections of xq [batch][widest input / 32].
+    corr: wgpu::Buffer,
     q: wgpu::Buffer,
     k: wgpu::Buffer,
     v: wgpu::Buffer,
@@ -78,6 +90,8 @@ struct Activations {
     logits: wgpu::Buffer,
     tokens: wgpu::Buffer,
     argmax: wgpu::Buffer,
+    /// RoPE (cos, sin) of this pass's positions [batch][head_dim / 2].
+    rope: wgpu::Buffer,
     /// Split-K attention partials: per head, per split, (max, sum, head_dim outputs).
     part: wgpu::Buffer,
 }
@@ -101,6 +115,8 @@ pub struct GpuSession<'m> {
     n_ctx: usize,
     n_batch: usize,
     kv_bytes: usize,
+    ggml_rounding: bool,
+    rope_factors: Option<Vec<f32>>,
 }
 
 impl<'m> GpuSession<'m> {
@@ -255,7 +271,9 @@ impl<'m> GpuSession<'m> {
             let f32s = |label: &str, n: usize| storage(&ctx, label, (n * 4) as u64);
             let act = Activations {
                 x: f32s("x", n_batch * e),
-                xn: f32s("xn", n_batch * e.max(q_dim)),
+                xn: f32s("xn", n_batch * e),
+                xq: f32s("xq", n_batch * e.max(q_dim).max(ff)),
+                corr: f32s("corr", n_batch * e.max(q_dim).max(ff) / 32),
                 q: f32s("q", n_batch * q_dim),
                 k: f32s("k", n_batch * kv),
                 v: f32s("v", n_batch * kv),
@@ -265,6 +283,7 @@ impl<'m> GpuSession<'m> {
                 logits: f32s("logits", n_batch * n_vocab),
                 tokens: storage(&ctx, "tokens", (n_batch * 4) as u64),
                 argmax: storage(&ctx, "argmax", 4),
+                rope: f32s("rope table", n_batch * c.head_dim),
                 part: f32s("attention partials", c.n_head * max_splits * (c.head_dim + 2)),
             };
             let slots: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..c.n_layers)
@@ -282,17 +301,24 @@ impl<'m> GpuSession<'m> {
         let step = uniform(&ctx, [0; 8]);
         let staging_buf = staging(&ctx, (n_batch * n_vocab * 4) as u64);
 
-        let ones = storage_with(&ctx, "rope factors (none)", bytemuck::cast_slice(&vec![1.0f32; c.head_dim / 2]));
-        let rope_ff = rope_freqs.map_or(&ones, |i| &weights[i].buf);
-        let has_ff = rope_freqs.is_some() as u32;
+        // The frequency factors enter the host-side RoPE table (see rope.wgsl).
+        let rope_factors: Option<Vec<f32>> = rope_freqs
+            .and_then(|_| file.tensor("rope_freqs.weight"))
+            .map(|info| {
+                file.tensor_data(info)
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
+            });
 
         // Builds every op once; bind groups tie them to their buffers for good.
         let build = || -> Result<(Vec<Op>, Op, Op, Op), GpuError> {
-            let matmul = |wi: usize, x: &wgpu::Buffer, y: &wgpu::Buffer, accumulate: bool, last_only: bool| -> Op {
+            // `corr`: x is xq rounded in Q8_1 mode; add its block-sum corrections.
+            let matmul = |wi: usize, x: &wgpu::Buffer, y: &wgpu::Buffer, accumulate: bool, last_only: bool, corr: bool| -> Op {
                 let w = &weights[wi];
                 let kern = kernels.matmul_for(w.ty);
-                let p = uniform(&ctx, [w.cols, w.rows, w.row_bytes, accumulate as u32, last_only as u32, 0, 0, 0]);
-                let group = bind(&ctx, &kern.matvec, &[(0, &w.buf), (1, x), (2, y), (3, &p), (4, &step)]);
+                let p = uniform(&ctx, [w.cols, w.rows, w.row_bytes, accumulate as u32, last_only as u32, corr as u32, 0, 0]);
+                let group = bind(&ctx, &kern.matvec, &[(0, &w.buf), (1, x), (2, y), (3, &p), (4, &step), (6, &act.corr)]);
                 Op {
                     grid: Grid::Matmul { ty: w.ty, rows: w.rows, last_only },
                     pipeline: kern.matvec.pipeline.clone(),
@@ -308,20 +334,11 @@ impl<'m> GpuSession<'m> {
                 }
             };
             let rope = |t: &wgpu::Buffer, n_heads: usize| -> Op {
-                let p = uniform(&ctx, [
-                    n_heads as u32,
-                    c.head_dim as u32,
-                    has_ff,
-                    0,
-                    c.rope_freq_base.to_bits(),
-                    c.rope_freq_scale.to_bits(),
-                    0,
-                    0,
-                ]);
+                let p = uniform(&ctx, [n_heads as u32, c.head_dim as u32, 0, 0, 0, 0, 0, 0]);
                 Op {
                     grid: Grid::PerToken(((n_heads * c.head_dim / 2) as u32).div_ceil(64)),
                     pipeline: kernels.rope.pipeline.clone(),
-                    group: bind(&ctx, &kernels.rope, &[(0, t), (1, rope_ff), (3, &p), (4, &step)]),
+                    group: bind(&ctx, &kernels.rope, &[(0, t), (1, &act.rope), (3, &p)]),
                 }
             };
             let attn_p = uniform(&ctx, [
@@ -338,7 +355,41 @@ impl<'m> GpuSession<'m> {
             let swiglu_p = uniform(&ctx, [ff as u32, 0, 0, 0, 0, 0, 0, 0]);
             let slot_of = map.slot_of_layers();
 
+            let round_mode = |wi: usize| {
+                if opts.ggml_activation_rounding {
+                    activation_mode(weights[wi].ty)
+                } else {
+                    0
+                }
+            };
+            // Before a matmul of `src` (tagged `tag`) through weight `wi`: a rounding
+            // op into xq, unless xq already holds `src` rounded the same way (`held`;
+            // ops that rewrite a source clear it). True when the matmul reads xq.
+            let prep = |ops: &mut Vec<Op>, held: &mut Option<(&'static str, u32)>, tag: &'static str, src: &wgpu::Buffer, wi: usize| -> bool {
+                let mode = round_mode(wi);
+                if mode == 0 {
+                    return false;
+                }
+                if *held != Some((tag, mode)) {
+                    let k = weights[wi].cols;
+                    let p = uniform(&ctx, [k, mode, 0, 0, 0, 0, 0, 0]);
+                    ops.push(Op {
+                        grid: Grid::PerToken(k.div_ceil(256)),
+                        pipeline: kernels.act_round.pipeline.clone(),
+                        group: bind(&ctx, &kernels.act_round, &[(0, src), (2, &act.xq), (3, &p), (5, &act.corr)]),
+                    });
+                    *held = Some((tag, mode));
+                }
+                true
+            };
+            let feed = |ops: &mut Vec<Op>, held: &mut Option<(&'static str, u32)>, tag: &'static str, src: &wgpu::Buffer, wi: usize, y: &wgpu::Buffer, accumulate: bool| {
+                let rounded = prep(ops, held, tag, src, wi);
+                let input = if rounded { &act.xq } else { src };
+                ops.push(matmul(wi, input, y, accumulate, false, rounded && round_mode(wi) == 4));
+            };
+
             let mut ops = Vec::new();
+            let mut held: Option<(&'static str, u32)>;
             let emb = &weights[token_embd];
             let emb_p = uniform(&ctx, [emb.cols, emb.rows, emb.row_bytes, 0, 0, 0, 0, 0]);
             let gr = &kernels.matmul_for(emb.ty).get_rows;
@@ -350,12 +401,15 @@ impl<'m> GpuSession<'m> {
             for (il, lw) in layer_idx.iter().enumerate() {
                 let (kc, vc) = &slots[slot_of[il]];
                 ops.push(norm(lw.attn_norm, &act.x, &act.xn));
-                ops.push(matmul(lw.wq, &act.xn, &act.q, false, false));
+                held = None;
+                feed(&mut ops, &mut held, "xn", &act.xn, lw.wq, &act.q, false);
+                if map.owns_slot(il) {
+                    feed(&mut ops, &mut held, "xn", &act.xn, lw.wk, &act.k, false);
+                    feed(&mut ops, &mut held, "xn", &act.xn, lw.wv, &act.v, false);
+                }
                 ops.push(rope(&act.q, c.n_head));
                 if map.owns_slot(il) {
-                    ops.push(matmul(lw.wk, &act.xn, &act.k, false, false));
                     ops.push(rope(&act.k, c.n_head_kv));
-                    ops.push(matmul(lw.wv, &act.xn, &act.v, false, false));
                     ops.push(Op {
                         grid: Grid::PerToken(((kv / 2) as u32).div_ceil(64)),
                         pipeline: kernels.kv_store.pipeline.clone(),
@@ -370,20 +424,27 @@ impl<'m> GpuSession<'m> {
                     group: bind(&ctx, &kernels.attn_tiled, &[(0, &act.q), (1, kc), (2, vc), (3, &attn_p), (4, &step), (5, &act.attn), (6, &act.part)]),
                 });
                 // x += Wo · attn (the residual add is fused into the matmul).
-                ops.push(matmul(lw.wo, &act.attn, &act.x, true, false));
+                feed(&mut ops, &mut held, "attn", &act.attn, lw.wo, &act.x, true);
                 ops.push(norm(lw.ffn_norm, &act.x, &act.xn));
-                ops.push(matmul(lw.gate, &act.xn, &act.gate, false, false));
-                ops.push(matmul(lw.up, &act.xn, &act.up, false, false));
+                held = None;
+                feed(&mut ops, &mut held, "xn", &act.xn, lw.gate, &act.gate, false);
+                feed(&mut ops, &mut held, "xn", &act.xn, lw.up, &act.up, false);
                 ops.push(Op {
                     grid: Grid::PerToken((ff as u32).div_ceil(64)),
                     pipeline: kernels.swiglu.pipeline.clone(),
                     group: bind(&ctx, &kernels.swiglu, &[(0, &act.gate), (1, &act.up), (3, &swiglu_p)]),
                 });
-                ops.push(matmul(lw.down, &act.gate, &act.x, true, false));
+                feed(&mut ops, &mut held, "gate", &act.gate, lw.down, &act.x, true);
             }
             ops.push(norm(output_norm, &act.x, &act.xn));
-            let logits_all = matmul(output, &act.xn, &act.logits, false, false);
-            let logits_last = matmul(output, &act.xn, &act.logits, false, true);
+            held = None;
+            // The logits matmul comes in two forms (every row, last row), both
+            // reading the final norm, rounded by the body's last op if need be.
+            let rounded = prep(&mut ops, &mut held, "xn", &act.xn, output);
+            let out_src = if rounded { &act.xq } else { &act.xn };
+            let corr = rounded && round_mode(output) == 4;
+            let logits_all = matmul(output, out_src, &act.logits, false, false, corr);
+            let logits_last = matmul(output, out_src, &act.logits, false, true, corr);
             let argmax_p = uniform(&ctx, [n_vocab as u32, 0, 0, 0, 0, 0, 0, 0]);
             let argmax = Op {
                 grid: Grid::Single,
@@ -412,6 +473,8 @@ impl<'m> GpuSession<'m> {
             n_ctx: opts.n_ctx,
             n_batch,
             kv_bytes,
+            ggml_rounding: opts.ggml_activation_rounding,
+            rope_factors,
         })
     }
 
@@ -531,6 +594,9 @@ impl<'m> GpuSession<'m> {
         let out = ctx.scoped("a forward pass", || {
             ctx.queue.write_buffer(&self.step, 0, bytemuck::cast_slice(&[n, pos0, 0u32, 0u32]));
             ctx.queue.write_buffer(&self.act.tokens, 0, bytemuck::cast_slice(tokens));
+            let c = &self.model.config;
+            let table = rope_table(pos0 as usize, tokens.len(), c.head_dim, c.rope_freq_base, c.rope_freq_scale, self.rope_factors.as_deref());
+            ctx.queue.write_buffer(&self.act.rope, 0, bytemuck::cast_slice(&table));
             let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
             {
                 let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("forward"), timestamp_writes: None });
@@ -577,12 +643,19 @@ impl<'m> GpuSession<'m> {
             }
             Grid::Attention { n_head } => {
                 pass.set_bind_group(0, &op.group, &[]);
-                if n == 1 {
+                // With ggml rounding, follow the path ggml's CPU flash attention takes
+                // for this pass (it splits keys across threads once the padded cache
+                // view reaches 512 cells, and goes tiled f32 from 64 queries).
+                let padded = (self.n_past + 1).next_multiple_of(256).min(self.n_ctx);
+                if n == 1 && (!self.ggml_rounding || padded >= 512) {
                     let n_splits = (self.n_past as u32 + 1).div_ceil(SPLIT_LEN);
                     pass.set_pipeline(&self.kernels.attn_split.pipeline);
                     pass.dispatch_workgroups(n_head, n_splits, 1);
                     pass.set_pipeline(&self.kernels.attn_combine.pipeline);
                     pass.dispatch_workgroups(n_head, 1, 1);
+                } else if self.ggml_rounding && n < 64 {
+                    pass.set_pipeline(&self.kernels.attn_f16_serial.pipeline);
+                    pass.dispatch_workgroups(n_head, n, 1);
                 } else {
                     pass.set_pipeline(&op.pipeline);
                     pass.dispatch_workgroups(n_head, n, 1);
