@@ -19,7 +19,9 @@ use std::io::Write;
 
 use kvsharer::backend::ggml::{dequantize, quantize};
 use kvsharer::backend::graph::Logits;
-use kvsharer::backend::wgpu::{AttentionPath, GpuError, GpuOptions, GpuSession, KernelHarness, GPU_WEIGHT_TYPES};
+use kvsharer::backend::wgpu::{
+    AttentionPath, GpuError, GpuOptions, GpuSession, KernelHarness, GPU_WEIGHT_TYPES,
+};
 use kvsharer::gguf::GgmlType;
 use kvsharer::loader;
 use kvsharer::sample::argmax;
@@ -41,7 +43,10 @@ fn harness(test: &str) -> Option<KernelHarness> {
             Some(h)
         }
         Err(GpuError::NoAdapter) => {
-            say(&format!("{test}: SKIPPED: no wgpu adapter on this machine ({})", GpuError::NoAdapter));
+            say(&format!(
+                "{test}: SKIPPED: no wgpu adapter on this machine ({})",
+                GpuError::NoAdapter
+            ));
             None
         }
         Err(e) => panic!("{test}: the wgpu backend failed to start: {e}"),
@@ -63,7 +68,9 @@ const COLS: usize = 512;
 
 #[test]
 fn matmul_kernels_match_ggml_dequantized_weights() {
-    let Some(h) = harness("matmul_kernels_match_ggml_dequantized_weights") else { return };
+    let Some(h) = harness("matmul_kernels_match_ggml_dequantized_weights") else {
+        return;
+    };
     let mut rng = StdRng::seed_from_u64(7);
     for &ty in GPU_WEIGHT_TYPES {
         let w = random(&mut rng, ROWS * COLS, 1.0);
@@ -88,7 +95,12 @@ fn matmul_kernels_match_ggml_dequantized_weights() {
                 }
             }
             // f32 accumulation over 512 products in a different order than f64.
-            assert!(worst < 2e-6, "{} {}: relative error {worst:e}", ty.name(), if tiled { "tiled" } else { "matvec" });
+            assert!(
+                worst < 2e-6,
+                "{} {}: relative error {worst:e}",
+                ty.name(),
+                if tiled { "tiled" } else { "matvec" }
+            );
         }
     }
 }
@@ -115,9 +127,14 @@ fn ggml_activations(ty: GgmlType, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
         GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
             let mut out = Vec::new();
             for b in x.chunks(256) {
-                let m = b.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let m = b
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
                 let iscale = -127.0 / m;
-                out.extend(b.iter().map(|v| (iscale * v).round_ties_even().min(127.0) * (1.0 / iscale)));
+                out.extend(
+                    b.iter()
+                        .map(|v| (iscale * v).round_ties_even().min(127.0) * (1.0 / iscale)),
+                );
             }
             (out, vec![])
         }
@@ -131,7 +148,9 @@ fn ggml_activations(ty: GgmlType, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
 /// block's min times the Q8_1 block-sum correction.
 #[test]
 fn matmul_kernels_with_ggml_rounding_match_ggml_formula() {
-    let Some(h) = harness("matmul_kernels_with_ggml_rounding_match_ggml_formula") else { return };
+    let Some(h) = harness("matmul_kernels_with_ggml_rounding_match_ggml_formula") else {
+        return;
+    };
     let mut rng = StdRng::seed_from_u64(17);
     for &ty in GPU_WEIGHT_TYPES {
         let w = random(&mut rng, ROWS * COLS, 1.0);
@@ -157,19 +176,30 @@ fn matmul_kernels_with_ggml_rounding_match_ggml_formula() {
                         mag += p.abs();
                     }
                     if ty == GgmlType::Q4_1 {
-                        exact += corr.iter().enumerate().map(|(b, &c)| min_of(r, b) * c as f64).sum::<f64>();
+                        exact += corr
+                            .iter()
+                            .enumerate()
+                            .map(|(b, &c)| min_of(r, b) * c as f64)
+                            .sum::<f64>();
                     }
                     worst = worst.max((got[t * ROWS + r] as f64 - exact).abs() / (mag + 1e-6));
                 }
             }
-            assert!(worst < 2e-6, "{} {}: relative error {worst:e}", ty.name(), if tiled { "tiled" } else { "matvec" });
+            assert!(
+                worst < 2e-6,
+                "{} {}: relative error {worst:e}",
+                ty.name(),
+                if tiled { "tiled" } else { "matvec" }
+            );
         }
     }
 }
 
 #[test]
 fn embedding_lookup_matches_ggml_dequantize() {
-    let Some(h) = harness("embedding_lookup_matches_ggml_dequantize") else { return };
+    let Some(h) = harness("embedding_lookup_matches_ggml_dequantize") else {
+        return;
+    };
     let mut rng = StdRng::seed_from_u64(11);
     for &ty in GPU_WEIGHT_TYPES {
         let w = random(&mut rng, ROWS * COLS, 2.0);
@@ -182,7 +212,11 @@ fn embedding_lookup_matches_ggml_dequantize() {
             let want = dequantize(ty, row, COLS).unwrap();
             for (k, (&g, &e)) in got[t * COLS..(t + 1) * COLS].iter().zip(&want).enumerate() {
                 // Same f32 formula as ggml up to fused multiply-add: within an ulp or two.
-                assert!((g - e).abs() <= 1e-6 * e.abs().max(1.0), "{} row {id} col {k}: gpu {g} ggml {e}", ty.name());
+                assert!(
+                    (g - e).abs() <= 1e-6 * e.abs().max(1.0),
+                    "{} row {id} col {k}: gpu {g} ggml {e}",
+                    ty.name()
+                );
             }
         }
     }
@@ -190,7 +224,9 @@ fn embedding_lookup_matches_ggml_dequantize() {
 
 #[test]
 fn elementwise_kernels_match_f64_references() {
-    let Some(h) = harness("elementwise_kernels_match_f64_references") else { return };
+    let Some(h) = harness("elementwise_kernels_match_f64_references") else {
+        return;
+    };
     let mut rng = StdRng::seed_from_u64(3);
 
     // RMSNorm over 3 rows of 576 (wider than one 256-invocation pass).
@@ -205,7 +241,10 @@ fn elementwise_kernels_match_f64_references() {
         let s = 1.0 / (ms + eps as f64).sqrt();
         for i in 0..n {
             let e = row[i] as f64 * s * w[i] as f64;
-            assert!((got[t * n + i] as f64 - e).abs() < 1e-5 * e.abs().max(1.0), "rms_norm [{t}][{i}]");
+            assert!(
+                (got[t * n + i] as f64 - e).abs() < 1e-5 * e.abs().max(1.0),
+                "rms_norm [{t}][{i}]"
+            );
         }
     }
 
@@ -219,7 +258,8 @@ fn elementwise_kernels_match_f64_references() {
         for t in 0..4 {
             for hh in 0..heads {
                 for i in 0..hd / 2 {
-                    let mut theta = (pos0 as f64 + t as f64) * (base as f64).powf(-2.0 * i as f64 / hd as f64);
+                    let mut theta =
+                        (pos0 as f64 + t as f64) * (base as f64).powf(-2.0 * i as f64 / hd as f64);
                     if let Some(f) = ff {
                         theta /= f[i] as f64;
                     }
@@ -228,7 +268,12 @@ fn elementwise_kernels_match_f64_references() {
                     let (x0, x1) = (x[o] as f64, x[o + 1] as f64);
                     let e0 = x0 * theta.cos() - x1 * theta.sin();
                     let e1 = x0 * theta.sin() + x1 * theta.cos();
-                    assert!((got[o] as f64 - e0).abs() < 2e-4 && (got[o + 1] as f64 - e1).abs() < 2e-4, "rope t{t} h{hh} i{i}: ({}, {}) vs ({e0}, {e1})", got[o], got[o + 1]);
+                    assert!(
+                        (got[o] as f64 - e0).abs() < 2e-4 && (got[o + 1] as f64 - e1).abs() < 2e-4,
+                        "rope t{t} h{hh} i{i}: ({}, {}) vs ({e0}, {e1})",
+                        got[o],
+                        got[o + 1]
+                    );
                 }
             }
         }
@@ -242,7 +287,11 @@ fn elementwise_kernels_match_f64_references() {
     for i in 0..2 * n {
         let gi = g[i] as f64;
         let e = gi / (1.0 + (-gi).exp()) * u[i] as f64;
-        assert!((got[i] as f64 - e).abs() < 1e-5 * e.abs().max(1.0), "swiglu [{i}]: {} vs {e}", got[i]);
+        assert!(
+            (got[i] as f64 - e).abs() < 1e-5 * e.abs().max(1.0),
+            "swiglu [{i}]: {} vs {e}",
+            got[i]
+        );
     }
 
     // Activation rounding as ggml's CPU backend converts activations before a matmul:
@@ -250,28 +299,51 @@ fn elementwise_kernels_match_f64_references() {
     // Q8_K super-blocks for k-quants (against its reference formula), f16 for f16.
     let k = 512;
     let x = random(&mut rng, 3 * k, 4.0);
-    let q8 = dequantize(GgmlType::Q8_0, &quantize(GgmlType::Q8_0, &x, k).unwrap(), x.len()).unwrap();
+    let q8 = dequantize(
+        GgmlType::Q8_0,
+        &quantize(GgmlType::Q8_0, &x, k).unwrap(),
+        x.len(),
+    )
+    .unwrap();
     for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
         let got = h.round_activations(&x, k, ty).unwrap();
-        let off = got.iter().zip(&q8).filter(|(g, e)| (*g - *e).abs() > 1e-6 * e.abs().max(1.0)).count();
+        let off = got
+            .iter()
+            .zip(&q8)
+            .filter(|(g, e)| (*g - *e).abs() > 1e-6 * e.abs().max(1.0))
+            .count();
         // ggml's reference quantizer rounds halves away from zero, its AVX2 one (and
         // the GPU) to even: a value exactly at a half step may land one step apart.
-        assert!(off <= 2, "{}: {off} of {} activations differ from ggml's Q8_0", ty.name(), x.len());
+        assert!(
+            off <= 2,
+            "{}: {off} of {} activations differ from ggml's Q8_0",
+            ty.name(),
+            x.len()
+        );
     }
     for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
         let got = h.round_activations(&x, k, ty).unwrap();
         for (b, block) in x.chunks(256).enumerate() {
-            let m = block.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let m = block
+                .iter()
+                .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
             let iscale = -127.0 / m;
             for (j, &v) in block.iter().enumerate() {
                 let e = (iscale * v).round_ties_even().min(127.0) * (1.0 / iscale);
                 let g = got[b * 256 + j];
-                assert!((g - e).abs() <= 1e-6 * e.abs().max(1.0), "{} [{b}][{j}]: {g} vs {e}", ty.name());
+                assert!(
+                    (g - e).abs() <= 1e-6 * e.abs().max(1.0),
+                    "{} [{b}][{j}]: {g} vs {e}",
+                    ty.name()
+                );
             }
         }
     }
     let got = h.round_activations(&x, k, GgmlType::F16).unwrap();
-    assert!(got.iter().zip(&x).all(|(&g, &v)| g == f16_round(v)), "f16 rounding");
+    assert!(
+        got.iter().zip(&x).all(|(&g, &v)| g == f16_round(v)),
+        "f16 rounding"
+    );
     assert_eq!(h.round_activations(&x, k, GgmlType::F32).unwrap(), x);
 
     // Argmax: ties resolve to the lowest index, NaN never wins.
@@ -288,7 +360,16 @@ fn elementwise_kernels_match_f64_references() {
 /// Causal attention in f64 over f16-rounded keys and values (the cache is f16), and
 /// queries rounded to f16 when `q_f16` (as ggml's small-batch path does).
 #[allow(clippy::too_many_arguments)]
-fn attention_reference(q: &[f32], k: &[f32], v: &[f32], n_head: usize, n_head_kv: usize, hd: usize, pos0: usize, q_f16: bool) -> Vec<f64> {
+fn attention_reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n_head: usize,
+    n_head_kv: usize,
+    hd: usize,
+    pos0: usize,
+    q_f16: bool,
+) -> Vec<f64> {
     let m = q.len() / (n_head * hd);
     let kvw = n_head_kv * hd;
     let mut out = vec![0f64; q.len()];
@@ -301,13 +382,21 @@ fn attention_reference(q: &[f32], k: &[f32], v: &[f32], n_head: usize, n_head_kv
                 .collect();
             let rows = pos0 + t + 1;
             let scores: Vec<f64> = (0..rows)
-                .map(|j| (0..hd).map(|d| qv[d] * f16_round(k[j * kvw + kvh * hd + d]) as f64).sum::<f64>() / (hd as f64).sqrt())
+                .map(|j| {
+                    (0..hd)
+                        .map(|d| qv[d] * f16_round(k[j * kvw + kvh * hd + d]) as f64)
+                        .sum::<f64>()
+                        / (hd as f64).sqrt()
+                })
                 .collect();
             let mx = scores.iter().cloned().fold(f64::MIN, f64::max);
             let ps: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
             let sum: f64 = ps.iter().sum();
             for d in 0..hd {
-                out[(t * n_head + h) * hd + d] = (0..rows).map(|j| ps[j] * f16_round(v[j * kvw + kvh * hd + d]) as f64).sum::<f64>() / sum;
+                out[(t * n_head + h) * hd + d] = (0..rows)
+                    .map(|j| ps[j] * f16_round(v[j * kvw + kvh * hd + d]) as f64)
+                    .sum::<f64>()
+                    / sum;
             }
         }
     }
@@ -316,22 +405,39 @@ fn attention_reference(q: &[f32], k: &[f32], v: &[f32], n_head: usize, n_head_kv
 
 #[test]
 fn attention_kernels_match_f64_reference() {
-    let Some(h) = harness("attention_kernels_match_f64_reference") else { return };
+    let Some(h) = harness("attention_kernels_match_f64_reference") else {
+        return;
+    };
     let mut rng = StdRng::seed_from_u64(5);
     let (n_head, n_head_kv, hd) = (9usize, 3usize, 64usize);
     // Prefill: 70 queries at positions 10.. (more than one 64-key tile); decode at
     // position 300 (three 128-key splits, the last one partial); ggml's serial f16
     // path on 5 queries. The f16 accumulator of the latter costs ~3 decimal digits.
     use AttentionPath::*;
-    for (pos0, m, path, tol) in [(10usize, 70usize, Tiled, 1e-4), (0, 1, SplitK, 1e-4), (300, 1, SplitK, 1e-4), (300, 1, Tiled, 1e-4), (100, 5, F16Serial, 5e-3)] {
+    for (pos0, m, path, tol) in [
+        (10usize, 70usize, Tiled, 1e-4),
+        (0, 1, SplitK, 1e-4),
+        (300, 1, SplitK, 1e-4),
+        (300, 1, Tiled, 1e-4),
+        (100, 5, F16Serial, 5e-3),
+    ] {
         let rows = pos0 + m;
         let q = random(&mut rng, m * n_head * hd, 2.0);
         let k = random(&mut rng, rows * n_head_kv * hd, 2.0);
         let v = random(&mut rng, rows * n_head_kv * hd, 1.0);
-        let got = h.attention(&q, &k, &v, n_head, n_head_kv, hd, pos0, path).unwrap();
+        let got = h
+            .attention(&q, &k, &v, n_head, n_head_kv, hd, pos0, path)
+            .unwrap();
         let want = attention_reference(&q, &k, &v, n_head, n_head_kv, hd, pos0, path == F16Serial);
-        let worst = got.iter().zip(&want).map(|(&g, &e)| (g as f64 - e).abs()).fold(0.0, f64::max);
-        assert!(worst < tol, "attention pos0 {pos0} tokens {m} {path:?}: max |diff| {worst:e}");
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(&g, &e)| (g as f64 - e).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst < tol,
+            "attention pos0 {pos0} tokens {m} {path:?}: max |diff| {worst:e}"
+        );
     }
 }
 
@@ -355,10 +461,16 @@ fn tiny_models_match_f32_reference_for_every_gpu_weight_type() {
         let weights = write_tiny_model(&spec, &path);
         let loaded = loader::load(&path).unwrap();
         let map = ShareMap::new(vec![0, 0, 2, 2]).unwrap();
-        let tokens: Vec<u32> = (0..40u32).map(|i| (i * 7 + 3) % spec.n_vocab as u32).collect();
+        let tokens: Vec<u32> = (0..40u32)
+            .map(|i| (i * 7 + 3) % spec.n_vocab as u32)
+            .collect();
         // 36 in one pass, 4 decoded one by one.
         let run_gpu = |ggml_activation_rounding: bool| {
-            let opts = GpuOptions { n_ctx: 64, ggml_activation_rounding, ..Default::default() };
+            let opts = GpuOptions {
+                n_ctx: 64,
+                ggml_activation_rounding,
+                ..Default::default()
+            };
             let mut gpu = GpuSession::new(&loaded.model, &map, &opts).unwrap();
             assert_eq!(gpu.n_slots(), 2);
             let mut out = gpu.eval(&tokens[..36], Logits::All).unwrap();
@@ -369,12 +481,32 @@ fn tiny_models_match_f32_reference_for_every_gpu_weight_type() {
         };
         let ours = run_gpu(false);
         let ours_rounded = run_gpu(true);
-        let cpu_opts = SessionOptions { n_ctx: 64, n_threads: 2, ..Default::default() };
-        let cpu = Session::new(&loaded.model, &map, &cpu_opts).unwrap().eval(&tokens, Logits::All).unwrap();
-        let precision = RefPrecision { kv_cache_f16: true, attn_inputs_f16: false };
-        let reference = reference_forward_with(&weights, &spec, &map, &tokens, precision).logits.concat();
-        let unshared = reference_forward_with(&weights, &spec, &ShareMap::identity(4), &tokens, precision).logits.concat();
-        let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let cpu_opts = SessionOptions {
+            n_ctx: 64,
+            n_threads: 2,
+            ..Default::default()
+        };
+        let cpu = Session::new(&loaded.model, &map, &cpu_opts)
+            .unwrap()
+            .eval(&tokens, Logits::All)
+            .unwrap();
+        let precision = RefPrecision {
+            kv_cache_f16: true,
+            attn_inputs_f16: false,
+        };
+        let reference = reference_forward_with(&weights, &spec, &map, &tokens, precision)
+            .logits
+            .concat();
+        let unshared =
+            reference_forward_with(&weights, &spec, &ShareMap::identity(4), &tokens, precision)
+                .logits
+                .concat();
+        let diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
         let err = diff(&ours, &reference);
         let separation = diff(&reference, &unshared);
         let cpu_err = diff(&cpu, &reference);
@@ -390,8 +522,16 @@ fn tiny_models_match_f32_reference_for_every_gpu_weight_type() {
         // GPU with ggml_activation_rounding, which leaves it about as far from the
         // reference as ggml (the two roundings do not coincide bit for bit).
         let rounded_err = diff(&ours_rounded, &reference);
-        assert!(rounded_err < 2.0 * cpu_err.max(0.01), "{}: rounded gpu - ref {rounded_err} vs ggml's {cpu_err}", ty.name());
-        assert!(err < 0.05 * separation, "{}: error {err} is not small next to the sharing effect {separation}", ty.name());
+        assert!(
+            rounded_err < 2.0 * cpu_err.max(0.01),
+            "{}: rounded gpu - ref {rounded_err} vs ggml's {cpu_err}",
+            ty.name()
+        );
+        assert!(
+            err < 0.05 * separation,
+            "{}: error {err} is not small next to the sharing effect {separation}",
+            ty.name()
+        );
     }
 }
 
@@ -409,8 +549,17 @@ const N_TOKENS: usize = 68;
 
 /// Max and mean |a - b| over all logits, and the positions whose top-1 differs.
 fn compare(a: &[f32], b: &[f32], n_vocab: usize) -> (f32, f64, usize) {
-    let max = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    let mean = a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).sum::<f64>() / a.len() as f64;
+    let max = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let mean = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .sum::<f64>()
+        / a.len() as f64;
     let mismatches = a
         .chunks(n_vocab)
         .zip(b.chunks(n_vocab))
@@ -437,7 +586,11 @@ fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
     let model = &loaded.model;
     let map = map_of(model.config.n_layers);
     let mut toks = loaded.tokenizer.encode(PROMPT, true, false).unwrap();
-    assert!(toks.len() >= N_TOKENS, "prompt is only {} tokens", toks.len());
+    assert!(
+        toks.len() >= N_TOKENS,
+        "prompt is only {} tokens",
+        toks.len()
+    );
     toks.truncate(N_TOKENS);
 
     let opts = GpuOptions {
@@ -461,7 +614,12 @@ fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
     assert_eq!(gpu.n_past(), N_TOKENS);
 
     let cpu_run_with = |map: &ShareMap, n_batch: usize| {
-        let opts = SessionOptions { n_ctx: 128, n_threads: 2, n_batch, ..Default::default() };
+        let opts = SessionOptions {
+            n_ctx: 128,
+            n_threads: 2,
+            n_batch,
+            ..Default::default()
+        };
         let mut cpu = Session::new(model, map, &opts).unwrap();
         let mut out = cpu.eval(&toks[..N_PREFILL], Logits::All).unwrap();
         for &t in &toks[N_PREFILL..] {
@@ -484,17 +642,34 @@ fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
     let id = gpu.eval_argmax(&toks[N_TOKENS - 1..]).unwrap();
     assert_eq!(id, argmax(&ours[(N_TOKENS - 1) * n_vocab..]));
 
-    assert!(max <= 1.25 * own_max, "max |logit diff| {max} vs ggml's own {own_max}");
-    assert!(mean <= 1.25 * own_mean, "mean |logit diff| {mean} vs ggml's own {own_mean}");
-    assert!(mismatches <= own_mismatches + 1, "top-1 differs at {mismatches} positions (ggml itself: {own_mismatches})");
-    assert!(mismatches * 10 <= N_TOKENS, "top-1 differs at {mismatches} of {N_TOKENS} positions");
+    assert!(
+        max <= 1.25 * own_max,
+        "max |logit diff| {max} vs ggml's own {own_max}"
+    );
+    assert!(
+        mean <= 1.25 * own_mean,
+        "mean |logit diff| {mean} vs ggml's own {own_mean}"
+    );
+    assert!(
+        mismatches <= own_mismatches + 1,
+        "top-1 differs at {mismatches} positions (ggml itself: {own_mismatches})"
+    );
+    assert!(
+        mismatches * 10 <= N_TOKENS,
+        "top-1 differs at {mismatches} of {N_TOKENS} positions"
+    );
     if !map.is_identity() {
         // The map must matter far more than the backend does, or this comparison
         // could not tell a GPU that ignores it.
         let unshared = cpu_run_with(&ShareMap::identity(map.n_layers()), 512);
         let (_, sharing_mean, _) = compare(&unshared, &theirs, n_vocab);
-        say(&format!("{test}: the map itself moves ggml's logits by mean {sharing_mean:.4}"));
-        assert!(mean * 3.0 < sharing_mean, "backend difference {mean} is not small next to the sharing effect {sharing_mean}");
+        say(&format!(
+            "{test}: the map itself moves ggml's logits by mean {sharing_mean:.4}"
+        ));
+        assert!(
+            mean * 3.0 < sharing_mean,
+            "backend difference {mean} is not small next to the sharing effect {sharing_mean}"
+        );
     }
 }
 

@@ -16,8 +16,8 @@ use kvsharer::generate::TokenEval;
 use kvsharer::gguf::GgmlType;
 use kvsharer::kv;
 use kvsharer::loader::{self, LoadedModel};
-use kvsharer::sample::SamplingParams;
 use kvsharer::model::Model;
+use kvsharer::sample::SamplingParams;
 use kvsharer::session::{default_threads, Session, SessionOptions};
 use kvsharer::share::ShareMap;
 
@@ -104,6 +104,8 @@ pub enum Backend {
 }
 
 /// The run state of the chosen backend.
+// One per process: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Runner<'m> {
     Cpu(Session<'m>),
     #[cfg(feature = "wgpu")]
@@ -132,7 +134,9 @@ impl<'m> Runner<'m> {
                     if backend == Backend::Wgpu {
                         bail!("--backend wgpu keeps an f16 KV cache; drop --cache-type-k/-v");
                     }
-                    eprintln!("note: --backend auto: quantized KV cache requested, using the CPU backend");
+                    eprintln!(
+                        "note: --backend auto: quantized KV cache requested, using the CPU backend"
+                    );
                 } else {
                     let gpu_opts = GpuOptions {
                         n_ctx: opts.n_ctx,
@@ -188,7 +192,10 @@ impl<'m> Runner<'m> {
             Runner::Gpu(s) => {
                 let c = &s.model().config;
                 let per_layer_token = c.n_embd_kv() * 2 * 2;
-                (s.n_slots() * per_layer_token, c.n_layers * per_layer_token * s.n_ctx())
+                (
+                    s.n_slots() * per_layer_token,
+                    c.n_layers * per_layer_token * s.n_ctx(),
+                )
             }
         }
     }

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use super::{describe_sharing, file_name, ModelArgs, Runner, SamplingArgs};
 use kvsharer::generate::{generate, GenerateOptions, StopReason};
 use kvsharer::sample::Sampler;
-use super::{describe_sharing, file_name, ModelArgs, Runner, SamplingArgs};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {

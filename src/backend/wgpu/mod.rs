@@ -37,7 +37,9 @@ pub enum GpuError {
     SoftwareOnly(String),
     #[error("GPU adapter {adapter}: could not open a device: {message}")]
     RequestDevice { adapter: String, message: String },
-    #[error("GPU adapter {adapter}: limit {limit} is {available}, but {needed} is needed ({what})")]
+    #[error(
+        "GPU adapter {adapter}: limit {limit} is {available}, but {needed} is needed ({what})"
+    )]
     Limit {
         adapter: String,
         limit: &'static str,
@@ -49,7 +51,9 @@ pub enum GpuError {
     Shader { shader: String, message: String },
     #[error("tensor '{tensor}' has type {ty}, which the wgpu backend cannot read (supported: f32, f16, q4_0, q4_1, q8_0, q4_K, q5_K, q6_K)")]
     UnsupportedType { tensor: String, ty: &'static str },
-    #[error("tensor '{tensor}' has rows of {cols} elements; the wgpu kernels need a multiple of 32")]
+    #[error(
+        "tensor '{tensor}' has rows of {cols} elements; the wgpu kernels need a multiple of 32"
+    )]
     UnsupportedShape { tensor: String, cols: usize },
     #[error("tensor '{0}' is missing from the model file")]
     MissingTensor(String),
@@ -64,5 +68,8 @@ pub enum GpuError {
     #[error("kernel input: {0}")]
     BadInput(String),
     #[error("GPU error during {during}: {message}")]
-    Device { during: &'static str, message: String },
+    Device {
+        during: &'static str,
+        message: String,
+    },
 }

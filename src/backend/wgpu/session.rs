@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 use super::device::{AdapterPolicy, GpuContext};
 use super::kernels::{
-    activation_mode, bind, matvec_grid, read_back, rope_table, staging, storage, storage_with, tiled_grid, uniform, Kernels,
-    MAX_HEAD_DIM, SPLIT_LEN,
+    activation_mode, bind, matvec_grid, read_back, rope_table, staging, storage, storage_with,
+    tiled_grid, uniform, Kernels, MAX_HEAD_DIM, SPLIT_LEN,
 };
 use super::{GpuError, GPU_WEIGHT_TYPES};
 use crate::backend::graph::Logits;
@@ -56,7 +56,11 @@ struct GpuWeight {
 /// What a recorded op dispatches, given the pass's token count.
 enum Grid {
     /// `matvec` when one row of activations is used, else `matmul_tiled`.
-    Matmul { ty: GgmlType, rows: u32, last_only: bool },
+    Matmul {
+        ty: GgmlType,
+        rows: u32,
+        last_only: bool,
+    },
     /// (x workgroups, one y per token).
     PerToken(u32),
     /// Prefill attention, or split-K decode attention then its combine.
@@ -183,7 +187,7 @@ impl<'m> GpuSession<'m> {
             }
             let cols = info.dims.first().copied().unwrap_or(0) as usize;
             let rows = info.dims.iter().skip(1).product::<u64>() as usize;
-            if matmul && cols % 32 != 0 {
+            if matmul && !cols.is_multiple_of(32) {
                 return Err(GpuError::UnsupportedShape {
                     tensor: name.to_string(),
                     cols,
@@ -196,7 +200,7 @@ impl<'m> GpuSession<'m> {
                 max_binding,
                 format!("tensor {name}"),
             )?;
-            let row_bytes = if rows == 0 { 0 } else { bytes.len() / rows };
+            let row_bytes = bytes.len().checked_div(rows).unwrap_or(0);
             weights.push(GpuWeight {
                 buf: storage_with(&ctx, name, bytes),
                 ty,
@@ -218,38 +222,47 @@ impl<'m> GpuSession<'m> {
             up: usize,
             down: usize,
         }
-        let (token_embd, output_norm, output, rope_freqs, layer_idx) = ctx.scoped("uploading weights", || {
-            let token_embd = upload("token_embd.weight", true)?;
-            let output_norm = upload("output_norm.weight", false)?;
-            let output = if model.weights.tied_output {
-                token_embd
-            } else {
-                upload("output.weight", true)?
-            };
-            let rope_freqs = match model.weights.rope_freqs {
-                Some(_) => Some(upload("rope_freqs.weight", false)?),
-                None => None,
-            };
-            let mut layer_idx = Vec::with_capacity(c.n_layers);
-            for il in 0..c.n_layers {
-                let n = |s: &str| format!("blk.{il}.{s}.weight");
-                let owns = map.owns_slot(il);
-                layer_idx.push(LayerIdx {
-                    attn_norm: upload(&n("attn_norm"), false)?,
-                    wq: upload(&n("attn_q"), true)?,
-                    // A shared layer never computes keys or values: its K/V
-                    // projections are not even uploaded.
-                    wk: if owns { upload(&n("attn_k"), true)? } else { usize::MAX },
-                    wv: if owns { upload(&n("attn_v"), true)? } else { usize::MAX },
-                    wo: upload(&n("attn_output"), true)?,
-                    ffn_norm: upload(&n("ffn_norm"), false)?,
-                    gate: upload(&n("ffn_gate"), true)?,
-                    up: upload(&n("ffn_up"), true)?,
-                    down: upload(&n("ffn_down"), true)?,
-                });
-            }
-            Ok((token_embd, output_norm, output, rope_freqs, layer_idx))
-        })?;
+        let (token_embd, output_norm, output, rope_freqs, layer_idx) =
+            ctx.scoped("uploading weights", || {
+                let token_embd = upload("token_embd.weight", true)?;
+                let output_norm = upload("output_norm.weight", false)?;
+                let output = if model.weights.tied_output {
+                    token_embd
+                } else {
+                    upload("output.weight", true)?
+                };
+                let rope_freqs = match model.weights.rope_freqs {
+                    Some(_) => Some(upload("rope_freqs.weight", false)?),
+                    None => None,
+                };
+                let mut layer_idx = Vec::with_capacity(c.n_layers);
+                for il in 0..c.n_layers {
+                    let n = |s: &str| format!("blk.{il}.{s}.weight");
+                    let owns = map.owns_slot(il);
+                    layer_idx.push(LayerIdx {
+                        attn_norm: upload(&n("attn_norm"), false)?,
+                        wq: upload(&n("attn_q"), true)?,
+                        // A shared layer never computes keys or values: its K/V
+                        // projections are not even uploaded.
+                        wk: if owns {
+                            upload(&n("attn_k"), true)?
+                        } else {
+                            usize::MAX
+                        },
+                        wv: if owns {
+                            upload(&n("attn_v"), true)?
+                        } else {
+                            usize::MAX
+                        },
+                        wo: upload(&n("attn_output"), true)?,
+                        ffn_norm: upload(&n("ffn_norm"), false)?,
+                        gate: upload(&n("ffn_gate"), true)?,
+                        up: upload(&n("ffn_up"), true)?,
+                        down: upload(&n("ffn_down"), true)?,
+                    });
+                }
+                Ok((token_embd, output_norm, output, rope_freqs, layer_idx))
+            })?;
         let types: Vec<GgmlType> = weights.iter().map(|w| w.ty).collect();
         let kernels = Kernels::new(&ctx, &types)?;
 
@@ -284,7 +297,10 @@ impl<'m> GpuSession<'m> {
                 tokens: storage(&ctx, "tokens", (n_batch * 4) as u64),
                 argmax: storage(&ctx, "argmax", 4),
                 rope: f32s("rope table", n_batch * c.head_dim),
-                part: f32s("attention partials", c.n_head * max_splits * (c.head_dim + 2)),
+                part: f32s(
+                    "attention partials",
+                    c.n_head * max_splits * (c.head_dim + 2),
+                ),
             };
             let slots: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..c.n_layers)
                 .filter(|&l| map.owns_slot(l))
@@ -314,13 +330,46 @@ impl<'m> GpuSession<'m> {
         // Builds every op once; bind groups tie them to their buffers for good.
         let build = || -> Result<(Vec<Op>, Op, Op, Op), GpuError> {
             // `corr`: x is xq rounded in Q8_1 mode; add its block-sum corrections.
-            let matmul = |wi: usize, x: &wgpu::Buffer, y: &wgpu::Buffer, accumulate: bool, last_only: bool, corr: bool| -> Op {
+            let matmul = |wi: usize,
+                          x: &wgpu::Buffer,
+                          y: &wgpu::Buffer,
+                          accumulate: bool,
+                          last_only: bool,
+                          corr: bool|
+             -> Op {
                 let w = &weights[wi];
                 let kern = kernels.matmul_for(w.ty);
-                let p = uniform(&ctx, [w.cols, w.rows, w.row_bytes, accumulate as u32, last_only as u32, corr as u32, 0, 0]);
-                let group = bind(&ctx, &kern.matvec, &[(0, &w.buf), (1, x), (2, y), (3, &p), (4, &step), (6, &act.corr)]);
+                let p = uniform(
+                    &ctx,
+                    [
+                        w.cols,
+                        w.rows,
+                        w.row_bytes,
+                        accumulate as u32,
+                        last_only as u32,
+                        corr as u32,
+                        0,
+                        0,
+                    ],
+                );
+                let group = bind(
+                    &ctx,
+                    &kern.matvec,
+                    &[
+                        (0, &w.buf),
+                        (1, x),
+                        (2, y),
+                        (3, &p),
+                        (4, &step),
+                        (6, &act.corr),
+                    ],
+                );
                 Op {
-                    grid: Grid::Matmul { ty: w.ty, rows: w.rows, last_only },
+                    grid: Grid::Matmul {
+                        ty: w.ty,
+                        rows: w.rows,
+                        last_only,
+                    },
                     pipeline: kern.matvec.pipeline.clone(),
                     group,
                 }
@@ -330,7 +379,11 @@ impl<'m> GpuSession<'m> {
                 Op {
                     grid: Grid::PerToken(1),
                     pipeline: kernels.rms_norm.pipeline.clone(),
-                    group: bind(&ctx, &kernels.rms_norm, &[(0, x), (1, &weights[wi].buf), (2, y), (3, &p)]),
+                    group: bind(
+                        &ctx,
+                        &kernels.rms_norm,
+                        &[(0, x), (1, &weights[wi].buf), (2, y), (3, &p)],
+                    ),
                 }
             };
             let rope = |t: &wgpu::Buffer, n_heads: usize| -> Op {
@@ -341,16 +394,19 @@ impl<'m> GpuSession<'m> {
                     group: bind(&ctx, &kernels.rope, &[(0, t), (1, &act.rope), (3, &p)]),
                 }
             };
-            let attn_p = uniform(&ctx, [
-                c.n_head as u32,
-                c.n_head_kv as u32,
-                c.head_dim as u32,
-                SPLIT_LEN,
-                (1.0 / (c.head_dim as f32).sqrt()).to_bits(),
-                max_splits as u32,
-                0,
-                0,
-            ]);
+            let attn_p = uniform(
+                &ctx,
+                [
+                    c.n_head as u32,
+                    c.n_head_kv as u32,
+                    c.head_dim as u32,
+                    SPLIT_LEN,
+                    (1.0 / (c.head_dim as f32).sqrt()).to_bits(),
+                    max_splits as u32,
+                    0,
+                    0,
+                ],
+            );
             let store_p = uniform(&ctx, [kv as u32, 0, 0, 0, 0, 0, 0, 0]);
             let swiglu_p = uniform(&ctx, [ff as u32, 0, 0, 0, 0, 0, 0, 0]);
             let slot_of = map.slot_of_layers();
@@ -365,7 +421,12 @@ impl<'m> GpuSession<'m> {
             // Before a matmul of `src` (tagged `tag`) through weight `wi`: a rounding
             // op into xq, unless xq already holds `src` rounded the same way (`held`;
             // ops that rewrite a source clear it). True when the matmul reads xq.
-            let prep = |ops: &mut Vec<Op>, held: &mut Option<(&'static str, u32)>, tag: &'static str, src: &wgpu::Buffer, wi: usize| -> bool {
+            let prep = |ops: &mut Vec<Op>,
+                        held: &mut Option<(&'static str, u32)>,
+                        tag: &'static str,
+                        src: &wgpu::Buffer,
+                        wi: usize|
+             -> bool {
                 let mode = round_mode(wi);
                 if mode == 0 {
                     return false;
@@ -376,16 +437,33 @@ impl<'m> GpuSession<'m> {
                     ops.push(Op {
                         grid: Grid::PerToken(k.div_ceil(256)),
                         pipeline: kernels.act_round.pipeline.clone(),
-                        group: bind(&ctx, &kernels.act_round, &[(0, src), (2, &act.xq), (3, &p), (5, &act.corr)]),
+                        group: bind(
+                            &ctx,
+                            &kernels.act_round,
+                            &[(0, src), (2, &act.xq), (3, &p), (5, &act.corr)],
+                        ),
                     });
                     *held = Some((tag, mode));
                 }
                 true
             };
-            let feed = |ops: &mut Vec<Op>, held: &mut Option<(&'static str, u32)>, tag: &'static str, src: &wgpu::Buffer, wi: usize, y: &wgpu::Buffer, accumulate: bool| {
+            let feed = |ops: &mut Vec<Op>,
+                        held: &mut Option<(&'static str, u32)>,
+                        tag: &'static str,
+                        src: &wgpu::Buffer,
+                        wi: usize,
+                        y: &wgpu::Buffer,
+                        accumulate: bool| {
                 let rounded = prep(ops, held, tag, src, wi);
                 let input = if rounded { &act.xq } else { src };
-                ops.push(matmul(wi, input, y, accumulate, false, rounded && round_mode(wi) == 4));
+                ops.push(matmul(
+                    wi,
+                    input,
+                    y,
+                    accumulate,
+                    false,
+                    rounded && round_mode(wi) == 4,
+                ));
             };
 
             let mut ops = Vec::new();
@@ -396,7 +474,17 @@ impl<'m> GpuSession<'m> {
             ops.push(Op {
                 grid: Grid::PerToken((e as u32 / 4).div_ceil(64)),
                 pipeline: gr.pipeline.clone(),
-                group: bind(&ctx, gr, &[(0, &emb.buf), (2, &act.x), (3, &emb_p), (4, &step), (5, &act.tokens)]),
+                group: bind(
+                    &ctx,
+                    gr,
+                    &[
+                        (0, &emb.buf),
+                        (2, &act.x),
+                        (3, &emb_p),
+                        (4, &step),
+                        (5, &act.tokens),
+                    ],
+                ),
             });
             for (il, lw) in layer_idx.iter().enumerate() {
                 let (kc, vc) = &slots[slot_of[il]];
@@ -413,28 +501,61 @@ impl<'m> GpuSession<'m> {
                     ops.push(Op {
                         grid: Grid::PerToken(((kv / 2) as u32).div_ceil(64)),
                         pipeline: kernels.kv_store.pipeline.clone(),
-                        group: bind(&ctx, &kernels.kv_store, &[(0, &act.k), (1, &act.v), (2, kc), (3, &store_p), (4, &step), (5, vc)]),
+                        group: bind(
+                            &ctx,
+                            &kernels.kv_store,
+                            &[
+                                (0, &act.k),
+                                (1, &act.v),
+                                (2, kc),
+                                (3, &store_p),
+                                (4, &step),
+                                (5, vc),
+                            ],
+                        ),
                     });
                 }
                 // A shared layer's attention binds its source's slot (read-only
                 // there): the same buffers the source wrote this pass.
                 ops.push(Op {
-                    grid: Grid::Attention { n_head: c.n_head as u32 },
+                    grid: Grid::Attention {
+                        n_head: c.n_head as u32,
+                    },
                     pipeline: kernels.attn_tiled.pipeline.clone(),
-                    group: bind(&ctx, &kernels.attn_tiled, &[(0, &act.q), (1, kc), (2, vc), (3, &attn_p), (4, &step), (5, &act.attn), (6, &act.part)]),
+                    group: bind(
+                        &ctx,
+                        &kernels.attn_tiled,
+                        &[
+                            (0, &act.q),
+                            (1, kc),
+                            (2, vc),
+                            (3, &attn_p),
+                            (4, &step),
+                            (5, &act.attn),
+                            (6, &act.part),
+                        ],
+                    ),
                 });
                 // x += Wo · attn (the residual add is fused into the matmul).
                 feed(&mut ops, &mut held, "attn", &act.attn, lw.wo, &act.x, true);
                 ops.push(norm(lw.ffn_norm, &act.x, &act.xn));
                 held = None;
-                feed(&mut ops, &mut held, "xn", &act.xn, lw.gate, &act.gate, false);
+                feed(
+                    &mut ops, &mut held, "xn", &act.xn, lw.gate, &act.gate, false,
+                );
                 feed(&mut ops, &mut held, "xn", &act.xn, lw.up, &act.up, false);
                 ops.push(Op {
                     grid: Grid::PerToken((ff as u32).div_ceil(64)),
                     pipeline: kernels.swiglu.pipeline.clone(),
-                    group: bind(&ctx, &kernels.swiglu, &[(0, &act.gate), (1, &act.up), (3, &swiglu_p)]),
+                    group: bind(
+                        &ctx,
+                        &kernels.swiglu,
+                        &[(0, &act.gate), (1, &act.up), (3, &swiglu_p)],
+                    ),
                 });
-                feed(&mut ops, &mut held, "gate", &act.gate, lw.down, &act.x, true);
+                feed(
+                    &mut ops, &mut held, "gate", &act.gate, lw.down, &act.x, true,
+                );
             }
             ops.push(norm(output_norm, &act.x, &act.xn));
             held = None;
@@ -449,11 +570,16 @@ impl<'m> GpuSession<'m> {
             let argmax = Op {
                 grid: Grid::Single,
                 pipeline: kernels.argmax.pipeline.clone(),
-                group: bind(&ctx, &kernels.argmax, &[(0, &act.logits), (2, &act.argmax), (3, &argmax_p)]),
+                group: bind(
+                    &ctx,
+                    &kernels.argmax,
+                    &[(0, &act.logits), (2, &act.argmax), (3, &argmax_p)],
+                ),
             };
             Ok((ops, logits_all, logits_last, argmax))
         };
-        let (layers, logits_all, logits_last, argmax) = ctx.scoped("building the forward pass", build)?;
+        let (layers, logits_all, logits_last, argmax) =
+            ctx.scoped("building the forward pass", build)?;
         let kv_bytes = 2 * slots.len() * slot_bytes as usize;
         Ok(GpuSession {
             model,
@@ -544,7 +670,11 @@ impl<'m> GpuSession<'m> {
                 Logits::None => 0,
             };
             let bytes = self.pass(chunk, want, false, (rows * n_vocab * 4) as u64)?;
-            out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
         }
         Ok(out)
     }
@@ -587,19 +717,42 @@ impl<'m> GpuSession<'m> {
     /// One forward pass of at most n_batch tokens at position n_past: one command
     /// encoder, one compute pass, then `read` bytes of logits (or of the argmax)
     /// copied back.
-    fn pass(&mut self, tokens: &[u32], logits: Logits, argmax: bool, read: u64) -> Result<Vec<u8>, GpuError> {
+    fn pass(
+        &mut self,
+        tokens: &[u32],
+        logits: Logits,
+        argmax: bool,
+        read: u64,
+    ) -> Result<Vec<u8>, GpuError> {
         let n = tokens.len() as u32;
         let pos0 = self.n_past as u32;
         let ctx = &self.ctx;
         let out = ctx.scoped("a forward pass", || {
-            ctx.queue.write_buffer(&self.step, 0, bytemuck::cast_slice(&[n, pos0, 0u32, 0u32]));
-            ctx.queue.write_buffer(&self.act.tokens, 0, bytemuck::cast_slice(tokens));
+            ctx.queue
+                .write_buffer(&self.step, 0, bytemuck::cast_slice(&[n, pos0, 0u32, 0u32]));
+            ctx.queue
+                .write_buffer(&self.act.tokens, 0, bytemuck::cast_slice(tokens));
             let c = &self.model.config;
-            let table = rope_table(pos0 as usize, tokens.len(), c.head_dim, c.rope_freq_base, c.rope_freq_scale, self.rope_factors.as_deref());
-            ctx.queue.write_buffer(&self.act.rope, 0, bytemuck::cast_slice(&table));
-            let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
+            let table = rope_table(
+                pos0 as usize,
+                tokens.len(),
+                c.head_dim,
+                c.rope_freq_base,
+                c.rope_freq_scale,
+                self.rope_factors.as_deref(),
+            );
+            ctx.queue
+                .write_buffer(&self.act.rope, 0, bytemuck::cast_slice(&table));
+            let mut encoder = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("forward"),
+                });
             {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("forward"), timestamp_writes: None });
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("forward"),
+                    timestamp_writes: None,
+                });
                 let tail: Vec<&Op> = match logits {
                     Logits::All => vec![&self.logits_all],
                     Logits::Last if argmax => vec![&self.logits_last, &self.argmax],
@@ -614,7 +767,11 @@ impl<'m> GpuSession<'m> {
                 ctx.queue.submit([encoder.finish()]);
                 return Ok(Vec::new());
             }
-            let src = if argmax { &self.act.argmax } else { &self.act.logits };
+            let src = if argmax {
+                &self.act.argmax
+            } else {
+                &self.act.logits
+            };
             read_back(ctx, encoder, src, read, &self.staging)
         })?;
         self.n_past += tokens.len();
@@ -623,7 +780,11 @@ impl<'m> GpuSession<'m> {
 
     fn record(&self, pass: &mut wgpu::ComputePass<'_>, op: &Op, n: u32) {
         match op.grid {
-            Grid::Matmul { ty, rows, last_only } => {
+            Grid::Matmul {
+                ty,
+                rows,
+                last_only,
+            } => {
                 if last_only || n == 1 {
                     let (x, y) = matvec_grid(rows);
                     pass.set_pipeline(&op.pipeline);
