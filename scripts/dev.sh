@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # kvsharer's one entry point for a fresh machine: installs the system packages the
-# build needs (cmake, libclang for bindgen, a C++ compiler), then either runs the
+# build needs (cmake, libclang for bindgen, a C++ compiler) and lavapipe for the
+# wgpu backend's tests (mesa-vulkan-drivers), then either runs the
 # kvsharer binary or the test suite.
 #
 #   bash scripts/dev.sh run -p "Once upon a time" -n 64   # any kvsharer subcommand
@@ -15,6 +16,8 @@ if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/*/lib
     need_pkgs+=(libclang-dev clang)
 fi
 python3 -m pip --version >/dev/null 2>&1 || need_pkgs+=(python3-pip)
+# The wgpu backend's tests run on lavapipe (software Vulkan) where there is no GPU.
+ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || need_pkgs+=(mesa-vulkan-drivers)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "dev.sh: installing ${need_pkgs[*]}" >&2

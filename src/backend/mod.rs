@@ -3,3 +3,5 @@
 
 pub mod ggml;
 pub mod graph;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;

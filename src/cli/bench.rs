@@ -8,10 +8,10 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 
 use kvsharer::backend::graph::Logits;
+use kvsharer::generate::TokenEval;
 use kvsharer::oracle::{CacheType, ContextOptions, LlamaCppModel};
-use kvsharer::session::Session;
 
-use super::{describe_sharing, file_name, human_bytes, ModelArgs};
+use super::{describe_sharing, file_name, human_bytes, ModelArgs, Runner};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -90,7 +90,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let prompt_tokens = random_tokens(a.n_prompt);
     let gen_tokens = random_tokens(a.n_gen);
 
-    let mut session = Session::new(&loaded.model, &map, &opts)?;
+    let mut session = Runner::new(a.model.backend, &loaded.model, &map, &opts)?;
     let llama = if a.no_llama_cpp {
         None
     } else {
@@ -123,11 +123,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         file_name(&path),
         opts.n_threads,
         a.depth,
-        describe_sharing(
-            &map,
-            session.cache().bytes(),
-            session.cache().bytes_unshared()
-        )
+        describe_sharing(&map, session.kv_bytes(), session.kv_accounting().1)
     );
     let pp_name = format!("pp{}{}", a.n_prompt, depth_suffix(a.depth));
     let tg_name = format!("tg{}{}", a.n_gen, depth_suffix(a.depth));

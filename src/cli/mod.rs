@@ -11,13 +11,16 @@ pub mod run;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use kvsharer::backend::graph::Logits;
+use kvsharer::generate::TokenEval;
 use kvsharer::gguf::GgmlType;
 use kvsharer::kv;
 use kvsharer::loader::{self, LoadedModel};
+use kvsharer::model::Model;
 use kvsharer::sample::SamplingParams;
-use kvsharer::session::{default_threads, KvWindow, SessionOptions};
+use kvsharer::session::{default_threads, KvWindow, Session, SessionOptions};
 use kvsharer::share::ShareMap;
 
 #[derive(Parser, Debug)]
@@ -102,6 +105,142 @@ pub struct ModelArgs {
     /// Ignore a sharing map stored in the GGUF (run unshared)
     #[arg(long = "no-kv-share", conflicts_with = "kv_share")]
     pub no_kv_share: bool,
+    /// Compute backend: cpu (ggml), wgpu (WGSL on the GPU; any adapter, software
+    /// ones included), auto (wgpu on a real GPU, else cpu)
+    #[arg(long = "backend", value_enum, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Cpu,
+    Wgpu,
+    Auto,
+}
+
+/// The run state of the chosen backend.
+// One per process: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Runner<'m> {
+    Cpu(Session<'m>),
+    #[cfg(feature = "wgpu")]
+    Gpu(kvsharer::backend::wgpu::GpuSession<'m>),
+}
+
+impl<'m> Runner<'m> {
+    /// Opens `backend` for `model`; prints the GPU adapter in use, or why `auto`
+    /// fell back to the CPU.
+    pub fn new(
+        backend: Backend,
+        model: &'m Model,
+        map: &ShareMap,
+        opts: &SessionOptions,
+    ) -> Result<Self> {
+        #[cfg(feature = "wgpu")]
+        {
+            use kvsharer::backend::wgpu::{AdapterPolicy, GpuOptions, GpuSession};
+            let policy = match backend {
+                Backend::Cpu => None,
+                Backend::Wgpu => Some(AdapterPolicy::Any),
+                Backend::Auto => Some(AdapterPolicy::HardwareOnly),
+            };
+            if let Some(policy) = policy {
+                let cpu_only = (opts.type_k, opts.type_v) != (GgmlType::F16, GgmlType::F16)
+                    || opts.window.is_some();
+                if cpu_only {
+                    if backend == Backend::Wgpu {
+                        bail!("--backend wgpu keeps a plain f16 KV cache; drop --cache-type-k/-v and --kv-window, or use --backend cpu");
+                    }
+                    eprintln!(
+                        "note: --backend auto: a quantized KV cache or a window was requested, using the CPU backend"
+                    );
+                } else {
+                    let gpu_opts = GpuOptions {
+                        n_ctx: opts.n_ctx,
+                        n_batch: opts.n_batch,
+                        policy,
+                        ..GpuOptions::default()
+                    };
+                    match GpuSession::new(model, map, &gpu_opts) {
+                        Ok(s) => {
+                            eprintln!("backend: wgpu on {}", s.adapter_description());
+                            return Ok(Runner::Gpu(s));
+                        }
+                        Err(e) if backend == Backend::Auto => {
+                            eprintln!("note: --backend auto: no usable GPU ({e}); using the CPU backend (ggml)");
+                        }
+                        Err(e) => return Err(anyhow::Error::new(e).context("--backend wgpu")),
+                    }
+                }
+            }
+        }
+        #[cfg(not(feature = "wgpu"))]
+        if backend == Backend::Wgpu {
+            bail!("--backend wgpu: this kvsharer was built without the `wgpu` cargo feature");
+        }
+        if backend != Backend::Cpu {
+            eprintln!("backend: cpu (ggml)");
+        }
+        Ok(Runner::Cpu(Session::new(model, map, opts)?))
+    }
+
+    pub fn reset(&mut self) {
+        match self {
+            Runner::Cpu(s) => s.reset(),
+            #[cfg(feature = "wgpu")]
+            Runner::Gpu(s) => s.reset(),
+        }
+    }
+
+    /// Bytes of KV storage this run state allocated.
+    pub fn kv_bytes(&self) -> usize {
+        match self {
+            Runner::Cpu(s) => s.kv_bytes(),
+            #[cfg(feature = "wgpu")]
+            Runner::Gpu(s) => s.kv_bytes(),
+        }
+    }
+
+    /// KV bytes per token of context, and what the unshared model would allocate.
+    pub fn kv_accounting(&self) -> (usize, usize) {
+        match self {
+            Runner::Cpu(s) => (s.cache().bytes_per_token(), s.cache().bytes_unshared()),
+            #[cfg(feature = "wgpu")]
+            Runner::Gpu(s) => {
+                let c = &s.model().config;
+                let per_layer_token = c.n_embd_kv() * 2 * 2;
+                (
+                    s.n_slots() * per_layer_token,
+                    c.n_layers * per_layer_token * s.n_ctx(),
+                )
+            }
+        }
+    }
+}
+
+impl TokenEval for Runner<'_> {
+    type Error = anyhow::Error;
+    fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
+        Ok(match self {
+            Runner::Cpu(s) => s.eval(tokens, logits)?,
+            #[cfg(feature = "wgpu")]
+            Runner::Gpu(s) => s.eval(tokens, logits)?,
+        })
+    }
+    fn n_past(&self) -> usize {
+        match self {
+            Runner::Cpu(s) => s.n_past(),
+            #[cfg(feature = "wgpu")]
+            Runner::Gpu(s) => s.n_past(),
+        }
+    }
+    fn n_ctx(&self) -> usize {
+        match self {
+            Runner::Cpu(s) => s.n_ctx(),
+            #[cfg(feature = "wgpu")]
+            Runner::Gpu(s) => s.n_ctx(),
+        }
+    }
 }
 
 impl ModelArgs {

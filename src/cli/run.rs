@@ -7,11 +7,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use super::{describe_sharing, file_name, ModelArgs, Runner, SamplingArgs};
 use kvsharer::generate::{generate, GenerateOptions, StopReason};
 use kvsharer::sample::Sampler;
-use kvsharer::session::Session;
-
-use super::{describe_sharing, file_name, ModelArgs, SamplingArgs};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -84,15 +82,15 @@ pub fn run(a: RunArgs) -> Result<()> {
             opts.n_ctx
         );
     }
-    let mut session = Session::new(&loaded.model, &map, &opts)?;
-    let cache = session.cache();
+    let mut session = Runner::new(a.model.backend, &loaded.model, &map, &opts)?;
+    let (per_token, unshared) = session.kv_accounting();
     eprintln!(
         "kvsharer: {} | {} layers | ctx {} | {} threads | {}",
         file_name(&path),
         loaded.model.config.n_layers,
         opts.n_ctx,
         opts.n_threads,
-        describe_sharing(&map, cache.bytes(), cache.bytes_unshared())
+        describe_sharing(&map, session.kv_bytes(), unshared)
     );
 
     let mut out = std::io::stdout().lock();
@@ -140,7 +138,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         stats.generated_tokens,
         stats.generation_tps(),
         session.kv_bytes(),
-        session.cache().bytes_per_token(),
+        per_token,
     );
     Ok(())
 }

@@ -1,0 +1,845 @@
+//! GPU run state: weights uploaded once in their GGUF formats, a KV slot pair per
+//! owning layer of the sharing map, activation buffers for one batch, and the
+//! whole forward pass recorded as a list of (pipeline, bind group) ops built once.
+//! Each pass writes the `Step` uniform and the token ids, then records every op
+//! into one command encoder.
+
+use std::collections::HashMap;
+
+use super::device::{AdapterPolicy, GpuContext};
+use super::kernels::{
+    activation_mode, bind, matvec_grid, read_back, rope_table, staging, storage, storage_with,
+    tiled_grid, uniform, Kernels, MAX_HEAD_DIM, SPLIT_LEN,
+};
+use super::{GpuError, GPU_WEIGHT_TYPES};
+use crate::backend::graph::Logits;
+use crate::gguf::GgmlType;
+use crate::model::Model;
+use crate::share::ShareMap;
+
+#[derive(Clone, Debug)]
+pub struct GpuOptions {
+    pub n_ctx: usize,
+    /// Most tokens per forward pass; longer inputs run in chunks. Lowered when the
+    /// logits of a full batch would not fit one storage binding.
+    pub n_batch: usize,
+    pub policy: AdapterPolicy,
+    /// Imitate ggml's CPU numerics: round activations before each matmul as ggml
+    /// does (8-bit blocks for quantized weights, f16 for f16 weights) and take its
+    /// f16 attention path for batches under 64. Each matmul then computes ggml's
+    /// formula (see the kernel tests), but whole-model logits get no closer to the
+    /// CPU's: ggml's own results move as much with its batch size. Off (default):
+    /// f32 activations, closer to exact arithmetic.
+    pub ggml_activation_rounding: bool,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions {
+            n_ctx: 4096,
+            n_batch: 256,
+            policy: AdapterPolicy::Any,
+            ggml_activation_rounding: false,
+        }
+    }
+}
+
+/// A weight on the GPU: its file bytes, untouched.
+struct GpuWeight {
+    buf: wgpu::Buffer,
+    ty: GgmlType,
+    cols: u32,
+    rows: u32,
+    row_bytes: u32,
+}
+
+/// What a recorded op dispatches, given the pass's token count.
+enum Grid {
+    /// `matvec` when one row of activations is used, else `matmul_tiled`.
+    Matmul {
+        ty: GgmlType,
+        rows: u32,
+        last_only: bool,
+    },
+    /// (x workgroups, one y per token).
+    PerToken(u32),
+    /// Prefill attention, or split-K decode attention then its combine.
+    Attention { n_head: u32 },
+    /// The last token's logits only: one workgroup.
+    Single,
+}
+
+struct Op {
+    grid: Grid,
+    /// For `Grid::Matmul`: matvec's pipeline; otherwise the op's only one.
+    pipeline: wgpu::ComputePipeline,
+    group: wgpu::BindGroup,
+}
+
+struct Activations {
+    /// Residual stream [batch][n_embd].
+    x: wgpu::Buffer,
+    /// Normed input of the next matmul [batch][n_embd].
+    xn: wgpu::Buffer,
+    /// A matmul input rounded as ggml rounds it [batch][widest input].
+    xq: wgpu::Buffer,
+    /// Q8_1 block-sum corrections of xq [batch][widest input / 32].
+    corr: wgpu::Buffer,
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    attn: wgpu::Buffer,
+    gate: wgpu::Buffer,
+    up: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    tokens: wgpu::Buffer,
+    argmax: wgpu::Buffer,
+    /// RoPE (cos, sin) of this pass's positions [batch][head_dim / 2].
+    rope: wgpu::Buffer,
+    /// Split-K attention partials: per head, per split, (max, sum, head_dim outputs).
+    part: wgpu::Buffer,
+}
+
+pub struct GpuSession<'m> {
+    model: &'m Model,
+    ctx: GpuContext,
+    kernels: Kernels,
+    map: ShareMap,
+    step: wgpu::Buffer,
+    act: Activations,
+    _weights: Vec<GpuWeight>,
+    /// (K, V) of each owning layer, in layer order.
+    slots: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    layers: Vec<Op>,
+    logits_all: Op,
+    logits_last: Op,
+    argmax: Op,
+    staging: wgpu::Buffer,
+    n_past: usize,
+    n_ctx: usize,
+    n_batch: usize,
+    kv_bytes: usize,
+    ggml_rounding: bool,
+    rope_factors: Option<Vec<f32>>,
+}
+
+impl<'m> GpuSession<'m> {
+    pub fn new(model: &'m Model, map: &ShareMap, opts: &GpuOptions) -> Result<Self, GpuError> {
+        let c = &model.config;
+        if map.n_layers() != c.n_layers {
+            return Err(GpuError::MapMismatch {
+                map: map.n_layers(),
+                model: c.n_layers,
+            });
+        }
+        if opts.n_ctx == 0 {
+            return Err(GpuError::BadInput("context size must be at least 1".into()));
+        }
+        if c.head_dim > MAX_HEAD_DIM {
+            return Err(GpuError::BadInput(format!(
+                "head dimension {} is above the {MAX_HEAD_DIM} the attention kernels handle",
+                c.head_dim
+            )));
+        }
+        let ctx = GpuContext::new(opts.policy)?;
+        let limits = ctx.limits();
+        let max_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        let adapter = ctx.adapter_description();
+        let need = |limit: &'static str, needed: u64, available: u64, what: String| {
+            if needed > available {
+                Err(GpuError::Limit {
+                    adapter: adapter.clone(),
+                    limit,
+                    needed,
+                    available,
+                    what,
+                })
+            } else {
+                Ok(())
+            }
+        };
+
+        // Weights: every tensor the forward reads, as the file stores it.
+        let file = model.file().clone();
+        let mut weights: Vec<GpuWeight> = Vec::new();
+        let mut by_name: HashMap<String, usize> = HashMap::new();
+        let mut upload = |name: &str, matmul: bool| -> Result<usize, GpuError> {
+            if let Some(&i) = by_name.get(name) {
+                return Ok(i);
+            }
+            let info = file
+                .tensor(name)
+                .ok_or_else(|| GpuError::MissingTensor(name.to_string()))?;
+            let ty = info.ggml_type;
+            if matmul && !GPU_WEIGHT_TYPES.contains(&ty) {
+                return Err(GpuError::UnsupportedType {
+                    tensor: name.to_string(),
+                    ty: ty.name(),
+                });
+            }
+            if !matmul && ty != GgmlType::F32 {
+                return Err(GpuError::UnsupportedType {
+                    tensor: name.to_string(),
+                    ty: ty.name(),
+                });
+            }
+            let cols = info.dims.first().copied().unwrap_or(0) as usize;
+            let rows = info.dims.iter().skip(1).product::<u64>() as usize;
+            if matmul && !cols.is_multiple_of(32) {
+                return Err(GpuError::UnsupportedShape {
+                    tensor: name.to_string(),
+                    cols,
+                });
+            }
+            let bytes = file.tensor_data(info);
+            need(
+                "max_storage_buffer_binding_size",
+                bytes.len() as u64 + 8,
+                max_binding,
+                format!("tensor {name}"),
+            )?;
+            let row_bytes = bytes.len().checked_div(rows).unwrap_or(0);
+            weights.push(GpuWeight {
+                buf: storage_with(&ctx, name, bytes),
+                ty,
+                cols: cols as u32,
+                rows: rows as u32,
+                row_bytes: row_bytes as u32,
+            });
+            by_name.insert(name.to_string(), weights.len() - 1);
+            Ok(weights.len() - 1)
+        };
+        struct LayerIdx {
+            attn_norm: usize,
+            wq: usize,
+            wk: usize,
+            wv: usize,
+            wo: usize,
+            ffn_norm: usize,
+            gate: usize,
+            up: usize,
+            down: usize,
+        }
+        let (token_embd, output_norm, output, rope_freqs, layer_idx) =
+            ctx.scoped("uploading weights", || {
+                let token_embd = upload("token_embd.weight", true)?;
+                let output_norm = upload("output_norm.weight", false)?;
+                let output = if model.weights.tied_output {
+                    token_embd
+                } else {
+                    upload("output.weight", true)?
+                };
+                let rope_freqs = match model.weights.rope_freqs {
+                    Some(_) => Some(upload("rope_freqs.weight", false)?),
+                    None => None,
+                };
+                let mut layer_idx = Vec::with_capacity(c.n_layers);
+                for il in 0..c.n_layers {
+                    let n = |s: &str| format!("blk.{il}.{s}.weight");
+                    let owns = map.owns_slot(il);
+                    layer_idx.push(LayerIdx {
+                        attn_norm: upload(&n("attn_norm"), false)?,
+                        wq: upload(&n("attn_q"), true)?,
+                        // A shared layer never computes keys or values: its K/V
+                        // projections are not even uploaded.
+                        wk: if owns {
+                            upload(&n("attn_k"), true)?
+                        } else {
+                            usize::MAX
+                        },
+                        wv: if owns {
+                            upload(&n("attn_v"), true)?
+                        } else {
+                            usize::MAX
+                        },
+                        wo: upload(&n("attn_output"), true)?,
+                        ffn_norm: upload(&n("ffn_norm"), false)?,
+                        gate: upload(&n("ffn_gate"), true)?,
+                        up: upload(&n("ffn_up"), true)?,
+                        down: upload(&n("ffn_down"), true)?,
+                    });
+                }
+                Ok((token_embd, output_norm, output, rope_freqs, layer_idx))
+            })?;
+        let types: Vec<GgmlType> = weights.iter().map(|w| w.ty).collect();
+        let kernels = Kernels::new(&ctx, &types)?;
+
+        // Batch: the logits of a whole batch must fit one binding.
+        let n_vocab = c.n_vocab;
+        let max_rows_by_logits = (max_binding / (n_vocab as u64 * 4)).max(1) as usize;
+        let n_batch = opts.n_batch.clamp(1, max_rows_by_logits).min(opts.n_ctx);
+        let (e, q_dim, kv, ff) = (c.n_embd, c.n_head * c.head_dim, c.n_embd_kv(), c.n_ff);
+        let slot_bytes = (opts.n_ctx * kv * 2) as u64;
+        need(
+            "max_storage_buffer_binding_size",
+            slot_bytes,
+            max_binding,
+            format!("a KV cache slot of {} cells", opts.n_ctx),
+        )?;
+        let max_splits = opts.n_ctx.div_ceil(SPLIT_LEN as usize);
+
+        let setup = ctx.scoped("allocating GPU buffers", || {
+            let f32s = |label: &str, n: usize| storage(&ctx, label, (n * 4) as u64);
+            let act = Activations {
+                x: f32s("x", n_batch * e),
+                xn: f32s("xn", n_batch * e),
+                xq: f32s("xq", n_batch * e.max(q_dim).max(ff)),
+                corr: f32s("corr", n_batch * e.max(q_dim).max(ff) / 32),
+                q: f32s("q", n_batch * q_dim),
+                k: f32s("k", n_batch * kv),
+                v: f32s("v", n_batch * kv),
+                attn: f32s("attn", n_batch * q_dim),
+                gate: f32s("gate", n_batch * ff),
+                up: f32s("up", n_batch * ff),
+                logits: f32s("logits", n_batch * n_vocab),
+                tokens: storage(&ctx, "tokens", (n_batch * 4) as u64),
+                argmax: storage(&ctx, "argmax", 4),
+                rope: f32s("rope table", n_batch * c.head_dim),
+                part: f32s(
+                    "attention partials",
+                    c.n_head * max_splits * (c.head_dim + 2),
+                ),
+            };
+            let slots: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..c.n_layers)
+                .filter(|&l| map.owns_slot(l))
+                .map(|l| {
+                    (
+                        storage(&ctx, &format!("cache_k_l{l}"), slot_bytes),
+                        storage(&ctx, &format!("cache_v_l{l}"), slot_bytes),
+                    )
+                })
+                .collect();
+            Ok((act, slots))
+        })?;
+        let (act, slots) = setup;
+        let step = uniform(&ctx, [0; 8]);
+        let staging_buf = staging(&ctx, (n_batch * n_vocab * 4) as u64);
+
+        // The frequency factors enter the host-side RoPE table (see rope.wgsl).
+        let rope_factors: Option<Vec<f32>> = rope_freqs
+            .and_then(|_| file.tensor("rope_freqs.weight"))
+            .map(|info| {
+                file.tensor_data(info)
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
+            });
+
+        // Builds every op once; bind groups tie them to their buffers for good.
+        let build = || -> Result<(Vec<Op>, Op, Op, Op), GpuError> {
+            // `corr`: x is xq rounded in Q8_1 mode; add its block-sum corrections.
+            let matmul = |wi: usize,
+                          x: &wgpu::Buffer,
+                          y: &wgpu::Buffer,
+                          accumulate: bool,
+                          last_only: bool,
+                          corr: bool|
+             -> Op {
+                let w = &weights[wi];
+                let kern = kernels.matmul_for(w.ty);
+                let p = uniform(
+                    &ctx,
+                    [
+                        w.cols,
+                        w.rows,
+                        w.row_bytes,
+                        accumulate as u32,
+                        last_only as u32,
+                        corr as u32,
+                        0,
+                        0,
+                    ],
+                );
+                let group = bind(
+                    &ctx,
+                    &kern.matvec,
+                    &[
+                        (0, &w.buf),
+                        (1, x),
+                        (2, y),
+                        (3, &p),
+                        (4, &step),
+                        (6, &act.corr),
+                    ],
+                );
+                Op {
+                    grid: Grid::Matmul {
+                        ty: w.ty,
+                        rows: w.rows,
+                        last_only,
+                    },
+                    pipeline: kern.matvec.pipeline.clone(),
+                    group,
+                }
+            };
+            let norm = |wi: usize, x: &wgpu::Buffer, y: &wgpu::Buffer| -> Op {
+                let p = uniform(&ctx, [e as u32, c.rms_eps.to_bits(), 0, 0, 0, 0, 0, 0]);
+                Op {
+                    grid: Grid::PerToken(1),
+                    pipeline: kernels.rms_norm.pipeline.clone(),
+                    group: bind(
+                        &ctx,
+                        &kernels.rms_norm,
+                        &[(0, x), (1, &weights[wi].buf), (2, y), (3, &p)],
+                    ),
+                }
+            };
+            let rope = |t: &wgpu::Buffer, n_heads: usize| -> Op {
+                let p = uniform(&ctx, [n_heads as u32, c.head_dim as u32, 0, 0, 0, 0, 0, 0]);
+                Op {
+                    grid: Grid::PerToken(((n_heads * c.head_dim / 2) as u32).div_ceil(64)),
+                    pipeline: kernels.rope.pipeline.clone(),
+                    group: bind(&ctx, &kernels.rope, &[(0, t), (1, &act.rope), (3, &p)]),
+                }
+            };
+            let attn_p = uniform(
+                &ctx,
+                [
+                    c.n_head as u32,
+                    c.n_head_kv as u32,
+                    c.head_dim as u32,
+                    SPLIT_LEN,
+                    (1.0 / (c.head_dim as f32).sqrt()).to_bits(),
+                    max_splits as u32,
+                    0,
+                    0,
+                ],
+            );
+            let store_p = uniform(&ctx, [kv as u32, 0, 0, 0, 0, 0, 0, 0]);
+            let swiglu_p = uniform(&ctx, [ff as u32, 0, 0, 0, 0, 0, 0, 0]);
+            let slot_of = map.slot_of_layers();
+
+            let round_mode = |wi: usize| {
+                if opts.ggml_activation_rounding {
+                    activation_mode(weights[wi].ty)
+                } else {
+                    0
+                }
+            };
+            // Before a matmul of `src` (tagged `tag`) through weight `wi`: a rounding
+            // op into xq, unless xq already holds `src` rounded the same way (`held`;
+            // ops that rewrite a source clear it). True when the matmul reads xq.
+            let prep = |ops: &mut Vec<Op>,
+                        held: &mut Option<(&'static str, u32)>,
+                        tag: &'static str,
+                        src: &wgpu::Buffer,
+                        wi: usize|
+             -> bool {
+                let mode = round_mode(wi);
+                if mode == 0 {
+                    return false;
+                }
+                if *held != Some((tag, mode)) {
+                    let k = weights[wi].cols;
+                    let p = uniform(&ctx, [k, mode, 0, 0, 0, 0, 0, 0]);
+                    ops.push(Op {
+                        grid: Grid::PerToken(k.div_ceil(256)),
+                        pipeline: kernels.act_round.pipeline.clone(),
+                        group: bind(
+                            &ctx,
+                            &kernels.act_round,
+                            &[(0, src), (2, &act.xq), (3, &p), (5, &act.corr)],
+                        ),
+                    });
+                    *held = Some((tag, mode));
+                }
+                true
+            };
+            let feed = |ops: &mut Vec<Op>,
+                        held: &mut Option<(&'static str, u32)>,
+                        tag: &'static str,
+                        src: &wgpu::Buffer,
+                        wi: usize,
+                        y: &wgpu::Buffer,
+                        accumulate: bool| {
+                let rounded = prep(ops, held, tag, src, wi);
+                let input = if rounded { &act.xq } else { src };
+                ops.push(matmul(
+                    wi,
+                    input,
+                    y,
+                    accumulate,
+                    false,
+                    rounded && round_mode(wi) == 4,
+                ));
+            };
+
+            let mut ops = Vec::new();
+            let mut held: Option<(&'static str, u32)>;
+            let emb = &weights[token_embd];
+            let emb_p = uniform(&ctx, [emb.cols, emb.rows, emb.row_bytes, 0, 0, 0, 0, 0]);
+            let gr = &kernels.matmul_for(emb.ty).get_rows;
+            ops.push(Op {
+                grid: Grid::PerToken((e as u32 / 4).div_ceil(64)),
+                pipeline: gr.pipeline.clone(),
+                group: bind(
+                    &ctx,
+                    gr,
+                    &[
+                        (0, &emb.buf),
+                        (2, &act.x),
+                        (3, &emb_p),
+                        (4, &step),
+                        (5, &act.tokens),
+                    ],
+                ),
+            });
+            for (il, lw) in layer_idx.iter().enumerate() {
+                let (kc, vc) = &slots[slot_of[il]];
+                ops.push(norm(lw.attn_norm, &act.x, &act.xn));
+                held = None;
+                feed(&mut ops, &mut held, "xn", &act.xn, lw.wq, &act.q, false);
+                if map.owns_slot(il) {
+                    feed(&mut ops, &mut held, "xn", &act.xn, lw.wk, &act.k, false);
+                    feed(&mut ops, &mut held, "xn", &act.xn, lw.wv, &act.v, false);
+                }
+                ops.push(rope(&act.q, c.n_head));
+                if map.owns_slot(il) {
+                    ops.push(rope(&act.k, c.n_head_kv));
+                    ops.push(Op {
+                        grid: Grid::PerToken(((kv / 2) as u32).div_ceil(64)),
+                        pipeline: kernels.kv_store.pipeline.clone(),
+                        group: bind(
+                            &ctx,
+                            &kernels.kv_store,
+                            &[
+                                (0, &act.k),
+                                (1, &act.v),
+                                (2, kc),
+                                (3, &store_p),
+                                (4, &step),
+                                (5, vc),
+                            ],
+                        ),
+                    });
+                }
+                // A shared layer's attention binds its source's slot (read-only
+                // there): the same buffers the source wrote this pass.
+                ops.push(Op {
+                    grid: Grid::Attention {
+                        n_head: c.n_head as u32,
+                    },
+                    pipeline: kernels.attn_tiled.pipeline.clone(),
+                    group: bind(
+                        &ctx,
+                        &kernels.attn_tiled,
+                        &[
+                            (0, &act.q),
+                            (1, kc),
+                            (2, vc),
+                            (3, &attn_p),
+                            (4, &step),
+                            (5, &act.attn),
+                            (6, &act.part),
+                        ],
+                    ),
+                });
+                // x += Wo · attn (the residual add is fused into the matmul).
+                feed(&mut ops, &mut held, "attn", &act.attn, lw.wo, &act.x, true);
+                ops.push(norm(lw.ffn_norm, &act.x, &act.xn));
+                held = None;
+                feed(
+                    &mut ops, &mut held, "xn", &act.xn, lw.gate, &act.gate, false,
+                );
+                feed(&mut ops, &mut held, "xn", &act.xn, lw.up, &act.up, false);
+                ops.push(Op {
+                    grid: Grid::PerToken((ff as u32).div_ceil(64)),
+                    pipeline: kernels.swiglu.pipeline.clone(),
+                    group: bind(
+                        &ctx,
+                        &kernels.swiglu,
+                        &[(0, &act.gate), (1, &act.up), (3, &swiglu_p)],
+                    ),
+                });
+                feed(
+                    &mut ops, &mut held, "gate", &act.gate, lw.down, &act.x, true,
+                );
+            }
+            ops.push(norm(output_norm, &act.x, &act.xn));
+            held = None;
+            // The logits matmul comes in two forms (every row, last row), both
+            // reading the final norm, rounded by the body's last op if need be.
+            let rounded = prep(&mut ops, &mut held, "xn", &act.xn, output);
+            let out_src = if rounded { &act.xq } else { &act.xn };
+            let corr = rounded && round_mode(output) == 4;
+            let logits_all = matmul(output, out_src, &act.logits, false, false, corr);
+            let logits_last = matmul(output, out_src, &act.logits, false, true, corr);
+            let argmax_p = uniform(&ctx, [n_vocab as u32, 0, 0, 0, 0, 0, 0, 0]);
+            let argmax = Op {
+                grid: Grid::Single,
+                pipeline: kernels.argmax.pipeline.clone(),
+                group: bind(
+                    &ctx,
+                    &kernels.argmax,
+                    &[(0, &act.logits), (2, &act.argmax), (3, &argmax_p)],
+                ),
+            };
+            Ok((ops, logits_all, logits_last, argmax))
+        };
+        let (layers, logits_all, logits_last, argmax) =
+            ctx.scoped("building the forward pass", build)?;
+        let kv_bytes = 2 * slots.len() * slot_bytes as usize;
+        Ok(GpuSession {
+            model,
+            ctx,
+            kernels,
+            map: map.clone(),
+            step,
+            act,
+            _weights: weights,
+            slots,
+            layers,
+            logits_all,
+            logits_last,
+            argmax,
+            staging: staging_buf,
+            n_past: 0,
+            n_ctx: opts.n_ctx,
+            n_batch,
+            kv_bytes,
+            ggml_rounding: opts.ggml_activation_rounding,
+            rope_factors,
+        })
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    pub fn map(&self) -> &ShareMap {
+        &self.map
+    }
+
+    pub fn adapter_description(&self) -> String {
+        self.ctx.adapter_description()
+    }
+
+    pub fn is_software(&self) -> bool {
+        self.ctx.is_software()
+    }
+
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    /// Tokens per forward pass.
+    pub fn n_batch(&self) -> usize {
+        self.n_batch
+    }
+
+    /// Bytes of KV storage on the GPU (f16 slots of the owning layers only).
+    pub fn kv_bytes(&self) -> usize {
+        self.kv_bytes
+    }
+
+    /// KV slots allocated: one per owning layer.
+    pub fn n_slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn reset(&mut self) {
+        self.n_past = 0;
+    }
+
+    /// Drops everything after the first `n` tokens (later cells are never read).
+    pub fn truncate(&mut self, n: usize) {
+        self.n_past = self.n_past.min(n);
+    }
+
+    /// Appends `tokens` and returns logits: the last token's, every token's, or none.
+    pub fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, GpuError> {
+        self.check(tokens)?;
+        let n_vocab = self.model.config.n_vocab;
+        let mut out = Vec::new();
+        let chunks: Vec<&[u32]> = tokens.chunks(self.n_batch).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            let want = match logits {
+                Logits::Last if !last => Logits::None,
+                other => other,
+            };
+            let rows = match want {
+                Logits::All => chunk.len(),
+                Logits::Last => 1,
+                Logits::None => 0,
+            };
+            let bytes = self.pass(chunk, want, false, (rows * n_vocab * 4) as u64)?;
+            out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Appends `tokens` and returns the id of the last token's largest logit,
+    /// computed on the GPU (greedy decoding reads back 4 bytes, not the vocabulary).
+    pub fn eval_argmax(&mut self, tokens: &[u32]) -> Result<u32, GpuError> {
+        self.check(tokens)?;
+        let chunks: Vec<&[u32]> = tokens.chunks(self.n_batch).collect();
+        let mut id = 0;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            let want = if last { Logits::Last } else { Logits::None };
+            let bytes = self.pass(chunk, want, last, if last { 4 } else { 0 })?;
+            if last {
+                id = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            }
+        }
+        Ok(id)
+    }
+
+    fn check(&self, tokens: &[u32]) -> Result<(), GpuError> {
+        if tokens.is_empty() {
+            return Err(GpuError::Empty);
+        }
+        let needed = self.n_past + tokens.len();
+        if needed > self.n_ctx {
+            return Err(GpuError::ContextFull {
+                needed,
+                n_ctx: self.n_ctx,
+            });
+        }
+        let n_vocab = self.model.config.n_vocab;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(GpuError::BadToken { id, n_vocab });
+        }
+        Ok(())
+    }
+
+    /// One forward pass of at most n_batch tokens at position n_past: one command
+    /// encoder, one compute pass, then `read` bytes of logits (or of the argmax)
+    /// copied back.
+    fn pass(
+        &mut self,
+        tokens: &[u32],
+        logits: Logits,
+        argmax: bool,
+        read: u64,
+    ) -> Result<Vec<u8>, GpuError> {
+        let n = tokens.len() as u32;
+        let pos0 = self.n_past as u32;
+        let ctx = &self.ctx;
+        let out = ctx.scoped("a forward pass", || {
+            ctx.queue
+                .write_buffer(&self.step, 0, bytemuck::cast_slice(&[n, pos0, 0u32, 0u32]));
+            ctx.queue
+                .write_buffer(&self.act.tokens, 0, bytemuck::cast_slice(tokens));
+            let c = &self.model.config;
+            let table = rope_table(
+                pos0 as usize,
+                tokens.len(),
+                c.head_dim,
+                c.rope_freq_base,
+                c.rope_freq_scale,
+                self.rope_factors.as_deref(),
+            );
+            ctx.queue
+                .write_buffer(&self.act.rope, 0, bytemuck::cast_slice(&table));
+            let mut encoder = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("forward"),
+                });
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("forward"),
+                    timestamp_writes: None,
+                });
+                let tail: Vec<&Op> = match logits {
+                    Logits::All => vec![&self.logits_all],
+                    Logits::Last if argmax => vec![&self.logits_last, &self.argmax],
+                    Logits::Last => vec![&self.logits_last],
+                    Logits::None => vec![],
+                };
+                for op in self.layers.iter().chain(tail) {
+                    self.record(&mut pass, op, n);
+                }
+            }
+            if read == 0 {
+                ctx.queue.submit([encoder.finish()]);
+                return Ok(Vec::new());
+            }
+            let src = if argmax {
+                &self.act.argmax
+            } else {
+                &self.act.logits
+            };
+            read_back(ctx, encoder, src, read, &self.staging)
+        })?;
+        self.n_past += tokens.len();
+        Ok(out)
+    }
+
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>, op: &Op, n: u32) {
+        match op.grid {
+            Grid::Matmul {
+                ty,
+                rows,
+                last_only,
+            } => {
+                if last_only || n == 1 {
+                    let (x, y) = matvec_grid(rows);
+                    pass.set_pipeline(&op.pipeline);
+                    pass.set_bind_group(0, &op.group, &[]);
+                    pass.dispatch_workgroups(x, y, 1);
+                } else {
+                    let (x, y) = tiled_grid(rows, n);
+                    pass.set_pipeline(&self.kernels.matmul_for(ty).tiled.pipeline);
+                    pass.set_bind_group(0, &op.group, &[]);
+                    pass.dispatch_workgroups(x, y, 1);
+                }
+            }
+            Grid::PerToken(x) => {
+                pass.set_pipeline(&op.pipeline);
+                pass.set_bind_group(0, &op.group, &[]);
+                pass.dispatch_workgroups(x, n, 1);
+            }
+            Grid::Attention { n_head } => {
+                pass.set_bind_group(0, &op.group, &[]);
+                // With ggml rounding, follow the path ggml's CPU flash attention takes
+                // for this pass (it splits keys across threads once the padded cache
+                // view reaches 512 cells, and goes tiled f32 from 64 queries).
+                let padded = (self.n_past + 1).next_multiple_of(256).min(self.n_ctx);
+                if n == 1 && (!self.ggml_rounding || padded >= 512) {
+                    let n_splits = (self.n_past as u32 + 1).div_ceil(SPLIT_LEN);
+                    pass.set_pipeline(&self.kernels.attn_split.pipeline);
+                    pass.dispatch_workgroups(n_head, n_splits, 1);
+                    pass.set_pipeline(&self.kernels.attn_combine.pipeline);
+                    pass.dispatch_workgroups(n_head, 1, 1);
+                } else if self.ggml_rounding && n < 64 {
+                    pass.set_pipeline(&self.kernels.attn_f16_serial.pipeline);
+                    pass.dispatch_workgroups(n_head, n, 1);
+                } else {
+                    pass.set_pipeline(&op.pipeline);
+                    pass.dispatch_workgroups(n_head, n, 1);
+                }
+            }
+            Grid::Single => {
+                pass.set_pipeline(&op.pipeline);
+                pass.set_bind_group(0, &op.group, &[]);
+                pass.dispatch_workgroups(1, 1, 1);
+            }
+        }
+    }
+}
+
+impl crate::generate::TokenEval for GpuSession<'_> {
+    type Error = GpuError;
+    fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, GpuError> {
+        GpuSession::eval(self, tokens, logits)
+    }
+    fn n_past(&self) -> usize {
+        self.n_past
+    }
+    fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+}
