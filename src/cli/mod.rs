@@ -241,6 +241,13 @@ impl TokenEval for Runner<'_> {
             Runner::Gpu(s) => s.n_ctx(),
         }
     }
+    fn evicts(&self) -> bool {
+        match self {
+            Runner::Cpu(s) => s.window().is_some(),
+            #[cfg(feature = "wgpu")]
+            Runner::Gpu(_) => false,
+        }
+    }
 }
 
 impl ModelArgs {
