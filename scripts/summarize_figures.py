@@ -12,7 +12,10 @@ def load(name):
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError:
+            return None  # a run still writing, or one that failed
 
 
 def mib(n):
