@@ -33,6 +33,8 @@ pub enum CalibrateError {
     Target { target: usize, n_layers: usize },
     #[error("calibration: threshold must be a number in [-1, 1], got {0}")]
     Threshold(f32),
+    #[error("search strategy: {0}")]
+    Strategy(String),
     #[error(transparent)]
     Session(#[from] SessionError),
     #[error(transparent)]
@@ -365,6 +367,10 @@ pub struct PairTrial {
     /// The step of a stepwise strategy (greedy, beam) that evaluated this pair.
     #[serde(default)]
     pub step: Option<usize>,
+    /// Seconds from the start of the search (after the capture) to this trial's end,
+    /// so the time to reach any smaller target can be read off one run.
+    #[serde(default)]
+    pub seconds: Option<f64>,
 }
 
 /// Progress of the search, for a progress bar.
@@ -469,6 +475,7 @@ pub fn search(
             kept,
             kld: None,
             step: None,
+            seconds: Some(t1.elapsed().as_secs_f64()),
         });
         if kept {
             map = candidate;

@@ -201,9 +201,11 @@ impl KlReference {
     }
 }
 
+/// `ln sum exp(l)`, exponentials in f32 (each term is below 1 after subtracting the
+/// max, so its relative error is ~1e-7) summed in f64.
 fn log_sum_exp(l: &[f32]) -> f64 {
     let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = l.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let sum: f64 = l.iter().map(|&x| (x - max).exp() as f64).sum();
     max as f64 + sum.ln()
 }
 
@@ -398,14 +400,14 @@ pub fn run(
 
 fn check_strategy(strat: &StrategyOptions) -> Result<(), CalibrateError> {
     if strat.beam == 0 {
-        return Err(CalibrateError::Corpus("--beam must be at least 1".into()));
+        return Err(CalibrateError::Strategy("--beam must be at least 1".into()));
     }
     if strat.candidates == Some(0) {
-        return Err(CalibrateError::Corpus("--candidates must be at least 1".into()));
+        return Err(CalibrateError::Strategy("--candidates must be at least 1".into()));
     }
     if let Some(m) = strat.max_kld {
         if !(m.is_finite() && m >= 0.0) {
-            return Err(CalibrateError::Corpus(format!(
+            return Err(CalibrateError::Strategy(format!(
                 "--max-kld must be a non-negative number, got {m}"
             )));
         }
@@ -463,6 +465,8 @@ pub fn step_pairs(map: &ShareMap, scores: &[Vec<f32>], keep: Option<usize>) -> V
 struct BeamEntry {
     run: MapRun,
     scores: Scores,
+    /// Indices into the trials of the pairs accepted on the way to this map.
+    trail: Vec<usize>,
 }
 
 fn stepwise(
@@ -519,6 +523,7 @@ fn stepwise(
             cosine: 1.0,
             kld: reference.as_ref().map(|_| 0.0),
         },
+        trail: Vec::new(),
     }];
     let mut trials: Vec<PairTrial> = Vec::new();
     let mut stopped: Option<String> = None;
@@ -542,8 +547,6 @@ fn stepwise(
         let of = work.len();
         let mut next: Vec<BeamEntry> = Vec::new();
         let mut best_seen: Option<Scores> = None;
-        let first_trial = trials.len();
-        let mut trial_of_entry: Vec<usize> = Vec::new();
         for (n, &(b, i, j)) in work.iter().enumerate() {
             let mut run = eval.candidate(&beams[b].run, i, j)?;
             let s = score(&run);
@@ -557,6 +560,7 @@ fn stepwise(
                 kept: false,
                 kld: s.kld,
                 step: Some(step + 1),
+                seconds: Some(t1.elapsed().as_secs_f64()),
             });
             if best_seen.is_none_or(|bs| s.key(objective) < bs.key(objective)) {
                 best_seen = Some(s);
@@ -567,10 +571,17 @@ fn stepwise(
                     .position(|e| s.key(objective) < e.scores.key(objective))
                     .unwrap_or(next.len());
                 if pos < width {
-                    next.insert(pos, BeamEntry { run, scores: s });
-                    trial_of_entry.insert(pos, trials.len() - 1);
+                    let mut trail = beams[b].trail.clone();
+                    trail.push(trials.len() - 1);
+                    next.insert(
+                        pos,
+                        BeamEntry {
+                            run,
+                            scores: s,
+                            trail,
+                        },
+                    );
                     next.truncate(width);
-                    trial_of_entry.truncate(width);
                 }
             }
             progress(&SearchProgress {
@@ -602,10 +613,6 @@ fn stepwise(
             });
             break;
         }
-        for &t in &trial_of_entry {
-            trials[t].kept = true;
-        }
-        debug_assert!(trials[first_trial..].iter().any(|t| t.kept));
         beams = next;
     }
     let best = beams.swap_remove(0);
@@ -619,12 +626,9 @@ fn stepwise(
         None => measure_kld(model, &set, opts.threads, &best.run.map)?,
     };
     let report_seconds = t2.elapsed().as_secs_f64();
-    if width > 1 {
-        // Only the pairs on the winning path count as kept in the report.
-        let path = best.run.map.pairs();
-        for t in trials.iter_mut() {
-            t.kept = t.kept && path.contains(&(t.layer, t.resolved_source));
-        }
+    // Kept: the pairs on the winning map's path.
+    for &t in &best.trail {
+        trials[t].kept = true;
     }
     let outcome = match stopped {
         _ if shared >= opts.target => format!("target met: {shared} of {n_layers} layers shared"),
