@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod chat;
+pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;

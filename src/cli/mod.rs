@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod calibrate;
 pub mod info;
+pub mod perplexity;
 pub mod run;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +47,8 @@ pub enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Write a copy of a model with a KV sharing map stored in its metadata
     Share(calibrate::ShareArgs),
+    /// Measure perplexity on a text file (llama-perplexity's method); with --kv-share, also KL divergence against the unshared model
+    Perplexity(perplexity::PerplexityArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -56,6 +59,7 @@ pub fn main() -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Calibrate(a) => calibrate::calibrate(a),
         Command::Share(a) => calibrate::share(a),
+        Command::Perplexity(a) => perplexity::run(a),
     }
 }
 
