@@ -65,6 +65,7 @@ fn strategy(strategy: Strategy, objective: Objective) -> StrategyOptions {
         max_kld: None,
         beam: 2,
         candidates: None,
+        lazy: true,
     }
 }
 
@@ -99,7 +100,11 @@ fn greedy_picks_the_one_harmless_pair_and_the_paper_does_not() {
     );
     eprintln!("paper:\n{}", report::trials_table(&paper));
     for objective in [Objective::Kld, Objective::Cosine] {
-        let r = run(&loaded, &calib(1, 0.5), &strategy(Strategy::Greedy, objective));
+        let r = run(
+            &loaded,
+            &calib(1, 0.5),
+            &strategy(Strategy::Greedy, objective),
+        );
         eprintln!("greedy {objective:?}:\n{}", report::trials_table(&r));
         assert_eq!(r.map.pairs(), vec![(1, 0)], "{objective:?}: {}", r.map);
         assert_eq!(r.strategy, Strategy::Greedy);
@@ -157,7 +162,16 @@ fn prefix_candidate_runs_equal_full_runs_in_any_sequence() {
     // Increasing, decreasing and repeated layers, with near and far sources: with a
     // cache shared between candidates, a run from a low layer would corrupt the slots
     // a later one from a higher layer reads.
-    let sequence = [(5, 3), (3, 0), (5, 4), (2, 1), (5, 3), (1, 0), (3, 2), (5, 0)];
+    let sequence = [
+        (5, 3),
+        (3, 0),
+        (5, 4),
+        (2, 1),
+        (5, 3),
+        (1, 0),
+        (3, 2),
+        (5, 0),
+    ];
     let mut mid_network = 0;
     for (i, j) in sequence {
         let got = eval.candidate(&current, i, j).unwrap();
@@ -167,12 +181,19 @@ fn prefix_candidate_runs_equal_full_runs_in_any_sequence() {
         if got.start > 0 {
             mid_network += 1;
         }
-        assert!(got.start <= want_map.source(i), "{i}<-{j}: start {}", got.start);
+        assert!(
+            got.start <= want_map.source(i),
+            "{i}<-{j}: start {}",
+            got.start
+        );
         let (gc, gk) = objectives(&got);
         let (wc, wk) = objectives(&want);
         assert!((gc - wc).abs() < 1e-5, "{i}<-{j}: cosine {gc} vs {wc}");
         assert!((gk - wk).abs() < 1e-5, "{i}<-{j}: KLD {gk} vs {wk}");
-        assert!(wk > 1e-4, "{i}<-{j}: candidate should change the output ({wk})");
+        assert!(
+            wk > 1e-4,
+            "{i}<-{j}: candidate should change the output ({wk})"
+        );
         let d = max_diff(&got.logits, &want.logits);
         assert!(d < 1e-4, "{i}<-{j}: logits differ by {d}");
         // The inputs the search keeps for an accepted candidate are those a full
@@ -183,7 +204,10 @@ fn prefix_candidate_runs_equal_full_runs_in_any_sequence() {
             assert!(d < 1e-5, "{i}<-{j}: layer {l} input differs by {d}");
         }
     }
-    assert!(mid_network >= 5, "only {mid_network} runs started mid-network");
+    assert!(
+        mid_network >= 5,
+        "only {mid_network} runs started mid-network"
+    );
 
     // A candidate of an accepted candidate (the next greedy step) as well.
     let accepted = eval.candidate(&current, 5, 4).unwrap();
@@ -234,7 +258,10 @@ fn greedy_accepts_each_steps_best_and_reports_what_a_fresh_run_measures() {
             .map(|t| t.kld.unwrap())
             .fold(f32::INFINITY, f32::min);
         assert_eq!(kept[0].kld.unwrap(), best, "step {step}");
-        assert!(r.map.pairs().contains(&(kept[0].layer, r.map.source(kept[0].layer))));
+        assert!(r
+            .map
+            .pairs()
+            .contains(&(kept[0].layer, r.map.source(kept[0].layer))));
     }
     assert_eq!(r.trials.iter().filter(|t| t.step == Some(1)).count(), 15);
     // The reported objectives equal a fresh measurement of the final map.
@@ -245,6 +272,68 @@ fn greedy_accepts_each_steps_best_and_reports_what_a_fresh_run_measures() {
     let last_kept = r.trials.iter().rfind(|t| t.kept).unwrap();
     assert_eq!(last_kept.kld, Some(kld));
     assert_eq!(last_kept.cosine, r.mean_cosine);
+}
+
+#[test]
+fn lazy_greedy_skips_only_pairs_whose_last_harm_could_not_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let loaded = loader::load(&plain_model(dir.path())).unwrap();
+    let eager = run(
+        &loaded,
+        &calib(3, 0.5),
+        &StrategyOptions {
+            lazy: false,
+            ..strategy(Strategy::Greedy, Objective::Kld)
+        },
+    );
+    let lazy = run(
+        &loaded,
+        &calib(3, 0.5),
+        &strategy(Strategy::Greedy, Objective::Kld),
+    );
+    eprintln!("lazy:\n{}", report::trials_table(&lazy));
+    assert!(lazy.lazy && !eager.lazy);
+    assert!(
+        lazy.trials.len() < eager.trials.len(),
+        "lazy {} vs eager {} evaluations",
+        lazy.trials.len(),
+        eager.trials.len()
+    );
+    // Replay: at each step, a pair not evaluated had, when last evaluated, done at
+    // least as much harm as the accepted pair did now.
+    let mut map = ShareMap::identity(N_LAYERS);
+    let mut current = 0f32;
+    let mut last_harm: std::collections::HashMap<(usize, usize), f32> = Default::default();
+    for step in 1..=3 {
+        let trials: Vec<_> = lazy
+            .trials
+            .iter()
+            .filter(|t| t.step == Some(step))
+            .collect();
+        let kept = trials
+            .iter()
+            .find(|t| t.kept)
+            .expect("a kept pair per step");
+        let accepted_harm = kept.kld.unwrap() - current;
+        for (i, j) in search::allowed_pairs(&map) {
+            if trials.iter().any(|t| (t.layer, t.source) == (i, j)) {
+                continue;
+            }
+            let h = last_harm[&(i, j)];
+            assert!(
+                h >= accepted_harm,
+                "step {step}: {i}<-{j} skipped with harm {h} < {accepted_harm}"
+            );
+        }
+        for t in &trials {
+            last_harm.insert((t.layer, t.source), t.kld.unwrap() - current);
+        }
+        map = map.with_shared(kept.layer, kept.source).unwrap();
+        current = kept.kld.unwrap();
+    }
+    assert_eq!(map, lazy.map);
+    // Step 1 has nothing to go by: it evaluates every pair.
+    assert_eq!(lazy.trials.iter().filter(|t| t.step == Some(1)).count(), 15);
 }
 
 #[test]
@@ -295,6 +384,7 @@ fn candidates_prefilter_limits_each_step() {
     let loaded = loader::load(&plain_model(dir.path())).unwrap();
     let strat = StrategyOptions {
         candidates: Some(4),
+        lazy: false,
         ..strategy(Strategy::Greedy, Objective::Cosine)
     };
     let r = run(&loaded, &calib(2, 0.5), &strat);
@@ -354,7 +444,8 @@ fn stored_map_records_strategy_and_both_objectives() {
     // The report directory round-trips the map and names both objectives.
     let (json, svg) = report::write_report_dir(&r, &dir.path().join("rep")).unwrap();
     assert_eq!(report::read_report_map(&json, N_LAYERS).unwrap(), r.map);
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     assert_eq!(v["strategy"], "greedy");
     assert_eq!(v["objective"], "kld");
     assert!(v["mean_kld"].as_f64().is_some());
@@ -378,7 +469,14 @@ fn old_reports_without_strategy_fields_still_parse_as_paper() {
     )
     .unwrap();
     let mut v = serde_json::to_value(&r).unwrap();
-    for key in ["strategy", "objective", "mean_kld", "max_kld", "beam", "candidates"] {
+    for key in [
+        "strategy",
+        "objective",
+        "mean_kld",
+        "max_kld",
+        "beam",
+        "candidates",
+    ] {
         v.as_object_mut().unwrap().remove(key);
     }
     for t in v["trials"].as_array_mut().unwrap() {
@@ -406,11 +504,37 @@ fn cli_runs_each_strategy_and_rejects_bad_strategy_flags() {
     let dir = tempfile::tempdir().unwrap();
     let model = planted_model(dir.path());
     let m = model.to_str().unwrap();
-    let common = ["calibrate", "-m", m, "--samples", "6", "--tokens", "32", "-t", "2"];
+    let common = [
+        "calibrate",
+        "-m",
+        m,
+        "--samples",
+        "6",
+        "--tokens",
+        "32",
+        "-t",
+        "2",
+    ];
     for (flags, want) in [
-        (vec!["--strategy", "greedy", "--candidates", "all"], "[0,0,2,3,4,5]"),
-        (vec!["--strategy", "greedy", "--objective", "cosine", "--candidates", "all"], "[0,0,2,3,4,5]"),
-        (vec!["--strategy", "beam", "--beam", "2", "--candidates", "all"], "[0,0,2,3,4,5]"),
+        (
+            vec!["--strategy", "greedy", "--candidates", "all"],
+            "[0,0,2,3,4,5]",
+        ),
+        (
+            vec![
+                "--strategy",
+                "greedy",
+                "--objective",
+                "cosine",
+                "--candidates",
+                "all",
+            ],
+            "[0,0,2,3,4,5]",
+        ),
+        (
+            vec!["--strategy", "beam", "--beam", "2", "--candidates", "all"],
+            "[0,0,2,3,4,5]",
+        ),
     ] {
         let rep = dir.path().join(flags.join("_"));
         let mut args: Vec<&str> = common.to_vec();
@@ -422,7 +546,10 @@ fn cli_runs_each_strategy_and_rejects_bad_strategy_flags() {
         assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), want, "{flags:?}");
         assert!(err.contains("mean KLD"), "{flags:?}: {err}");
         let json = std::fs::read_to_string(rep.join("report.json")).unwrap();
-        assert!(json.contains(&format!("\"strategy\": \"{}\"", flags[1])), "{json}");
+        assert!(
+            json.contains(&format!("\"strategy\": \"{}\"", flags[1])),
+            "{json}"
+        );
     }
     for (flags, want) in [
         (vec!["--candidates", "0"], "--candidates"),
@@ -458,16 +585,26 @@ fn timing_breakdown_on_the_default_model() {
     eprintln!("full run with logits: {:.2} s", t.elapsed().as_secs_f64());
     let t = Instant::now();
     let (_, _) = without.full(&ShareMap::identity(n)).unwrap();
-    eprintln!("full run without logits: {:.2} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "full run without logits: {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
     let t = Instant::now();
     let reference = KlReference::new(&base.logits, loaded.model.config.n_vocab);
     eprintln!("KL reference: {:.2} s", t.elapsed().as_secs_f64());
     let t = Instant::now();
     let k = reference.mean_kld(&base.logits, 2);
-    eprintln!("one KL evaluation: {:.2} s ({k})", t.elapsed().as_secs_f64());
+    eprintln!(
+        "one KL evaluation: {:.2} s ({k})",
+        t.elapsed().as_secs_f64()
+    );
     for (i, j) in [(29, 28), (20, 19), (10, 9)] {
         let t = Instant::now();
         let c = with_logits.candidate(&base, i, j).unwrap();
-        eprintln!("candidate {i}<-{j} (start {}): {:.2} s", c.start, t.elapsed().as_secs_f64());
+        eprintln!(
+            "candidate {i}<-{j} (start {}): {:.2} s",
+            c.start,
+            t.elapsed().as_secs_f64()
+        );
     }
 }

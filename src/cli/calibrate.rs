@@ -97,6 +97,10 @@ pub struct StrategyArgs {
     /// Pairs evaluated per step: the K most similar by the paper's distance, or "all"
     #[arg(long = "candidates", value_name = "K|all", default_value = "12", value_parser = parse_candidates)]
     pub candidates: Candidates,
+    /// Greedy: re-evaluate every candidate at every step (default: skip pairs whose
+    /// last measured harm shows they cannot be the step's best)
+    #[arg(long = "no-lazy")]
+    pub no_lazy: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -128,6 +132,7 @@ impl Default for StrategyArgs {
             max_kld: d.max_kld,
             beam: d.beam,
             candidates: Candidates(d.candidates),
+            no_lazy: !d.lazy,
         }
     }
 }
@@ -147,6 +152,7 @@ impl StrategyArgs {
             max_kld: self.max_kld,
             beam: self.beam,
             candidates: self.candidates.0,
+            lazy: !self.no_lazy,
         }
     }
 
@@ -156,7 +162,13 @@ impl StrategyArgs {
         let k = o.candidates.map_or("all".to_string(), |k| k.to_string());
         match o.strategy {
             Strategy::Paper => "paper".to_string(),
-            s => format!("{}-{}-c{k}-w{}", s.name(), o.objective.name(), o.beam),
+            s => format!(
+                "{}-{}-c{k}-w{}{}",
+                s.name(),
+                o.objective.name(),
+                o.beam,
+                if o.lazy { "-lazy" } else { "" }
+            ),
         }
     }
 }

@@ -421,6 +421,9 @@ pub struct SearchResult {
     /// Pre-filter of the stepwise strategies: candidates per step.
     #[serde(default)]
     pub candidates: Option<usize>,
+    /// Whether greedy skipped pairs that could not win a step (lazy evaluation).
+    #[serde(default)]
+    pub lazy: bool,
     /// Seconds spent measuring the objective the search did not use for the final map.
     #[serde(default)]
     pub report_seconds: f64,
@@ -518,6 +521,7 @@ pub fn search(
         max_kld: None,
         beam: None,
         candidates: None,
+        lazy: false,
         report_seconds: 0.0,
     })
 }

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use crate::gguf::{Array, Value};
 use crate::share::calibrate::SearchResult;
 use crate::share::{
-    ShareMap, FORMAT_VERSION, KEY_CORPUS_SHA256, KEY_MEAN_COSINE, KEY_MEAN_KLD,
-    KEY_SAMPLE_COUNT, KEY_SHARED_COUNT, KEY_SOURCE_LAYER, KEY_STRATEGY, KEY_THRESHOLD,
-    KEY_TOKENS_PER_SAMPLE, KEY_VERSION,
+    ShareMap, FORMAT_VERSION, KEY_CORPUS_SHA256, KEY_MEAN_COSINE, KEY_MEAN_KLD, KEY_SAMPLE_COUNT,
+    KEY_SHARED_COUNT, KEY_SOURCE_LAYER, KEY_STRATEGY, KEY_THRESHOLD, KEY_TOKENS_PER_SAMPLE,
+    KEY_VERSION,
 };
 
 /// The `kvsharer.*` metadata for a search result (see `shared/KVSHARER.md`).

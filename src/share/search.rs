@@ -95,6 +95,9 @@ pub struct StrategyOptions {
     /// Evaluate only this many pairs per step (per beam entry), the most similar by
     /// the paper's distance score; `None` evaluates every allowed pair.
     pub candidates: Option<usize>,
+    /// Greedy only: re-evaluate a pair in a later step only while the harm it did
+    /// when last evaluated leaves it a chance to be the step's best.
+    pub lazy: bool,
 }
 
 impl Default for StrategyOptions {
@@ -105,6 +108,7 @@ impl Default for StrategyOptions {
             max_kld: None,
             beam: 3,
             candidates: Some(DEFAULT_CANDIDATES),
+            lazy: true,
         }
     }
 }
@@ -272,7 +276,11 @@ impl<'m> PrefixEvaluator<'m> {
 
     fn request(&self) -> ForwardRequest {
         ForwardRequest {
-            logits: if self.logits { Logits::All } else { Logits::None },
+            logits: if self.logits {
+                Logits::All
+            } else {
+                Logits::None
+            },
             hidden: true,
             layer_inputs: true,
         }
@@ -394,7 +402,9 @@ pub fn run(
             r.report_seconds = t.elapsed().as_secs_f64();
             Ok(r)
         }
-        Strategy::Greedy | Strategy::Beam => stepwise(model, tokenizer, corpus, opts, strat, progress),
+        Strategy::Greedy | Strategy::Beam => {
+            stepwise(model, tokenizer, corpus, opts, strat, progress)
+        }
     }
 }
 
@@ -403,7 +413,9 @@ fn check_strategy(strat: &StrategyOptions) -> Result<(), CalibrateError> {
         return Err(CalibrateError::Strategy("--beam must be at least 1".into()));
     }
     if strat.candidates == Some(0) {
-        return Err(CalibrateError::Strategy("--candidates must be at least 1".into()));
+        return Err(CalibrateError::Strategy(
+            "--candidates must be at least 1".into(),
+        ));
     }
     if let Some(m) = strat.max_kld {
         if !(m.is_finite() && m >= 0.0) {
@@ -527,6 +539,10 @@ fn stepwise(
     }];
     let mut trials: Vec<PairTrial> = Vec::new();
     let mut stopped: Option<String> = None;
+    // Lazy greedy (Minoux's accelerated greedy): the objective's increase each pair
+    // caused when it was last evaluated, to skip pairs that cannot win this step.
+    let lazy = width == 1 && strat.lazy;
+    let mut harm: std::collections::HashMap<(usize, usize), f64> = Default::default();
     for step in 0..opts.target {
         let mut work: Vec<(usize, usize, usize)> = Vec::new();
         for (b, entry) in beams.iter().enumerate() {
@@ -544,13 +560,32 @@ fn stepwise(
             _ => false,
         });
         work.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)).then(a.2.cmp(&b.2)));
+        if lazy {
+            // Pairs never measured first, then by the harm they did when last measured.
+            let stale = |p: &(usize, usize, usize)| harm.get(&(p.1, p.2)).copied();
+            work.sort_by(|a, b| match (stale(a), stale(b)) {
+                (None, None) => std::cmp::Ordering::Equal,
+                (None, Some(_)) => std::cmp::Ordering::Less,
+                (Some(_), None) => std::cmp::Ordering::Greater,
+                (Some(x), Some(y)) => x.total_cmp(&y),
+            });
+        }
         let of = work.len();
+        let current_key = beams[0].scores.key(objective);
         let mut next: Vec<BeamEntry> = Vec::new();
         let mut best_seen: Option<Scores> = None;
         for (n, &(b, i, j)) in work.iter().enumerate() {
+            if let (true, Some(best), Some(&h)) = (lazy, best_seen, harm.get(&(i, j))) {
+                // Every pair left did at least this much harm last time; assuming harm
+                // does not shrink as more layers share, none can beat the best.
+                if current_key + h >= best.key(objective) {
+                    break;
+                }
+            }
             let mut run = eval.candidate(&beams[b].run, i, j)?;
             let s = score(&run);
             run.logits = Vec::new();
+            harm.insert((i, j), s.key(objective) - current_key);
             trials.push(PairTrial {
                 layer: i,
                 source: j,
@@ -636,7 +671,10 @@ fn stepwise(
             "target NOT met: {shared} of the {} requested layers shared; {why}",
             opts.target
         ),
-        None => format!("target NOT met: {shared} of the {} requested layers shared", opts.target),
+        None => format!(
+            "target NOT met: {shared} of the {} requested layers shared",
+            opts.target
+        ),
     };
     Ok(SearchResult {
         map: best.run.map,
@@ -659,6 +697,7 @@ fn stepwise(
         max_kld: strat.max_kld,
         beam: (strat.strategy == Strategy::Beam).then_some(width),
         candidates: strat.candidates,
+        lazy,
         report_seconds,
     })
 }
@@ -680,7 +719,9 @@ mod tests {
 
     #[test]
     fn kl_of_identical_distributions_is_zero() {
-        let logits: Vec<f32> = (0..3 * 50).map(|k| ((k * 37 % 23) as f32) * 0.4 - 3.0).collect();
+        let logits: Vec<f32> = (0..3 * 50)
+            .map(|k| ((k * 37 % 23) as f32) * 0.4 - 3.0)
+            .collect();
         let r = KlReference::new(&logits, 50);
         assert_eq!(r.rows(), 3);
         for t in [1, 2, 4] {
@@ -692,14 +733,22 @@ mod tests {
     #[test]
     fn kl_matches_the_textbook_formula() {
         let n = 40;
-        let p: Vec<f32> = (0..2 * n).map(|k| ((k * 13 % 17) as f32) * 0.3 - 2.0).collect();
-        let q: Vec<f32> = (0..2 * n).map(|k| ((k * 7 % 11) as f32) * 0.5 - 1.0).collect();
+        let p: Vec<f32> = (0..2 * n)
+            .map(|k| ((k * 13 % 17) as f32) * 0.3 - 2.0)
+            .collect();
+        let q: Vec<f32> = (0..2 * n)
+            .map(|k| ((k * 7 % 11) as f32) * 0.5 - 1.0)
+            .collect();
         let r = KlReference::new(&p, n);
         let rows = r.row_klds(&q, 2);
         for row in 0..2 {
             let want = naive_kl(&p[row * n..(row + 1) * n], &q[row * n..(row + 1) * n]);
             assert!(want > 0.01, "test distributions too close: {want}");
-            assert!((rows[row] - want).abs() < 1e-5 * want.max(1.0), "{} vs {want}", rows[row]);
+            assert!(
+                (rows[row] - want).abs() < 1e-5 * want.max(1.0),
+                "{} vs {want}",
+                rows[row]
+            );
         }
         // Shifting logits by a constant leaves the distribution unchanged.
         let shifted: Vec<f32> = p.iter().map(|x| x + 5.0).collect();
