@@ -11,7 +11,8 @@ use sha2::{Digest, Sha256};
 
 use kvsharer::gguf::{self, GgufFile};
 use kvsharer::loader::LoadedModel;
-use kvsharer::share::calibrate::{self, CalibrationOptions, Corpus, PairOrder, SearchResult};
+use kvsharer::share::calibrate::{CalibrationOptions, Corpus, PairOrder, SearchResult};
+use kvsharer::share::search::{self, Objective, Strategy, StrategyOptions};
 use kvsharer::share::{report, ShareMap};
 
 use super::ModelArgs;
@@ -61,7 +62,125 @@ pub struct SearchArgs {
     /// Use the map in this report.json instead of searching (share only)
     #[arg(long = "map", value_name = "REPORT_JSON", hide = true)]
     pub map: Option<PathBuf>,
+    #[command(flatten)]
+    pub strategy: StrategyArgs,
 }
+
+// ---- Search strategies (share::search) ----
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum StrategyArg {
+    /// The paper's: pairs in --order, kept while the cosine stays above --threshold
+    Paper,
+    /// At every step, the pair that keeps the model closest to the unshared one
+    Greedy,
+    /// Like greedy, keeping the --beam best maps at every step
+    Beam,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ObjectiveArg {
+    /// Mean KL divergence of next-token distributions from the unshared model
+    Kld,
+    /// Mean cosine of the final hidden states (the paper's measure)
+    Cosine,
+}
+
+/// How the map is searched for; the paper's own settings are the flags above.
+#[derive(Args, Debug, Clone)]
+pub struct StrategyArgs {
+    /// Search strategy
+    #[arg(long = "strategy", value_enum, default_value_t = StrategyArg::Greedy)]
+    pub strategy: StrategyArg,
+    /// What greedy and beam minimise (kld) or maximise (cosine)
+    #[arg(long = "objective", value_enum, default_value_t = ObjectiveArg::Kld)]
+    pub objective: ObjectiveArg,
+    /// Greedy/beam with kld: stop before the mean KLD would exceed this (cosine: --threshold)
+    #[arg(long = "max-kld", value_name = "KLD")]
+    pub max_kld: Option<f32>,
+    /// Maps kept per step by --strategy beam
+    #[arg(long = "beam", value_name = "W", default_value_t = 3)]
+    pub beam: usize,
+    /// Pairs evaluated per step: the K most similar by the paper's distance, or "all"
+    #[arg(long = "candidates", value_name = "K|all", default_value = "12", value_parser = parse_candidates)]
+    pub candidates: Candidates,
+    /// Greedy: re-evaluate every candidate at every step (default: skip pairs whose
+    /// last measured harm shows they cannot be the step's best)
+    #[arg(long = "no-lazy")]
+    pub no_lazy: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Candidates(pub Option<usize>);
+
+fn parse_candidates(s: &str) -> std::result::Result<Candidates, String> {
+    if s.eq_ignore_ascii_case("all") {
+        return Ok(Candidates(None));
+    }
+    match s.parse::<usize>() {
+        Ok(0) | Err(_) => Err(format!("expected a positive count or \"all\", got {s:?}")),
+        Ok(k) => Ok(Candidates(Some(k))),
+    }
+}
+
+impl Default for StrategyArgs {
+    fn default() -> Self {
+        let d = StrategyOptions::default();
+        StrategyArgs {
+            strategy: match d.strategy {
+                Strategy::Paper => StrategyArg::Paper,
+                Strategy::Greedy => StrategyArg::Greedy,
+                Strategy::Beam => StrategyArg::Beam,
+            },
+            objective: match d.objective {
+                Objective::Kld => ObjectiveArg::Kld,
+                Objective::Cosine => ObjectiveArg::Cosine,
+            },
+            max_kld: d.max_kld,
+            beam: d.beam,
+            candidates: Candidates(d.candidates),
+            no_lazy: !d.lazy,
+        }
+    }
+}
+
+impl StrategyArgs {
+    fn options(&self) -> StrategyOptions {
+        StrategyOptions {
+            strategy: match self.strategy {
+                StrategyArg::Paper => Strategy::Paper,
+                StrategyArg::Greedy => Strategy::Greedy,
+                StrategyArg::Beam => Strategy::Beam,
+            },
+            objective: match self.objective {
+                ObjectiveArg::Kld => Objective::Kld,
+                ObjectiveArg::Cosine => Objective::Cosine,
+            },
+            max_kld: self.max_kld,
+            beam: self.beam,
+            candidates: self.candidates.0,
+            lazy: !self.no_lazy,
+        }
+    }
+
+    /// Part of the on-the-fly cache key.
+    fn key(&self) -> String {
+        let o = self.options();
+        let k = o.candidates.map_or("all".to_string(), |k| k.to_string());
+        match o.strategy {
+            Strategy::Paper => "paper".to_string(),
+            s => format!(
+                "{}-{}-c{k}-w{}{}",
+                s.name(),
+                o.objective.name(),
+                o.beam,
+                if o.lazy { "-lazy" } else { "" }
+            ),
+        }
+    }
+}
+
+// ---- end of search strategies ----
 
 impl SearchArgs {
     fn target(&self, n_layers: usize) -> Result<usize> {
@@ -133,6 +252,7 @@ pub fn run_search(loaded: &LoadedModel, s: &SearchArgs, threads: usize) -> Resul
         },
         threads,
     };
+    let strategy = s.strategy.options();
     let bar = ProgressBar::new(target as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -140,14 +260,32 @@ pub fn run_search(loaded: &LoadedModel, s: &SearchArgs, threads: usize) -> Resul
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    bar.set_message("capturing K/V of the unshared model");
-    let result = calibrate::search(&loaded.model, &loaded.tokenizer, &corpus, &opts, |p| {
-        bar.set_position(p.accepted as u64);
-        bar.set_message(format!(
-            "{} pairs tried, last cosine {:.4}",
-            p.tried, p.last_cosine
-        ));
-    });
+    bar.set_message(format!(
+        "{}: running the unshared model",
+        strategy.strategy.name()
+    ));
+    let result = search::run(
+        &loaded.model,
+        &loaded.tokenizer,
+        &corpus,
+        &opts,
+        &strategy,
+        |p| {
+            bar.set_position(p.accepted as u64);
+            let best = p.best.map_or("-".into(), |b| format!("{b:.5}"));
+            bar.set_message(if p.of == 0 {
+                format!("{} pairs tried, last cosine {best}", p.evaluated)
+            } else {
+                format!(
+                    "step {}: pair {}/{}, best {} {best}",
+                    p.accepted + 1,
+                    p.evaluated,
+                    p.of,
+                    p.objective.name()
+                )
+            });
+        },
+    );
     bar.finish_and_clear();
     Ok(result?)
 }
@@ -168,6 +306,7 @@ fn print_result(r: &SearchResult, n_layers: usize) {
         r.total_time().as_secs_f64(),
         r.capture_seconds
     );
+    eprintln!("{}", report::objectives_line(r));
 }
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
@@ -190,7 +329,7 @@ pub fn share(a: ShareArgs) -> Result<()> {
     let n_layers = loaded.model.config.n_layers;
     let metadata = if a.search.random_map {
         let target = a.search.target(n_layers)?;
-        let map = calibrate::random_map(n_layers, target, a.search.seed)?;
+        let map = kvsharer::share::calibrate::random_map(n_layers, target, a.search.seed)?;
         eprintln!("random map (seed {}): {map}", a.search.seed);
         report::map_metadata(&map)
     } else {
@@ -276,12 +415,14 @@ pub fn on_the_fly_map(loaded: &LoadedModel, spec: &str, threads: usize) -> Resul
         map: None,
         random_map: false,
         seed: 1,
+        strategy: StrategyArgs::default(),
     };
     let corpus = Corpus::default_corpus();
     let key = format!(
-        "{}-n{target}-t0.5-s30-k64-dissimilar-{}",
+        "{}-n{target}-t0.5-s30-k64-dissimilar-{}-{}",
         model_fingerprint(loaded.model.file())?,
-        &corpus.sha256[..16]
+        &corpus.sha256[..16],
+        search.strategy.key()
     );
     let cache = kvsharer::fetch::cache_dir()?.join("maps");
     let cached = cache.join(format!("{key}.json"));

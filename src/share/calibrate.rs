@@ -15,6 +15,7 @@ use crate::backend::graph::{ForwardRequest, Logits};
 use crate::kv::KvPart;
 use crate::model::Model;
 use crate::session::{Session, SessionError, SessionOptions};
+use crate::share::search::{Objective, Strategy};
 use crate::share::{ShareMap, ShareMapError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -32,6 +33,8 @@ pub enum CalibrateError {
     Target { target: usize, n_layers: usize },
     #[error("calibration: threshold must be a number in [-1, 1], got {0}")]
     Threshold(f32),
+    #[error("search strategy: {0}")]
+    Strategy(String),
     #[error(transparent)]
     Session(#[from] SessionError),
     #[error(transparent)]
@@ -263,10 +266,22 @@ pub fn capture(
     set: &CalibrationSet,
     threads: usize,
 ) -> Result<Capture, CalibrateError> {
-    let n_layers = model.config.n_layers;
     let eval = Evaluator::new(model, set, threads);
-    let (out, session) = eval.run_with_session(&ShareMap::identity(n_layers), false)?;
-    let width = set.seq_len * model.config.n_embd_kv();
+    let (out, session) =
+        eval.run_with_session(&ShareMap::identity(model.config.n_layers), false)?;
+    capture_from_session(&session, set, out.hidden)
+}
+
+/// Step 2 on a session that has just run the unshared model over the packed set
+/// (other strategies run that pass themselves, asking for more outputs).
+pub fn capture_from_session(
+    session: &Session<'_>,
+    set: &CalibrationSet,
+    base_hidden: Vec<f32>,
+) -> Result<Capture, CalibrateError> {
+    let config = &session.model().config;
+    let n_layers = config.n_layers;
+    let width = set.seq_len * config.n_embd_kv();
     let mut keys = Vec::with_capacity(n_layers);
     let mut values = Vec::with_capacity(n_layers);
     for layer in 0..n_layers {
@@ -287,7 +302,7 @@ pub fn capture(
     Ok(Capture {
         keys,
         values,
-        base_hidden: out.hidden,
+        base_hidden,
     })
 }
 
@@ -346,6 +361,16 @@ pub struct PairTrial {
     pub score: f32,
     pub cosine: f32,
     pub kept: bool,
+    /// Mean KL divergence from the unshared model, when the strategy measured it.
+    #[serde(default)]
+    pub kld: Option<f32>,
+    /// The step of a stepwise strategy (greedy, beam) that evaluated this pair.
+    #[serde(default)]
+    pub step: Option<usize>,
+    /// Seconds from the start of the search (after the capture) to this trial's end,
+    /// so the time to reach any smaller target can be read off one run.
+    #[serde(default)]
+    pub seconds: Option<f64>,
 }
 
 /// Progress of the search, for a progress bar.
@@ -375,6 +400,33 @@ pub struct SearchResult {
     pub search_seconds: f64,
     /// Why the search stopped.
     pub outcome: String,
+    /// Which search found the map (`share::search`); reports written before
+    /// strategies existed were all the paper's.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// What the strategy optimised (the paper: cosine against a threshold).
+    #[serde(default)]
+    pub objective: Objective,
+    /// Mean KL divergence of the final map's next-token distributions from the
+    /// unshared model's over all calibration positions (both objectives are reported
+    /// for every map, whichever one the search used).
+    #[serde(default)]
+    pub mean_kld: Option<f32>,
+    /// Stop limit of a KL-driven search.
+    #[serde(default)]
+    pub max_kld: Option<f32>,
+    /// Beam width of the beam strategy (1 for greedy).
+    #[serde(default)]
+    pub beam: Option<usize>,
+    /// Pre-filter of the stepwise strategies: candidates per step.
+    #[serde(default)]
+    pub candidates: Option<usize>,
+    /// Whether greedy skipped pairs that could not win a step (lazy evaluation).
+    #[serde(default)]
+    pub lazy: bool,
+    /// Seconds spent measuring the objective the search did not use for the final map.
+    #[serde(default)]
+    pub report_seconds: f64,
 }
 
 /// Steps 1-6: the paper's search for `opts.target` shared layers.
@@ -424,6 +476,9 @@ pub fn search(
             score: scores[i][j],
             cosine: cos,
             kept,
+            kld: None,
+            step: None,
+            seconds: Some(t1.elapsed().as_secs_f64()),
         });
         if kept {
             map = candidate;
@@ -460,6 +515,14 @@ pub fn search(
         capture_seconds: capture_time.as_secs_f64(),
         search_seconds: t1.elapsed().as_secs_f64(),
         outcome,
+        strategy: Strategy::Paper,
+        objective: Objective::Cosine,
+        mean_kld: None,
+        max_kld: None,
+        beam: None,
+        candidates: None,
+        lazy: false,
+        report_seconds: 0.0,
     })
 }
 

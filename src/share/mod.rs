@@ -3,6 +3,7 @@
 pub mod calibrate;
 pub mod map;
 pub mod report;
+pub mod search;
 
 pub use map::{ShareMap, ShareMapError};
 
@@ -15,4 +16,6 @@ pub const KEY_MEAN_COSINE: &str = "kvsharer.calibration.mean_cosine";
 pub const KEY_SAMPLE_COUNT: &str = "kvsharer.calibration.sample_count";
 pub const KEY_TOKENS_PER_SAMPLE: &str = "kvsharer.calibration.tokens_per_sample";
 pub const KEY_CORPUS_SHA256: &str = "kvsharer.calibration.corpus_sha256";
+pub const KEY_STRATEGY: &str = "kvsharer.calibration.strategy";
+pub const KEY_MEAN_KLD: &str = "kvsharer.calibration.mean_kld";
 pub const FORMAT_VERSION: u32 = 1;

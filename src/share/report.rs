@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use crate::gguf::{Array, Value};
 use crate::share::calibrate::SearchResult;
 use crate::share::{
-    ShareMap, FORMAT_VERSION, KEY_CORPUS_SHA256, KEY_MEAN_COSINE, KEY_SAMPLE_COUNT,
-    KEY_SHARED_COUNT, KEY_SOURCE_LAYER, KEY_THRESHOLD, KEY_TOKENS_PER_SAMPLE, KEY_VERSION,
+    ShareMap, FORMAT_VERSION, KEY_CORPUS_SHA256, KEY_MEAN_COSINE, KEY_MEAN_KLD, KEY_SAMPLE_COUNT,
+    KEY_SHARED_COUNT, KEY_SOURCE_LAYER, KEY_STRATEGY, KEY_THRESHOLD, KEY_TOKENS_PER_SAMPLE,
+    KEY_VERSION,
 };
 
 /// The `kvsharer.*` metadata for a search result (see `shared/KVSHARER.md`).
@@ -27,8 +28,28 @@ pub fn metadata(r: &SearchResult) -> Vec<(String, Value)> {
             KEY_CORPUS_SHA256.to_string(),
             Value::String(r.corpus_sha256.clone()),
         ),
+        (
+            KEY_STRATEGY.to_string(),
+            Value::String(r.strategy.name().to_string()),
+        ),
     ]);
+    if let Some(kld) = r.mean_kld {
+        kv.push((KEY_MEAN_KLD.to_string(), Value::F32(kld)));
+    }
     kv
+}
+
+/// One line with both objectives of the chosen map, whichever the search used.
+pub fn objectives_line(r: &SearchResult) -> String {
+    let kld = r
+        .mean_kld
+        .map_or("not measured".to_string(), |k| format!("{k:.5}"));
+    format!(
+        "strategy {} (objective {}) | calibration: mean cosine {:.4}, mean KLD {kld}",
+        r.strategy.name(),
+        r.objective.name(),
+        r.mean_cosine
+    )
 }
 
 /// The keys that describe the map itself.
@@ -51,11 +72,25 @@ pub fn map_metadata(map: &ShareMap) -> Vec<(String, Value)> {
 /// Every pair tried, one line each.
 pub fn trials_table(r: &SearchResult) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "  #  layer <- source (resolved)   score    cosine  kept");
+    let with_kld = r.trials.iter().any(|t| t.kld.is_some());
+    let _ = writeln!(
+        s,
+        "  #  layer <- source (resolved)   score    cosine  {}kept",
+        if with_kld { "    KLD    step  " } else { "" }
+    );
     for (n, t) in r.trials.iter().enumerate() {
+        let extra = if with_kld {
+            format!(
+                "{:>9.5}  {:>4}  ",
+                t.kld.unwrap_or(f32::NAN),
+                t.step.map_or("-".to_string(), |k| k.to_string())
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "{:>3}  {:>5} <- {:<6} ({:>3})      {:>8.3}  {:>7.4}  {}",
+            "{:>3}  {:>5} <- {:<6} ({:>3})      {:>8.3}  {:>7.4}  {extra}{}",
             n + 1,
             t.layer,
             t.source,
@@ -65,6 +100,7 @@ pub fn trials_table(r: &SearchResult) -> String {
             if t.kept { "yes" } else { "no" }
         );
     }
+    let _ = writeln!(s, "{}", objectives_line(r));
     s
 }
 
@@ -74,7 +110,16 @@ pub fn write_report_dir(r: &SearchResult, dir: &Path) -> std::io::Result<(PathBu
     let json = dir.join("report.json");
     let svg = dir.join("distances.svg");
     write_atomic(&json, serde_json::to_string_pretty(r)?.as_bytes())?;
-    write_atomic(&svg, heatmap_svg(&r.scores, &r.map).as_bytes())?;
+    let svg_text = heatmap_svg(&r.scores, &r.map).replacen(
+        "</svg>",
+        &format!(
+            "<text x=\"48\" y=\"32\" font-size=\"11\">{} | map {}</text>\n</svg>",
+            objectives_line(r),
+            r.map.to_string().replace('<', "&lt;")
+        ),
+        1,
+    );
+    write_atomic(&svg, svg_text.as_bytes())?;
     Ok((json, svg))
 }
 
