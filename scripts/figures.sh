@@ -29,14 +29,14 @@ ppl base "$MODEL"
 
 # Calibration time and map for --layers 8 (the paper's search).
 /usr/bin/time -f "%e" -o "$OUT/calibrate-8.seconds" \
-    "$K" calibrate -m "$MODEL" -t "$T" --layers 8 --report "$OUT/calibrate-8" > "$OUT/calibrate-8.map" 2> "$OUT/calibrate-8.log"
+    "$K" calibrate -m "$MODEL" -t "$T" --strategy paper --layers 8 --report "$OUT/calibrate-8" > "$OUT/calibrate-8.map" 2> "$OUT/calibrate-8.log"
 
 for N in 4 8 12; do
     for variant in dissimilar similar random; do
         g="$OUT/model-$variant-$N.gguf"
         case $variant in
-            dissimilar) "$K" share -m "$MODEL" -t "$T" --layers "$N" -o "$g" --report "$OUT/report-$variant-$N" 2> "$OUT/share-$variant-$N.log" ;;
-            similar) "$K" share -m "$MODEL" -t "$T" --layers "$N" --order similar -o "$g" --report "$OUT/report-$variant-$N" 2> "$OUT/share-$variant-$N.log" ;;
+            dissimilar) "$K" share -m "$MODEL" -t "$T" --strategy paper --layers "$N" -o "$g" --report "$OUT/report-$variant-$N" 2> "$OUT/share-$variant-$N.log" ;;
+            similar) "$K" share -m "$MODEL" -t "$T" --strategy paper --layers "$N" --order similar -o "$g" --report "$OUT/report-$variant-$N" 2> "$OUT/share-$variant-$N.log" ;;
             random) "$K" share -m "$MODEL" --layers "$N" --random-map --seed 1 -o "$g" 2> "$OUT/share-$variant-$N.log" ;;
         esac
         ppl "$variant-$N" "$g" --kv-share
