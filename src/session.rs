@@ -298,6 +298,10 @@ impl<'m> Session<'m> {
                 },
                 ..req
             };
+            if self.window.is_some() {
+                // Windows shift the cache between blocks; keep their graphs fresh.
+                self.graphs = GraphCache::default();
+            }
             let r = graph::forward(
                 self.model,
                 &self.cache,
