@@ -13,8 +13,34 @@
 //! (49152 x 512 x 4 bytes = 100 MB for the default model at `-c 512`).
 
 use crate::backend::graph::Logits;
-use crate::session::{Session, SessionError};
+use crate::generate::TokenEval;
+use crate::session::Session;
 use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// What the measurements need from a run state beyond the token loop's needs: the
+/// CPU [`Session`], the GPU session, or the CLI's choice between them.
+pub trait ChunkEval: TokenEval {
+    /// Empties the KV cache (every chunk starts from nothing).
+    fn reset(&mut self);
+    fn n_vocab(&self) -> usize;
+    /// Bytes of KV storage the run state allocated.
+    fn kv_bytes(&self) -> usize;
+}
+
+impl ChunkEval for Session<'_> {
+    fn reset(&mut self) {
+        Session::reset(self)
+    }
+    fn n_vocab(&self) -> usize {
+        self.model().config.n_vocab
+    }
+    fn kv_bytes(&self) -> usize {
+        Session::kv_bytes(self)
+    }
+}
+
+/// A run state's error, boxed so that every backend's fits [`EvalError::Session`].
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -43,7 +69,7 @@ pub enum EvalError {
     Session {
         chunk: usize,
         #[source]
-        source: SessionError,
+        source: BackendError,
     },
     #[error("chunk {chunk}: the model returned {found} logits, expected {expected} ({rows} rows of {n_vocab})")]
     LogitsShape {
@@ -335,13 +361,17 @@ pub struct PerplexityReport {
 
 /// Evaluates chunk `chunk` on `session` from an empty cache and returns the logits
 /// of the scored positions, row-major `[scored_per_chunk][n_vocab]`.
-fn scored_logits(
-    session: &mut Session,
+fn scored_logits<S>(
+    session: &mut S,
     plan: &ChunkPlan,
     tokens: &[u32],
     chunk: usize,
-) -> Result<Vec<f32>, EvalError> {
-    let n_vocab = session.model().config.n_vocab;
+) -> Result<Vec<f32>, EvalError>
+where
+    S: ChunkEval,
+    S::Error: Into<BackendError>,
+{
+    let n_vocab = session.n_vocab();
     let input = plan.input(tokens, chunk);
     session.reset();
     // The whole chunk goes in one call, logits for every token, as llama-perplexity
@@ -351,9 +381,9 @@ fn scored_logits(
     // by up to 0.8 and perplexity by 1% (llama.cpp's own forward moves the same way).
     let mut logits = session
         .eval(&input, Logits::All)
-        .map_err(|source| EvalError::Session {
+        .map_err(|e| EvalError::Session {
             chunk: chunk + 1,
-            source,
+            source: e.into(),
         })?;
     let rows = plan.scored_per_chunk();
     if logits.len() != plan.n_ctx * n_vocab || n_vocab == 0 {
@@ -372,9 +402,9 @@ fn scored_logits(
     Ok(logits)
 }
 
-fn check_session(session: &Session, n_ctx: usize) -> Result<(), EvalError> {
+fn check_session<S: ChunkEval>(session: &S, n_ctx: usize) -> Result<(), EvalError> {
     // A windowed session evicts as it goes, so any chunk length fits it.
-    if session.window().is_none() && session.n_ctx() < n_ctx {
+    if !session.evicts() && session.n_ctx() < n_ctx {
         return Err(EvalError::SessionTooSmall {
             session: session.n_ctx(),
             n_ctx,
@@ -385,16 +415,20 @@ fn check_session(session: &Session, n_ctx: usize) -> Result<(), EvalError> {
 
 /// llama-perplexity's perplexity of `session`'s model on `tokens` (tokenized with
 /// [`tokenize_text`]). The session's cache is reset for every chunk.
-pub fn perplexity(
-    session: &mut Session,
+pub fn perplexity<S>(
+    session: &mut S,
     tokenizer: &Tokenizer,
     tokens: &[u32],
     opts: &PerplexityOptions,
     mut progress: impl FnMut(&PerplexityProgress),
-) -> Result<PerplexityReport, EvalError> {
+) -> Result<PerplexityReport, EvalError>
+where
+    S: ChunkEval,
+    S::Error: Into<BackendError>,
+{
     let plan = ChunkPlan::new(tokens.len(), opts, tokenizer)?;
     check_session(session, plan.n_ctx)?;
-    let n_vocab = session.model().config.n_vocab;
+    let n_vocab = session.n_vocab();
     let mut nll = NllSums::default();
     let mut running_ppl = Vec::with_capacity(plan.n_chunks);
     for chunk in 0..plan.n_chunks {
@@ -730,19 +764,25 @@ pub struct ComparisonReport {
 /// Runs `base` and `test` over the same chunks (both reset for every chunk) and
 /// compares their next-token distributions at every scored position. Only one
 /// chunk's scored logits per session are held at a time.
-pub fn compare(
-    base: &mut Session,
-    test: &mut Session,
+pub fn compare<B, T>(
+    base: &mut B,
+    test: &mut T,
     tokenizer: &Tokenizer,
     tokens: &[u32],
     opts: &PerplexityOptions,
     mut progress: impl FnMut(&ComparisonProgress),
-) -> Result<ComparisonReport, EvalError> {
+) -> Result<ComparisonReport, EvalError>
+where
+    B: ChunkEval,
+    T: ChunkEval,
+    B::Error: Into<BackendError>,
+    T::Error: Into<BackendError>,
+{
     let plan = ChunkPlan::new(tokens.len(), opts, tokenizer)?;
     check_session(base, plan.n_ctx)?;
     check_session(test, plan.n_ctx)?;
-    let n_vocab = base.model().config.n_vocab;
-    let test_vocab = test.model().config.n_vocab;
+    let n_vocab = base.n_vocab();
+    let test_vocab = test.n_vocab();
     if n_vocab != test_vocab {
         return Err(EvalError::VocabMismatch {
             base: n_vocab,

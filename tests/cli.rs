@@ -391,3 +391,71 @@ fn on_the_fly_sharing_is_calibrated_once_then_cached() {
     };
     assert_eq!(line(&first), line(&second));
 }
+
+/// `perplexity --backend wgpu` (lavapipe in CI) measures what the CPU backend
+/// measures: on an f32 tiny model both compute in f32, so perplexities agree to
+/// 0.1%, with and without a sharing map (the comparison path runs two GPU sessions).
+/// `calibrate --backend wgpu` says the search runs on the CPU only.
+#[test]
+fn perplexity_on_the_wgpu_backend_matches_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let m = m.to_str().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog. ".repeat(20),
+    )
+    .unwrap();
+    let text = text.to_str().unwrap();
+    let ppl = |extra: &[&str]| -> Option<(f64, Option<f64>)> {
+        let mut args = vec![
+            "perplexity",
+            "-m",
+            m,
+            "-f",
+            text,
+            "-c",
+            "64",
+            "--chunks",
+            "3",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = kvsharer(&args);
+        let err = stderr(&o);
+        if !o.status.success() && err.contains("no wgpu adapter") {
+            return None;
+        }
+        assert!(o.status.success(), "{args:?}: {err}");
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        Some(match j.get("comparison").filter(|c| !c.is_null()) {
+            Some(c) => (
+                c["ppl_test"]["value"].as_f64().unwrap(),
+                c["kld"]["value"].as_f64(),
+            ),
+            None => (j["perplexity"]["ppl"]["value"].as_f64().unwrap(), None),
+        })
+    };
+    let (cpu, _) = ppl(&["--backend", "cpu"]).unwrap();
+    let Some((gpu, _)) = ppl(&["--backend", "wgpu"]) else {
+        eprintln!("perplexity_on_the_wgpu_backend_matches_the_cpu: SKIPPED: no wgpu adapter");
+        return;
+    };
+    assert!((gpu / cpu - 1.0).abs() < 1e-3, "cpu {cpu} gpu {gpu}");
+    let (cpu_shared, cpu_kld) = ppl(&["--backend", "cpu", "--kv-share", "1"]).unwrap();
+    let (gpu_shared, gpu_kld) = ppl(&["--backend", "wgpu", "--kv-share", "1"]).unwrap();
+    assert!(
+        (gpu_shared / cpu_shared - 1.0).abs() < 1e-3,
+        "shared: cpu {cpu_shared} gpu {gpu_shared}"
+    );
+    let (ck, gk) = (cpu_kld.unwrap(), gpu_kld.unwrap());
+    assert!(
+        ck > 0.0 && (gk - ck).abs() <= 0.01 * ck + 1e-6,
+        "kld cpu {ck} gpu {gk}"
+    );
+
+    let o = kvsharer(&["calibrate", "-m", m, "--layers", "1", "--backend", "wgpu"]);
+    let e = expect_clean_failure(&o);
+    assert!(e.contains("CPU backend"), "{e}");
+}

@@ -8,6 +8,7 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 
 use kvsharer::backend::graph::Logits;
+use kvsharer::eval::ChunkEval;
 use kvsharer::generate::TokenEval;
 use kvsharer::oracle::{CacheType, ContextOptions, LlamaCppModel};
 

@@ -15,7 +15,7 @@ use kvsharer::share::calibrate::{CalibrationOptions, Corpus, PairOrder, SearchRe
 use kvsharer::share::search::{self, Objective, Strategy, StrategyOptions};
 use kvsharer::share::{report, ShareMap};
 
-use super::ModelArgs;
+use super::{Backend, ModelArgs};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum OrderArg {
@@ -309,7 +309,22 @@ fn print_result(r: &SearchResult, n_layers: usize) {
     eprintln!("{}", report::objectives_line(r));
 }
 
+/// The search runs on ggml's CPU backend only (see `check_search_backend`).
+fn check_search_backend(backend: Backend) -> Result<()> {
+    match backend {
+        Backend::Cpu => Ok(()),
+        Backend::Auto => {
+            eprintln!("note: the sharing search runs on the CPU backend (ggml); the map it finds works on every backend");
+            Ok(())
+        }
+        Backend::Wgpu => bail!(
+            "--backend wgpu: the sharing search runs on the CPU backend (ggml) only, because it needs the packed multi-text forward and per-layer input capture that the WGSL backend does not have (hint: drop --backend; the map it finds works with `run --backend wgpu --kv-share`)"
+        ),
+    }
+}
+
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
+    check_search_backend(a.model.backend)?;
     let (_, loaded) = a.model.load()?;
     let r = run_search(&loaded, &a.search, a.model.threads())?;
     print_result(&r, loaded.model.config.n_layers);
@@ -325,6 +340,9 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
 pub fn share(a: ShareArgs) -> Result<()> {
     let path = a.model.model_path()?;
     check_output(&path, &a.output)?;
+    if !a.search.random_map && a.search.map.is_none() {
+        check_search_backend(a.model.backend)?;
+    }
     let (_, loaded) = a.model.load()?;
     let n_layers = loaded.model.config.n_layers;
     let metadata = if a.search.random_map {

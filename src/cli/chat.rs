@@ -17,12 +17,13 @@ use rustyline::history::DefaultHistory;
 use rustyline::{Config, Editor, EventHandler, KeyEvent};
 
 use kvsharer::chat::ChatTemplate;
+use kvsharer::eval::ChunkEval;
 use kvsharer::generate::StopReason;
+use kvsharer::generate::TokenEval;
 use kvsharer::loader::LoadedModel;
 use kvsharer::sample::{Sampler, SamplingParams};
-use kvsharer::session::Session;
 
-use super::{describe_sharing, file_name, human_bytes, ModelArgs, SamplingArgs};
+use super::{describe_sharing, file_name, human_bytes, ModelArgs, Runner, SamplingArgs};
 use engine::ChatEngine;
 use input::{parse_input, ChatHelper, ClearLineOnInterrupt, Input, SlashCommand};
 
@@ -57,15 +58,14 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let (path, loaded) = a.model.load()?;
     let map = a.model.share_map(&loaded)?;
     let template = chat_template(&loaded)?;
-    let session = Session::new(&loaded.model, &map, &opts)?;
-    let cache = session.cache();
+    let session = Runner::new(a.model.backend, &loaded.model, &map, &opts)?;
     eprintln!(
-        "kvsharer chat: {} | {} layers | backend cpu (ggml) | {} threads | ctx {} | {}",
+        "kvsharer chat: {} | {} layers | backend {} | ctx {} | {}",
         file_name(&path),
         loaded.model.config.n_layers,
-        opts.n_threads,
+        session.describe(opts.n_threads),
         opts.n_ctx,
-        describe_sharing(&map, cache.bytes(), cache.bytes_unshared())
+        describe_sharing(&map, session.kv_bytes(), session.kv_accounting().1)
     );
     let settings = Settings {
         model: path,
@@ -275,7 +275,6 @@ fn run_command(engine: &mut ChatEngine<'_>, settings: &Settings, command: SlashC
 
 fn print_stats(engine: &ChatEngine<'_>) {
     let session = engine.session();
-    let cache = session.cache();
     let map = session.map();
     println!(
         "context: {} of {} tokens, {} messages",
@@ -299,8 +298,8 @@ fn print_stats(engine: &ChatEngine<'_>) {
         ),
         None => println!("last reply: none yet"),
     }
-    let allocated = cache.bytes();
-    let unshared = cache.bytes_unshared();
+    let allocated = session.kv_bytes();
+    let unshared = session.kv_accounting().1;
     let saved = unshared.saturating_sub(allocated);
     println!(
         "KV cache: {} allocated ({allocated} bytes) for {} of {} layers; sharing saves {} ({saved} bytes, {:.1}%)",

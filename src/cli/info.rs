@@ -119,15 +119,25 @@ pub fn run(a: InfoArgs) -> Result<()> {
                 a.ctx_size,
                 100.0 * shared as f64 / unshared as f64
             );
-            let get = |k: &str| {
-                file.get(k)
-                    .map(|v| format!("{v:?}"))
-                    .unwrap_or_else(|| "-".into())
+            // Values as a person writes them: 0.5, 30, abc (not F32(0.5)).
+            let get = |k: &str| match file.get(k) {
+                None => "-".to_string(),
+                Some(v) => {
+                    if let Some(s) = v.as_str() {
+                        s.to_string()
+                    } else if v.is_integer() {
+                        v.as_i64().map_or(format!("{v:?}"), |i| i.to_string())
+                    } else {
+                        v.as_f32().map_or(format!("{v:?}"), |f| format!("{f:.4}"))
+                    }
+                }
             };
             println!(
-                "calibration:   threshold {}, mean cosine {}, {} samples x {} tokens, corpus sha256 {}",
+                "calibration:   strategy {}, threshold {}, mean cosine {}, mean KLD {}, {} samples x {} tokens, corpus sha256 {}",
+                get(share::KEY_STRATEGY),
                 get(share::KEY_THRESHOLD),
                 get(share::KEY_MEAN_COSINE),
+                get(share::KEY_MEAN_KLD),
                 get(share::KEY_SAMPLE_COUNT),
                 get(share::KEY_TOKENS_PER_SAMPLE),
                 get(share::KEY_CORPUS_SHA256)

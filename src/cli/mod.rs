@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use kvsharer::backend::graph::Logits;
+use kvsharer::eval::ChunkEval;
 use kvsharer::generate::TokenEval;
 use kvsharer::gguf::GgmlType;
 use kvsharer::kv;
@@ -184,20 +185,51 @@ impl<'m> Runner<'m> {
         Ok(Runner::Cpu(Session::new(model, map, opts)?))
     }
 
-    pub fn reset(&mut self) {
+    pub fn map(&self) -> &ShareMap {
         match self {
-            Runner::Cpu(s) => s.reset(),
+            Runner::Cpu(s) => s.map(),
             #[cfg(feature = "wgpu")]
-            Runner::Gpu(s) => s.reset(),
+            Runner::Gpu(s) => s.map(),
         }
     }
 
-    /// Bytes of KV storage this run state allocated.
-    pub fn kv_bytes(&self) -> usize {
+    /// Keeps the first `n` tokens of the cache.
+    pub fn truncate(&mut self, n: usize) {
         match self {
-            Runner::Cpu(s) => s.kv_bytes(),
+            Runner::Cpu(s) => s.truncate(n),
             #[cfg(feature = "wgpu")]
-            Runner::Gpu(s) => s.kv_bytes(),
+            Runner::Gpu(s) => s.truncate(n),
+        }
+    }
+
+    /// llama.cpp's context shift: drops cached tokens `[keep, keep + discard)` and
+    /// moves the rest down. Returns false, changing nothing, where the backend cannot
+    /// shift (the GPU); the caller then re-evaluates instead.
+    pub fn context_shift(&mut self, keep: usize, discard: usize) -> Result<bool> {
+        match self {
+            Runner::Cpu(s) => {
+                s.context_shift(keep, discard)?;
+                Ok(true)
+            }
+            #[cfg(feature = "wgpu")]
+            Runner::Gpu(_) => Ok(false),
+        }
+    }
+
+    /// The backend in words, for status lines.
+    pub fn describe(&self, threads: usize) -> String {
+        match self {
+            Runner::Cpu(_) => format!("cpu (ggml) | {threads} threads"),
+            #[cfg(feature = "wgpu")]
+            Runner::Gpu(s) => format!("wgpu on {}", s.adapter_description()),
+        }
+    }
+
+    pub fn model(&self) -> &'m Model {
+        match self {
+            Runner::Cpu(s) => s.model(),
+            #[cfg(feature = "wgpu")]
+            Runner::Gpu(s) => s.model(),
         }
     }
 
@@ -214,6 +246,27 @@ impl<'m> Runner<'m> {
                     c.n_layers * per_layer_token * s.n_ctx(),
                 )
             }
+        }
+    }
+}
+
+impl ChunkEval for Runner<'_> {
+    fn reset(&mut self) {
+        match self {
+            Runner::Cpu(s) => s.reset(),
+            #[cfg(feature = "wgpu")]
+            Runner::Gpu(s) => s.reset(),
+        }
+    }
+    fn n_vocab(&self) -> usize {
+        self.model().config.n_vocab
+    }
+    /// Bytes of KV storage this run state allocated.
+    fn kv_bytes(&self) -> usize {
+        match self {
+            Runner::Cpu(s) => s.kv_bytes(),
+            #[cfg(feature = "wgpu")]
+            Runner::Gpu(s) => s.kv_bytes(),
         }
     }
 }

@@ -9,15 +9,16 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use kvsharer::eval::ChunkEval;
 use kvsharer::eval::{
     self, ComparisonProgress, ComparisonReport, Estimate, PerplexityOptions, PerplexityProgress,
     PerplexityReport, Quantiles,
 };
 use kvsharer::gguf::GgmlType;
-use kvsharer::session::{Session, SessionOptions};
+use kvsharer::session::SessionOptions;
 use kvsharer::share::ShareMap;
 
-use super::{describe_sharing, file_name, human_bytes, ModelArgs};
+use super::{describe_sharing, file_name, human_bytes, ModelArgs, Runner};
 
 #[derive(Args, Debug)]
 #[command(mut_arg("ctx_size", |a| a
@@ -83,10 +84,10 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         && sopts.type_v == GgmlType::F16
         && sopts.window.is_none();
     if is_reference {
-        let mut session = Session::new(&loaded.model, &map, &sopts)?;
+        let mut session = Runner::new(a.model.backend, &loaded.model, &map, &sopts)?;
         eprintln!(
             "{}",
-            describe_sharing(&map, session.kv_bytes(), session.cache().bytes_unshared())
+            describe_sharing(&map, session.kv_bytes(), session.kv_accounting().1)
         );
         let mut display = RunningDisplay::new(started);
         let report = eval::perplexity(&mut session, &loaded.tokenizer, &tokens, &opts, |p| {
@@ -101,8 +102,8 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         }
     } else {
         let identity = ShareMap::identity(map.n_layers());
-        let mut base = Session::new(&loaded.model, &identity, &reference_opts)?;
-        let mut shared = Session::new(&loaded.model, &map, &sopts)?;
+        let mut base = Runner::new(a.model.backend, &loaded.model, &identity, &reference_opts)?;
+        let mut shared = Runner::new(a.model.backend, &loaded.model, &map, &sopts)?;
         eprintln!(
             "{}",
             describe_sharing(&map, shared.kv_bytes(), base.kv_bytes())

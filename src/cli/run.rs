@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{describe_sharing, file_name, ModelArgs, Runner, SamplingArgs};
+use kvsharer::eval::ChunkEval;
 use kvsharer::generate::{generate, GenerateOptions, StopReason};
 use kvsharer::sample::Sampler;
 

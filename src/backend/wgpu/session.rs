@@ -843,3 +843,15 @@ impl crate::generate::TokenEval for GpuSession<'_> {
         self.n_ctx
     }
 }
+
+impl crate::eval::ChunkEval for GpuSession<'_> {
+    fn reset(&mut self) {
+        GpuSession::reset(self)
+    }
+    fn n_vocab(&self) -> usize {
+        self.model().config.n_vocab
+    }
+    fn kv_bytes(&self) -> usize {
+        GpuSession::kv_bytes(self)
+    }
+}

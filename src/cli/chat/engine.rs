@@ -6,12 +6,13 @@ use std::ops::ControlFlow;
 
 use kvsharer::backend::graph::Logits;
 use kvsharer::chat::{ChatError, ChatTemplate, Message, Role};
-use kvsharer::generate::{generate, GenerateOptions, GenerationStats};
+use kvsharer::eval::ChunkEval;
+use kvsharer::generate::{generate, GenerateOptions, GenerationStats, TokenEval};
 use kvsharer::sample::Sampler;
-use kvsharer::session::{Session, SessionError};
 use kvsharer::tokenizer::{Tokenizer, TokenizerError};
 
 use super::conversation::{fit_to_budget, plan_cache_sync, CachePlan};
+use crate::cli::Runner;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TurnError {
@@ -20,7 +21,7 @@ pub enum TurnError {
     #[error("tokenizer: {0}")]
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
-    Session(#[from] SessionError),
+    Backend(#[from] anyhow::Error),
     #[error(
         "the message does not fit: with only the system prompt kept the conversation is {tokens} tokens \
          and the context holds {n_ctx} (hint: shorten the message or raise -c/--ctx-size)"
@@ -38,7 +39,7 @@ pub struct PreparedTurn {
 }
 
 pub struct ChatEngine<'m> {
-    session: Session<'m>,
+    session: Runner<'m>,
     tokenizer: &'m Tokenizer,
     template: ChatTemplate,
     sampler: Sampler,
@@ -55,7 +56,7 @@ pub struct ChatEngine<'m> {
 
 impl<'m> ChatEngine<'m> {
     pub fn new(
-        session: Session<'m>,
+        session: Runner<'m>,
         tokenizer: &'m Tokenizer,
         template: ChatTemplate,
         sampler: Sampler,
@@ -80,7 +81,7 @@ impl<'m> ChatEngine<'m> {
         Ok(engine)
     }
 
-    pub fn session(&self) -> &Session<'m> {
+    pub fn session(&self) -> &Runner<'m> {
         &self.session
     }
 
@@ -292,12 +293,12 @@ impl<'m> ChatEngine<'m> {
 
     /// Reduces the cache to the longest prefix of `target` it can provide. With
     /// `leave_one`, at least one token of `target` is left to evaluate.
-    fn sync_cache_to(&mut self, target: &[u32], leave_one: bool) -> Result<(), SessionError> {
+    fn sync_cache_to(&mut self, target: &[u32], leave_one: bool) -> anyhow::Result<()> {
         let plan = plan_cache_sync(&self.cached, target);
-        if plan.discard > 0 {
-            self.discard_cached(plan)?;
-        }
         let mut keep = plan.cached_after();
+        if plan.discard > 0 {
+            keep = self.discard_cached(plan)?;
+        }
         if leave_one && keep == target.len() {
             keep = keep.saturating_sub(1);
         }
@@ -310,14 +311,20 @@ impl<'m> ChatEngine<'m> {
     /// follow the kept prefix; the cache then holds `keep + retain` tokens.
     ///
     /// Uses llama.cpp's context shift: the retained cells move down and their keys
-    /// are re-rotated to their new positions, so nothing is re-evaluated.
-    fn discard_cached(&mut self, plan: CachePlan) -> Result<(), SessionError> {
+    /// are re-rotated to their new positions, so nothing is re-evaluated. A backend
+    /// that cannot shift keeps only the first `keep` tokens, and the retained ones are
+    /// evaluated again. Returns how many cached tokens are left.
+    fn discard_cached(&mut self, plan: CachePlan) -> anyhow::Result<usize> {
         let start = plan.keep + plan.discard;
         self.session.truncate(start + plan.retain);
         self.cached.truncate(start + plan.retain);
-        self.session.context_shift(plan.keep, plan.discard)?;
-        self.cached.drain(plan.keep..start);
-        Ok(())
+        if self.session.context_shift(plan.keep, plan.discard)? {
+            self.cached.drain(plan.keep..start);
+        } else {
+            self.session.truncate(plan.keep);
+            self.cached.truncate(plan.keep);
+        }
+        Ok(self.cached.len())
     }
 
     /// After a failure: withdraw an unanswered user message and forget the cache,
@@ -338,7 +345,7 @@ mod tests {
 
     use kvsharer::loader::{self, LoadedModel};
     use kvsharer::sample::SamplingParams;
-    use kvsharer::session::SessionOptions;
+    use kvsharer::session::{Session, SessionOptions};
     use kvsharer::share::ShareMap;
 
     use super::*;
@@ -392,7 +399,7 @@ mod tests {
         let new = enc("<|im_start|>user\nAnd a fruit?<|im_end|>\n<|im_start|>assistant\n");
 
         let template = ChatTemplate::new(None, "", "").unwrap();
-        let session = Session::new(&loaded.model, &map, &options()).unwrap();
+        let session = Runner::Cpu(Session::new(&loaded.model, &map, &options()).unwrap());
         let sampler = Sampler::new(SamplingParams::default());
         let mut engine = ChatEngine::new(session, tok, template, sampler, None, None).unwrap();
         let before = [system.as_slice(), &dropped, &kept].concat();
