@@ -9,7 +9,7 @@
 # `kvsharer perplexity -f HELDOUT -c 512 --kv-share --json`, which runs the unshared
 # model on the same chunks and reports perplexity, KL divergence and top-1 agreement.
 #
-# Usage: scripts/compare_strategies.sh [OUT_DIR]
+# Usage: scripts/compare_strategies.sh [OUT_DIR]   (needs jq; README's table: NS="3 6 8 9 12" CHUNKS=4)
 # Environment:
 #   KVSHARER  binary            [target/release/kvsharer]
 #   MODEL     GGUF model        [the default model]
