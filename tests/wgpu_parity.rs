@@ -28,6 +28,7 @@ use kvsharer::backend::wgpu::{
 };
 use kvsharer::gguf::GgmlType;
 use kvsharer::loader;
+use kvsharer::model::Model;
 use kvsharer::sample::argmax;
 use kvsharer::session::{Session, SessionOptions};
 use kvsharer::share::ShareMap;
@@ -586,11 +587,8 @@ fn compare(a: &[f32], b: &[f32], n_vocab: usize) -> (f32, f64, usize) {
 /// unshared, GPU vs CPU max 1.239, mean 0.157, 5 top-1 mismatches in 68, against
 /// ggml's own 1.220, 0.155, 7; with the 3-layer map, 1.277, 0.174, 2 against
 /// 1.247, 0.178, 2, while the map itself moves the logits by mean 2.15.
-fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
-    let path = kvsharer::fetch::model_for_tests();
-    let loaded = loader::load(&path).unwrap();
-    let model = &loaded.model;
-    let map = map_of(model.config.n_layers);
+/// The test prompt's first `N_TOKENS` tokens.
+fn prompt_tokens(loaded: &loader::LoadedModel) -> Vec<u32> {
     let mut toks = loaded.tokenizer.encode(PROMPT, true, false).unwrap();
     assert!(
         toks.len() >= N_TOKENS,
@@ -598,43 +596,66 @@ fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
         toks.len()
     );
     toks.truncate(N_TOKENS);
+    toks
+}
 
+/// The GPU fed `toks` as one `N_PREFILL`-token pass, then one token at a time, and
+/// its logits for every position; `None` (the skip printed) without an adapter.
+fn gpu_logits<'m>(
+    test: &str,
+    model: &'m Model,
+    map: &ShareMap,
+    toks: &[u32],
+) -> Option<(GpuSession<'m>, Vec<f32>)> {
     let opts = GpuOptions {
         n_ctx: 128,
         ..Default::default()
     };
-    let mut gpu = match GpuSession::new(model, &map, &opts) {
+    let mut gpu = match GpuSession::new(model, map, &opts) {
         Ok(s) => s,
         Err(GpuError::NoAdapter) => {
             say(&format!("{test}: SKIPPED: no wgpu adapter on this machine"));
-            return;
+            return None;
         }
         Err(e) => panic!("{test}: {e}"),
     };
     say(&format!("{test}: adapter {}", gpu.adapter_description()));
     assert_eq!(gpu.n_slots(), map.owner_count());
-    let mut ours = gpu.eval(&toks[..N_PREFILL], Logits::All).unwrap();
+    let mut out = gpu.eval(&toks[..N_PREFILL], Logits::All).unwrap();
     for &t in &toks[N_PREFILL..] {
-        ours.extend(gpu.eval(&[t], Logits::Last).unwrap());
+        out.extend(gpu.eval(&[t], Logits::Last).unwrap());
     }
-    assert_eq!(gpu.n_past(), N_TOKENS);
+    assert_eq!(gpu.n_past(), toks.len());
+    Some((gpu, out))
+}
 
-    let cpu_run_with = |map: &ShareMap, n_batch: usize| {
-        let opts = SessionOptions {
-            n_ctx: 128,
-            n_threads: 2,
-            n_batch,
-            ..Default::default()
-        };
-        let mut cpu = Session::new(model, map, &opts).unwrap();
-        let mut out = cpu.eval(&toks[..N_PREFILL], Logits::All).unwrap();
-        for &t in &toks[N_PREFILL..] {
-            out.extend(cpu.eval(&[t], Logits::Last).unwrap());
-        }
-        out
+/// ggml's CPU backend fed the same way, prefill in batches of `n_batch`.
+fn cpu_logits(model: &Model, map: &ShareMap, toks: &[u32], n_batch: usize) -> Vec<f32> {
+    let opts = SessionOptions {
+        n_ctx: 128,
+        n_threads: 2,
+        n_batch,
+        ..Default::default()
     };
-    let theirs = cpu_run_with(&map, 512);
-    let theirs_b16 = cpu_run_with(&map, 16);
+    let mut cpu = Session::new(model, map, &opts).unwrap();
+    let mut out = cpu.eval(&toks[..N_PREFILL], Logits::All).unwrap();
+    for &t in &toks[N_PREFILL..] {
+        out.extend(cpu.eval(&[t], Logits::Last).unwrap());
+    }
+    out
+}
+
+fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
+    let path = kvsharer::fetch::model_for_tests();
+    let loaded = loader::load(&path).unwrap();
+    let model = &loaded.model;
+    let map = map_of(model.config.n_layers);
+    let toks = prompt_tokens(&loaded);
+    let Some((mut gpu, ours)) = gpu_logits(test, model, &map, &toks) else {
+        return;
+    };
+    let theirs = cpu_logits(model, &map, &toks, 512);
+    let theirs_b16 = cpu_logits(model, &map, &toks, 16);
     let n_vocab = model.config.n_vocab;
     assert_eq!(ours.len(), theirs.len());
     let (max, mean, mismatches) = compare(&ours, &theirs, n_vocab);
@@ -667,7 +688,7 @@ fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
     if !map.is_identity() {
         // The map must matter far more than the backend does, or this comparison
         // could not tell a GPU that ignores it.
-        let unshared = cpu_run_with(&ShareMap::identity(map.n_layers()), 512);
+        let unshared = cpu_logits(model, &ShareMap::identity(map.n_layers()), &toks, 512);
         let (_, sharing_mean, _) = compare(&unshared, &theirs, n_vocab);
         say(&format!(
             "{test}: the map itself moves ggml's logits by mean {sharing_mean:.4}"
@@ -733,43 +754,22 @@ fn whole_model_vs_dequantized(test: &str, map: impl Fn(usize) -> ShareMap) {
     let loaded = loader::load(&path).unwrap();
     let model = &loaded.model;
     let map = map(model.config.n_layers);
-    let mut toks = loaded.tokenizer.encode(PROMPT, true, false).unwrap();
-    toks.truncate(N_TOKENS);
-    assert_eq!(toks.len(), N_TOKENS);
-
-    let opts = GpuOptions {
-        n_ctx: 128,
-        ..Default::default()
+    let toks = prompt_tokens(&loaded);
+    let Some((gpu, ours)) = gpu_logits(test, model, &map, &toks) else {
+        return;
     };
-    let mut gpu = match GpuSession::new(model, &map, &opts) {
-        Ok(s) => s,
-        Err(GpuError::NoAdapter) => {
-            say(&format!("{test}: SKIPPED: no wgpu adapter on this machine"));
-            return;
-        }
-        Err(e) => panic!("{test}: {e}"),
-    };
-    say(&format!("{test}: adapter {}", gpu.adapter_description()));
-    let mut ours = gpu.eval(&toks[..N_PREFILL], Logits::All).unwrap();
-    for &t in &toks[N_PREFILL..] {
-        ours.extend(gpu.eval(&[t], Logits::Last).unwrap());
-    }
     drop(gpu);
 
     let dir = tempfile::tempdir().unwrap();
     let f32_path = dir.path().join("f32.gguf");
     dequantized_copy(&path, &f32_path);
     let f32_model = loader::load(&f32_path).unwrap();
-    let cpu_opts = SessionOptions {
-        n_ctx: 128,
-        n_threads: 2,
-        ..Default::default()
-    };
-    let mut cpu = Session::new(&f32_model.model, &map, &cpu_opts).unwrap();
-    let mut theirs = cpu.eval(&toks[..N_PREFILL], Logits::All).unwrap();
-    for &t in &toks[N_PREFILL..] {
-        theirs.extend(cpu.eval(&[t], Logits::Last).unwrap());
-    }
+    let theirs = cpu_logits(
+        &f32_model.model,
+        &map,
+        &toks,
+        SessionOptions::default().n_batch,
+    );
     let n_vocab = model.config.n_vocab;
     assert_eq!(ours.len(), theirs.len());
     let (max, mean, mismatches) = compare(&ours, &theirs, n_vocab);

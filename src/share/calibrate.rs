@@ -95,6 +95,23 @@ pub struct CalibrationOptions {
     pub threads: usize,
 }
 
+impl CalibrationOptions {
+    /// Refuses a target that leaves no owning layer and a threshold no cosine can
+    /// meet, before any work is done.
+    pub fn check(&self, n_layers: usize) -> Result<(), CalibrateError> {
+        if self.target >= n_layers {
+            return Err(CalibrateError::Target {
+                target: self.target,
+                n_layers,
+            });
+        }
+        if !(-1.0..=1.0).contains(&self.threshold) {
+            return Err(CalibrateError::Threshold(self.threshold));
+        }
+        Ok(())
+    }
+}
+
 impl Default for CalibrationOptions {
     fn default() -> Self {
         CalibrationOptions {
@@ -438,15 +455,7 @@ pub fn search(
     mut progress: impl FnMut(Progress),
 ) -> Result<SearchResult, CalibrateError> {
     let n_layers = model.config.n_layers;
-    if opts.target >= n_layers {
-        return Err(CalibrateError::Target {
-            target: opts.target,
-            n_layers,
-        });
-    }
-    if !(-1.0..=1.0).contains(&opts.threshold) {
-        return Err(CalibrateError::Threshold(opts.threshold));
-    }
+    opts.check(n_layers)?;
     let set = prepare(tokenizer, corpus, opts.samples, opts.tokens)?;
     let t0 = Instant::now();
     let cap = capture(model, &set, opts.threads)?;

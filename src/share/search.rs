@@ -490,15 +490,7 @@ fn stepwise(
     mut progress: impl FnMut(&SearchProgress),
 ) -> Result<SearchResult, CalibrateError> {
     let n_layers = model.config.n_layers;
-    if opts.target >= n_layers {
-        return Err(CalibrateError::Target {
-            target: opts.target,
-            n_layers,
-        });
-    }
-    if !(-1.0..=1.0).contains(&opts.threshold) {
-        return Err(CalibrateError::Threshold(opts.threshold));
-    }
+    opts.check(n_layers)?;
     let objective = strat.objective;
     let width = match strat.strategy {
         Strategy::Beam => strat.beam,
