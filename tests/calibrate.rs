@@ -11,7 +11,7 @@ use kvsharer::session::{Session, SessionOptions};
 use kvsharer::share::calibrate::{self, CalibrationOptions, Corpus, PairOrder};
 use kvsharer::share::{report, ShareMap};
 use sha2::{Digest, Sha256};
-use support::{random_weights, write_weights, TinySpec};
+use support::{write_planted_model, TinySpec};
 
 /// A 6-layer model in which layers 2 and 4 have a zero attention output matrix: what
 /// they attend over cannot matter, so sharing their cache is harmless, while sharing
@@ -22,12 +22,8 @@ fn planted_model(dir: &std::path::Path) -> std::path::PathBuf {
         seed: 7,
         ..TinySpec::default()
     };
-    let mut w = random_weights(&spec);
-    for l in [2, 4] {
-        w.layers[l].wo.data.iter_mut().for_each(|x| *x = 0.0);
-    }
     let path = dir.join("planted.gguf");
-    write_weights(&spec, &w, &path).unwrap();
+    write_planted_model(&spec, &[2, 4], &path);
     path
 }
 

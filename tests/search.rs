@@ -15,7 +15,7 @@ use kvsharer::share::search::{
     self, KlReference, MapRun, Objective, PrefixEvaluator, Strategy, StrategyOptions,
 };
 use kvsharer::share::ShareMap;
-use support::{random_weights, write_weights, TinySpec};
+use support::{random_weights, write_planted_model, write_weights, TinySpec};
 
 const N_LAYERS: usize = 6;
 
@@ -28,10 +28,8 @@ fn planted_model(dir: &Path) -> PathBuf {
         seed: 11,
         ..TinySpec::default()
     };
-    let mut w = random_weights(&spec);
-    w.layers[1].wo.data.iter_mut().for_each(|x| *x = 0.0);
     let path = dir.join("planted.gguf");
-    write_weights(&spec, &w, &path).unwrap();
+    write_planted_model(&spec, &[1], &path);
     path
 }
 

@@ -17,7 +17,8 @@ pub use reference::{
 };
 pub use tiny_model::{
     byte_to_unicode, llama_ftype, random_weights, tiny_vocab, try_write_tiny_model,
-    write_tiny_model, write_weights, RefLayer, RefMatrix, RefWeights, TinySpec, TinyVocab,
+    write_planted_model, write_tiny_model, write_weights, RefLayer, RefMatrix, RefWeights,
+    TinySpec, TinyVocab,
 };
 
 /// The real default model (SmolLM2-135M-Instruct Q4_1) for tests that need it:

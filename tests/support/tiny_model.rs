@@ -357,6 +357,17 @@ pub fn try_write_tiny_model(spec: &TinySpec, path: &Path) -> Result<RefWeights, 
     write_weights(spec, &random_weights(spec), path)
 }
 
+/// A planted structure for sharing searches: random weights for `spec`, except that
+/// the layers in `harmless` have a zero attention output projection, so sharing their
+/// KV cache with any other layer changes nothing.
+pub fn write_planted_model(spec: &TinySpec, harmless: &[usize], path: &Path) {
+    let mut w = random_weights(spec);
+    for &l in harmless {
+        w.layers[l].wo.data.iter_mut().for_each(|x| *x = 0.0);
+    }
+    write_weights(spec, &w, path).unwrap();
+}
+
 /// Quantizes `weights` (f32, shaped for `spec`) to `spec.weight_type`, writes the
 /// GGUF model to `path` and returns the weights dequantized from the written bytes.
 pub fn write_weights(
