@@ -14,6 +14,7 @@ use std::ptr::NonNull;
 
 use llama_cpp_sys_2 as sys;
 
+use crate::backend::decode_attention;
 use crate::gguf::GgmlType;
 
 #[derive(Debug, thiserror::Error)]
@@ -682,6 +683,166 @@ impl GraphCtx {
         unsafe { sys::ggml_prec_set_acc(t, sys::GGML_PREC_F32) };
         Tensor::from_raw(t)
     }
+}
+
+impl GraphCtx {
+    /// Attention of one token (`q`: `[head_dim, n_head, 1]` f32, after RoPE) over the
+    /// first `mask.ne[0]` cells of a quantized cache slot pair, by kvsharer's own
+    /// kernel (`backend::decode_attention`). Result: `[head_dim, n_head, 1]`, as
+    /// `flash_attn` gives. Only for the types in `DECODE_CACHE_TYPES`.
+    pub fn decode_attention<'a>(
+        &'a self,
+        q: Tensor<'a>,
+        k_slot: Tensor<'a>,
+        v_slot: Tensor<'a>,
+        mask: Tensor<'a>,
+        scale: f32,
+    ) -> Tensor<'a> {
+        let [hd, n_head, ..] = q.ne();
+        let mut args = [q.ptr(), k_slot.ptr(), v_slot.ptr(), mask.ptr()];
+        // The scale travels in the userdata pointer's bits: it is all the ops need
+        // beyond their tensors, and a pointer to it would have to outlive the graph.
+        let scale_bits = scale.to_bits() as usize as *mut c_void;
+        // SAFETY: the args are live tensors of this context; ggml copies the array.
+        let partials = Tensor::from_raw(unsafe {
+            sys::ggml_custom_4d(
+                self.c(),
+                raw_type(GgmlType::F32),
+                decode_attention::partial_len(hd as usize) as i64,
+                n_head,
+                decode_attention::CACHE_CHUNKS as i64,
+                1,
+                args.as_mut_ptr(),
+                args.len() as i32,
+                Some(decode_attention_partials),
+                -1, // GGML_N_TASKS_MAX: every thread
+                scale_bits,
+            )
+        });
+        let mut args = [partials.ptr(), q.ptr(), k_slot.ptr(), mask.ptr()];
+        // SAFETY: as above.
+        Tensor::from_raw(unsafe {
+            sys::ggml_custom_4d(
+                self.c(),
+                raw_type(GgmlType::F32),
+                hd,
+                n_head,
+                1,
+                1,
+                args.as_mut_ptr(),
+                args.len() as i32,
+                Some(decode_attention_reduce),
+                -1,
+                scale_bits,
+            )
+        })
+    }
+}
+
+/// The geometry of a `decode_attention` op, from its source tensors
+/// (`q`, `k_slot`, `mask` at `srcs[0..3]`).
+fn decode_geometry(
+    q: &sys::ggml_tensor,
+    k: &sys::ggml_tensor,
+    mask: &sys::ggml_tensor,
+    userdata: *mut c_void,
+) -> decode_attention::Geometry {
+    let head_dim = q.ne[0] as usize;
+    decode_attention::Geometry {
+        head_dim,
+        n_head: q.ne[1] as usize,
+        n_head_kv: k.ne[0] as usize / head_dim,
+        n_kv: mask.ne[0] as usize,
+        n_chunks: decode_attention::CACHE_CHUNKS,
+        scale: f32::from_bits(userdata as usize as u32),
+    }
+}
+
+/// A cache slot's rows `0..n_kv` as bytes.
+///
+/// # Safety
+/// `t` must be a live, allocated 2-D cache slot with at least `n_kv` rows.
+unsafe fn cache_rows(
+    t: &sys::ggml_tensor,
+    n_kv: usize,
+    n_head_kv: usize,
+) -> decode_attention::CacheRows<'_> {
+    let row_bytes = t.nb[1];
+    decode_attention::CacheRows {
+        // SAFETY: the slot holds ne[1] >= n_kv rows of nb[1] bytes (caller's contract).
+        data: unsafe { std::slice::from_raw_parts(t.data as *const u8, n_kv * row_bytes) },
+        ty: GgmlType::from_u32(t.type_ as u32).expect("a cache type kvsharer created"),
+        row_bytes,
+        head_bytes: row_bytes / n_head_kv,
+    }
+}
+
+/// ggml calls this on every thread (`ith` of `nth`) for the partials op.
+unsafe extern "C" fn decode_attention_partials(
+    dst: *mut sys::ggml_tensor,
+    ith: std::os::raw::c_int,
+    nth: std::os::raw::c_int,
+    userdata: *mut c_void,
+) {
+    // SAFETY: ggml passes the live op node; its sources are the four tensors
+    // `decode_attention` gave it, computed before this op runs.
+    let (dst, q, k, v, mask) = unsafe {
+        let d = &*dst;
+        (d, &*d.src[0], &*d.src[1], &*d.src[2], &*d.src[3])
+    };
+    let geo = decode_geometry(q, k, mask, userdata);
+    // SAFETY: q is a contiguous [head_dim, n_head] f32 tensor; the mask row holds
+    // n_kv f16 values; the slots hold n_ctx >= n_kv rows.
+    let (q, mask, k, v) = unsafe {
+        (
+            std::slice::from_raw_parts(q.data as *const f32, geo.head_dim * geo.n_head),
+            std::slice::from_raw_parts(mask.data as *const u16, geo.n_kv),
+            cache_rows(k, geo.n_kv, geo.n_head_kv),
+            cache_rows(v, geo.n_kv, geo.n_head_kv),
+        )
+    };
+    for task in (ith as usize..geo.n_tasks()).step_by(nth.max(1) as usize) {
+        let (offset, len) = geo.task_region(task);
+        // SAFETY: tasks' regions are disjoint and inside dst ([p, n_head, n_chunks]
+        // f32, contiguous), and each task runs on exactly one thread.
+        let out =
+            unsafe { std::slice::from_raw_parts_mut((dst.data as *mut f32).add(offset), len) };
+        decode_attention::partials(&geo, q, &k, &v, mask, task, out);
+    }
+}
+
+/// ggml calls this on every thread for the merge op; threads split the query heads.
+unsafe extern "C" fn decode_attention_reduce(
+    dst: *mut sys::ggml_tensor,
+    ith: std::os::raw::c_int,
+    nth: std::os::raw::c_int,
+    userdata: *mut c_void,
+) {
+    // SAFETY: as for the partials op; src[0] is the finished partials tensor.
+    let (dst, partials, q, k, mask) = unsafe {
+        let d = &*dst;
+        (d, &*d.src[0], &*d.src[1], &*d.src[2], &*d.src[3])
+    };
+    let geo = decode_geometry(q, k, mask, userdata);
+    let per_thread = geo.n_head.div_ceil(nth.max(1) as usize);
+    let first = (ith as usize * per_thread).min(geo.n_head);
+    let last = (first + per_thread).min(geo.n_head);
+    if first == last {
+        return;
+    }
+    let p = decode_attention::partial_len(geo.head_dim);
+    // SAFETY: partials is contiguous [p, n_head, n_chunks] f32; each thread writes
+    // only its own heads' rows of dst ([head_dim, n_head] f32, contiguous).
+    let (partials, out) = unsafe {
+        (
+            std::slice::from_raw_parts(partials.data as *const f32, p * geo.n_head * geo.n_chunks),
+            std::slice::from_raw_parts_mut(
+                (dst.data as *mut f32).add(first * geo.head_dim),
+                (last - first) * geo.head_dim,
+            ),
+        )
+    };
+    decode_attention::reduce(&geo, partials, first..last, out);
 }
 
 impl Drop for GraphCtx {

@@ -6,6 +6,7 @@
 //! RMSNorm -> Q/K/V -> RoPE (NORM) -> cache write -> flash attention (f16 cache,
 //! f32 accumulation) -> Wo -> residual -> RMSNorm -> SwiGLU FFN -> residual.
 
+use crate::backend::decode_attention::DECODE_CACHE_TYPES;
 use crate::backend::ggml::{CpuBackend, GgmlError, GraphAllocator, GraphCtx, RopeParams, Tensor};
 use crate::gguf::GgmlType;
 use crate::kv::KvCache;
@@ -217,6 +218,13 @@ fn build(model: &Model, cache: &KvCache, shape: &GraphShape) -> Result<GraphCtx,
     let inp_last = (!shape.all_rows()).then(|| g.input(GgmlType::I32, &[1], "inp_out_ids"));
     let rope_freqs = w.rope_freqs.map(|i| model.w(i));
     let kq_scale = 1.0 / (c.head_dim as f32).sqrt();
+    // One new token over a quantized cache: kvsharer's grouped kernel (see
+    // `backend::decode_attention` for why); everything else: ggml's flash attention.
+    let use_decode_kernel = n == 1
+        && DECODE_CACHE_TYPES.contains(&cache.type_k())
+        && DECODE_CACHE_TYPES.contains(&cache.type_v())
+        && c.head_dim % 32 == 0
+        && c.n_head % c.n_head_kv == 0;
 
     // The graph's first input: token ids, or a residual stream to start from.
     let mut x = if shape.first_layer == 0 {
@@ -246,17 +254,21 @@ fn build(model: &Model, cache: &KvCache, shape: &GraphShape) -> Result<GraphCtx,
             g.expand(g.set_rows(k_slot, g.reshape_2d(k, hd * n_head_kv, n), inp_rows));
             g.expand(g.set_rows(v_slot, v, inp_rows));
         }
-        let cur = attention(
-            &g,
-            q,
-            k_slot,
-            v_slot,
-            inp_mask,
-            c.n_head_kv,
-            c.head_dim,
-            shape.n_kv,
-            kq_scale,
-        );
+        let cur = if use_decode_kernel {
+            g.decode_attention(q, k_slot, v_slot, inp_mask, kq_scale)
+        } else {
+            attention(
+                &g,
+                q,
+                k_slot,
+                v_slot,
+                inp_mask,
+                c.n_head_kv,
+                c.head_dim,
+                shape.n_kv,
+                kq_scale,
+            )
+        };
         let mut cur = g.mul_mat(model.w(lw.wo), g.reshape_2d(cur, hd * n_head, n));
         let mut residual = residual;
         if let (true, Some(last)) = (il + 1 == w.layers.len(), inp_last) {
