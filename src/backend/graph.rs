@@ -6,7 +6,7 @@
 //! RMSNorm -> Q/K/V -> RoPE (NORM) -> cache write -> flash attention (f16 cache,
 //! f32 accumulation) -> Wo -> residual -> RMSNorm -> SwiGLU FFN -> residual.
 
-use crate::backend::decode_attention::DECODE_CACHE_TYPES;
+use crate::backend::decode_attention;
 use crate::backend::ggml::{CpuBackend, GgmlError, GraphAllocator, GraphCtx, RopeParams, Tensor};
 use crate::gguf::GgmlType;
 use crate::kv::KvCache;
@@ -221,10 +221,13 @@ fn build(model: &Model, cache: &KvCache, shape: &GraphShape) -> Result<GraphCtx,
     // One new token over a quantized cache: kvsharer's grouped kernel (see
     // `backend::decode_attention` for why); everything else: ggml's flash attention.
     let use_decode_kernel = n == 1
-        && DECODE_CACHE_TYPES.contains(&cache.type_k())
-        && DECODE_CACHE_TYPES.contains(&cache.type_v())
-        && c.head_dim % 32 == 0
-        && c.n_head % c.n_head_kv == 0;
+        && decode_attention::supports(
+            cache.type_k(),
+            cache.type_v(),
+            c.head_dim,
+            c.n_head,
+            c.n_head_kv,
+        );
 
     // The graph's first input: token ids, or a residual stream to start from.
     let mut x = if shape.first_layer == 0 {
