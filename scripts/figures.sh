@@ -24,6 +24,30 @@ ppl() { # name, extra args...
     "$K" perplexity -m "$1" -f "$TEXT" -c 512 -t "$T" --chunks "$CHUNKS" --json "${@:2}" > "$OUT/ppl-$name.json"
 }
 
+decode_benches() {
+    S8="$OUT/model-dissimilar-8.gguf"
+    [ -f "$S8" ] || "$K" share -m "$MODEL" -t "$T" --strategy paper --layers 8 -o "$S8" 2> "$OUT/share-dissimilar-8.log"
+    for combo in "base:$MODEL:" "s8:$S8:--kv-share" "q8:$MODEL:--cache-type-k q8_0 --cache-type-v q8_0" \
+                 "s8-q8:$S8:--kv-share --cache-type-k q8_0 --cache-type-v q8_0" "s8-q4:$S8:--kv-share --cache-type-k q4_0 --cache-type-v q4_0"; do
+        IFS=: read -r name model extra <<< "$combo"
+        # Decode at depth 4096 beside llama.cpp with the same cache types...
+        # shellcheck disable=SC2086
+        "$K" bench -m "$model" -t "$T" -p 0 -n 64 -d 4096 -r 2 $extra --json > "$OUT/bench-d4096-$name.json"
+    done
+    # ...and beside llama.cpp with its default f16 cache (the issue's goal).
+    "$K" bench -m "$S8" -t "$T" -p 0 -n 64 -d 4096 -r 2 --kv-share --cache-type-k q8_0 --cache-type-v q8_0 \
+        --llama-cache-type-k f16 --llama-cache-type-v f16 --json > "$OUT/bench-d4096-s8-q8-vs-f16.json"
+}
+
+# ONLY=decode re-runs just the depth-4096 decode table (~10 min), keeping the other
+# results already in OUT_DIR.
+if [ "${ONLY:-}" = decode ]; then
+    decode_benches
+    python3 scripts/summarize_figures.py "$OUT" > "$OUT/summary.md"
+    cat "$OUT/summary.md"
+    exit 0
+fi
+
 # Unshared baseline.
 ppl base "$MODEL"
 
@@ -58,17 +82,7 @@ for combo in "base:$MODEL:" "g8:$G8:--kv-share" "q8:$MODEL:--cache-type-k q8_0 -
     # shellcheck disable=SC2086
     ppl "$name-w256" "$model" $extra --kv-window 252 --kv-sink 4
 done
-S8="$OUT/model-dissimilar-8.gguf"
-for combo in "base:$MODEL:" "s8:$S8:--kv-share" "q8:$MODEL:--cache-type-k q8_0 --cache-type-v q8_0" \
-             "s8-q8:$S8:--kv-share --cache-type-k q8_0 --cache-type-v q8_0" "s8-q4:$S8:--kv-share --cache-type-k q4_0 --cache-type-v q4_0"; do
-    IFS=: read -r name model extra <<< "$combo"
-    # Decode at depth 4096 beside llama.cpp with the same cache types...
-    # shellcheck disable=SC2086
-    "$K" bench -m "$model" -t "$T" -p 0 -n 64 -d 4096 -r 2 $extra --json > "$OUT/bench-d4096-$name.json"
-done
-# ...and beside llama.cpp with its default f16 cache (the issue's goal).
-"$K" bench -m "$S8" -t "$T" -p 0 -n 64 -d 4096 -r 2 --kv-share --cache-type-k q8_0 --cache-type-v q8_0 \
-    --llama-cache-type-k f16 --llama-cache-type-v f16 --json > "$OUT/bench-d4096-s8-q8-vs-f16.json"
+decode_benches
 
 python3 scripts/summarize_figures.py "$OUT" > "$OUT/summary.md"
 cat "$OUT/summary.md"

@@ -104,7 +104,7 @@ pub fn supports(
         && DECODE_CACHE_TYPES.contains(&ty_v)
         && matches!(head_dim, 64 | 128)
         && n_head_kv > 0
-        && n_head % n_head_kv == 0
+        && n_head.is_multiple_of(n_head_kv)
         && n_head / n_head_kv <= MAX_GROUP
         && simd_available()
 }

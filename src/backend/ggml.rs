@@ -771,7 +771,7 @@ unsafe fn cache_rows(
     decode_attention::CacheRows {
         // SAFETY: the slot holds ne[1] >= n_kv rows of nb[1] bytes (caller's contract).
         data: unsafe { std::slice::from_raw_parts(t.data as *const u8, n_kv * row_bytes) },
-        ty: GgmlType::from_u32(t.type_ as u32).expect("a cache type kvsharer created"),
+        ty: GgmlType::from_u32(t.type_).expect("a cache type kvsharer created"),
         row_bytes,
         head_bytes: row_bytes / n_head_kv,
     }
