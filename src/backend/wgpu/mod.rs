@@ -7,10 +7,12 @@
 //! once); its `eval` mirrors `session::Session::eval`. `KernelHarness` runs single
 //! kernels on host data, for the parity tests.
 
+mod calibration;
 mod device;
 mod kernels;
 mod session;
 
+pub use calibration::GpuEvaluator;
 pub use device::{AdapterPolicy, GpuContext};
 pub use kernels::{AttentionPath, KernelHarness};
 pub use session::{GpuOptions, GpuSession};
