@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use kvsharer::gguf::{self, GgufFile};
 use kvsharer::loader::LoadedModel;
-use kvsharer::share::calibrate::{self, CalibrationOptions, Corpus, PairOrder, SearchResult};
+use kvsharer::share::calibrate::{CalibrationOptions, Corpus, PairOrder, SearchResult};
 use kvsharer::share::search::{self, Objective, Strategy, StrategyOptions};
 use kvsharer::share::{report, ShareMap};
 
@@ -311,7 +311,12 @@ fn search_on(
         if let Some(policy) = policy {
             // Bad settings are refused before an adapter is opened.
             search::check_options(opts, strategy, loaded.model.config.n_layers)?;
-            let set = calibrate::prepare(&loaded.tokenizer, corpus, opts.samples, opts.tokens)?;
+            let set = kvsharer::share::calibrate::prepare(
+                &loaded.tokenizer,
+                corpus,
+                opts.samples,
+                opts.tokens,
+            )?;
             match GpuEvaluator::new(&loaded.model, &set, policy) {
                 Ok(mut eval) => {
                     bar.suspend(|| {
@@ -334,8 +339,12 @@ fn search_on(
         }
     }
     #[cfg(not(feature = "wgpu"))]
-    if backend == Backend::Wgpu {
-        bail!("--backend wgpu: this kvsharer was built without the `wgpu` cargo feature");
+    {
+        // Only the GPU path prints notes while the bar is up.
+        let _ = bar;
+        if backend == Backend::Wgpu {
+            bail!("--backend wgpu: this kvsharer was built without the `wgpu` cargo feature");
+        }
     }
     Ok(search::run(
         &loaded.model,

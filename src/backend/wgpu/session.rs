@@ -835,7 +835,7 @@ fn build_forward(
         let w = &weights[wi];
         let kern = kernels.matmul_for(w.ty);
         let p = uniform(
-            &ctx,
+            ctx,
             [
                 w.cols,
                 w.rows,
@@ -848,14 +848,14 @@ fn build_forward(
             ],
         );
         let group = bind(
-            &ctx,
+            ctx,
             &kern.matvec,
             &[
                 (0, &w.buf),
                 (1, x),
                 (2, y),
                 (3, &p),
-                (4, &step),
+                (4, step),
                 (6, &act.corr),
             ],
         );
@@ -870,27 +870,27 @@ fn build_forward(
         }
     };
     let norm = |wi: usize, x: &wgpu::Buffer, y: &wgpu::Buffer| -> Op {
-        let p = uniform(&ctx, [e as u32, c.rms_eps.to_bits(), 0, 0, 0, 0, 0, 0]);
+        let p = uniform(ctx, [e as u32, c.rms_eps.to_bits(), 0, 0, 0, 0, 0, 0]);
         Op {
             grid: Grid::PerToken(1),
             pipeline: kernels.rms_norm.pipeline.clone(),
             group: bind(
-                &ctx,
+                ctx,
                 &kernels.rms_norm,
                 &[(0, x), (1, &weights[wi].buf), (2, y), (3, &p)],
             ),
         }
     };
     let rope = |t: &wgpu::Buffer, n_heads: usize| -> Op {
-        let p = uniform(&ctx, [n_heads as u32, c.head_dim as u32, 0, 0, 0, 0, 0, 0]);
+        let p = uniform(ctx, [n_heads as u32, c.head_dim as u32, 0, 0, 0, 0, 0, 0]);
         Op {
             grid: Grid::PerToken(((n_heads * c.head_dim / 2) as u32).div_ceil(64)),
             pipeline: kernels.rope.pipeline.clone(),
-            group: bind(&ctx, &kernels.rope, &[(0, t), (1, &act.rope), (3, &p)]),
+            group: bind(ctx, &kernels.rope, &[(0, t), (1, &act.rope), (3, &p)]),
         }
     };
     let attn_p = uniform(
-        &ctx,
+        ctx,
         [
             c.n_head as u32,
             c.n_head_kv as u32,
@@ -902,8 +902,8 @@ fn build_forward(
             0,
         ],
     );
-    let store_p = uniform(&ctx, [kv as u32, 0, 0, 0, 0, 0, 0, 0]);
-    let swiglu_p = uniform(&ctx, [ff as u32, 0, 0, 0, 0, 0, 0, 0]);
+    let store_p = uniform(ctx, [kv as u32, 0, 0, 0, 0, 0, 0, 0]);
+    let swiglu_p = uniform(ctx, [ff as u32, 0, 0, 0, 0, 0, 0, 0]);
 
     let round_mode = |wi: usize| {
         if rounding {
@@ -927,12 +927,12 @@ fn build_forward(
         }
         if *held != Some((tag, mode)) {
             let k = weights[wi].cols;
-            let p = uniform(&ctx, [k, mode, 0, 0, 0, 0, 0, 0]);
+            let p = uniform(ctx, [k, mode, 0, 0, 0, 0, 0, 0]);
             ops.push(Op {
                 grid: Grid::PerToken(k.div_ceil(256)),
                 pipeline: kernels.act_round.pipeline.clone(),
                 group: bind(
-                    &ctx,
+                    ctx,
                     &kernels.act_round,
                     &[(0, src), (2, &act.xq), (3, &p), (5, &act.corr)],
                 ),
@@ -963,19 +963,19 @@ fn build_forward(
     let mut ops = Vec::new();
     let mut held: Option<(&'static str, u32)>;
     let emb = &weights[token_embd];
-    let emb_p = uniform(&ctx, [emb.cols, emb.rows, emb.row_bytes, 0, 0, 0, 0, 0]);
+    let emb_p = uniform(ctx, [emb.cols, emb.rows, emb.row_bytes, 0, 0, 0, 0, 0]);
     let gr = &kernels.matmul_for(emb.ty).get_rows;
     ops.push(Op {
         grid: Grid::PerToken((e as u32 / 4).div_ceil(64)),
         pipeline: gr.pipeline.clone(),
         group: bind(
-            &ctx,
+            ctx,
             gr,
             &[
                 (0, &emb.buf),
                 (2, &act.x),
                 (3, &emb_p),
-                (4, &step),
+                (4, step),
                 (5, &act.tokens),
             ],
         ),
@@ -996,14 +996,14 @@ fn build_forward(
                 grid: Grid::PerToken(((kv / 2) as u32).div_ceil(64)),
                 pipeline: kernels.kv_store.pipeline.clone(),
                 group: bind(
-                    &ctx,
+                    ctx,
                     &kernels.kv_store,
                     &[
                         (0, &act.k),
                         (1, &act.v),
                         (2, kc),
                         (3, &store_p),
-                        (4, &step),
+                        (4, step),
                         (5, vc),
                     ],
                 ),
@@ -1017,14 +1017,14 @@ fn build_forward(
             },
             pipeline: kernels.attn_tiled.pipeline.clone(),
             group: bind(
-                &ctx,
+                ctx,
                 &kernels.attn_tiled,
                 &[
                     (0, &act.q),
                     (1, kc),
                     (2, vc),
                     (3, &attn_p),
-                    (4, &step),
+                    (4, step),
                     (5, &act.attn),
                     (6, &act.part),
                 ],
@@ -1042,7 +1042,7 @@ fn build_forward(
             grid: Grid::PerToken((ff as u32).div_ceil(64)),
             pipeline: kernels.swiglu.pipeline.clone(),
             group: bind(
-                &ctx,
+                ctx,
                 &kernels.swiglu,
                 &[(0, &act.gate), (1, &act.up), (3, &swiglu_p)],
             ),
@@ -1060,12 +1060,12 @@ fn build_forward(
     let corr = rounded && round_mode(output) == 4;
     let logits_all = matmul(output, out_src, &act.logits, false, false, corr);
     let logits_last = matmul(output, out_src, &act.logits, false, true, corr);
-    let argmax_p = uniform(&ctx, [n_vocab as u32, 0, 0, 0, 0, 0, 0, 0]);
+    let argmax_p = uniform(ctx, [n_vocab as u32, 0, 0, 0, 0, 0, 0, 0]);
     let argmax = Op {
         grid: Grid::Single,
         pipeline: kernels.argmax.pipeline.clone(),
         group: bind(
-            &ctx,
+            ctx,
             &kernels.argmax,
             &[(0, &act.logits), (2, &act.argmax), (3, &argmax_p)],
         ),
