@@ -491,10 +491,21 @@ impl<'m> GpuSession<'m> {
         tokens: &[u32],
         logits: Logits,
     ) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
+        self.eval_reading(tokens, logits, true)
+    }
+
+    /// Runs `tokens` in batches, reading back the logits asked for and, with
+    /// `hidden`, every token's final hidden state.
+    fn eval_reading(
+        &mut self,
+        tokens: &[u32],
+        logits: Logits,
+        hidden: bool,
+    ) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
         self.check(tokens)?;
         let (n_vocab, n_embd) = (self.model.config.n_vocab, self.model.config.n_embd);
         let mut out = Vec::new();
-        let mut hidden = Vec::with_capacity(tokens.len() * n_embd);
+        let mut states = Vec::new();
         let chunks: Vec<&[u32]> = tokens.chunks(self.n_batch).collect();
         for (i, chunk) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len();
@@ -509,6 +520,9 @@ impl<'m> GpuSession<'m> {
             };
             let bytes = self.pass(chunk, want, false, (rows * n_vocab * 4) as u64)?;
             out.extend(bytes.chunks_exact(4).map(le_f32));
+            if !hidden {
+                continue;
+            }
             // The body's last op leaves the output norm's result in `xn`.
             let ctx = &self.ctx;
             let encoder = ctx
@@ -525,9 +539,9 @@ impl<'m> GpuSession<'m> {
                     &self.hidden_staging,
                 )
             })?;
-            hidden.extend(h.chunks_exact(4).map(le_f32));
+            states.extend(h.chunks_exact(4).map(le_f32));
         }
-        Ok((out, hidden))
+        Ok((out, states))
     }
 
     /// The keys (post-RoPE) and values that `layer` attends over, at cache cells
@@ -586,25 +600,7 @@ impl<'m> GpuSession<'m> {
 
     /// Appends `tokens` and returns logits: the last token's, every token's, or none.
     pub fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, GpuError> {
-        self.check(tokens)?;
-        let n_vocab = self.model.config.n_vocab;
-        let mut out = Vec::new();
-        let chunks: Vec<&[u32]> = tokens.chunks(self.n_batch).collect();
-        for (i, chunk) in chunks.iter().enumerate() {
-            let last = i + 1 == chunks.len();
-            let want = match logits {
-                Logits::Last if !last => Logits::None,
-                other => other,
-            };
-            let rows = match want {
-                Logits::All => chunk.len(),
-                Logits::Last => 1,
-                Logits::None => 0,
-            };
-            let bytes = self.pass(chunk, want, false, (rows * n_vocab * 4) as u64)?;
-            out.extend(bytes.chunks_exact(4).map(le_f32));
-        }
-        Ok(out)
+        Ok(self.eval_reading(tokens, logits, false)?.0)
     }
 
     /// Appends `tokens` and returns the id of the last token's largest logit,
