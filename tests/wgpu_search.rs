@@ -430,3 +430,57 @@ fn set_map_equals_a_fresh_session_and_refuses_missing_slots() {
     // Still usable after the refusals.
     assert_eq!(narrow.eval(&tokens, Logits::All).unwrap(), want_shared);
 }
+
+/// The default model (SmolLM2-135M-Instruct Q4_1, 30 layers), run by hand (about 5
+/// minutes on lavapipe): `cargo test --release --test wgpu_search real_model --
+/// --ignored --nocapture`. Greedy by KLD for 2 layers, 4 texts x 32 tokens, 4
+/// candidates per step, on the GPU with the Q4_1 file, and on ggml's CPU backend
+/// with the same file and with its f32-dequantized copy. The GPU multiplies the
+/// file's exact weights by f32 activations, as ggml does for f32 weights; for
+/// quantized weights ggml rounds activations to 8 bits first, which moves every
+/// KLD by more than the gaps between candidates.
+#[test]
+#[ignore]
+fn real_model_gpu_search_vs_cpu_on_the_quantized_and_dequantized_files() {
+    let test = "real_model_gpu_search_vs_cpu_on_the_quantized_and_dequantized_files";
+    let path = support::default_model_path();
+    let loaded = loader::load(&path).unwrap();
+    let opts = CalibrationOptions {
+        samples: 4,
+        tokens: 32,
+        target: 2,
+        threshold: 0.5,
+        order: PairOrder::Dissimilar,
+        threads: 2,
+    };
+    let strat = StrategyOptions {
+        candidates: Some(4),
+        ..StrategyOptions::default()
+    };
+    let Some(gpu) = gpu_search(test, &loaded, &opts, &strat) else {
+        return;
+    };
+    let cpu_q = cpu_search(&loaded, &opts, &strat);
+    let dir = tempfile::tempdir().unwrap();
+    let f32_path = dir.path().join("f32.gguf");
+    support::dequantized_copy(&path, &f32_path);
+    let cpu_f32 = cpu_search(&loader::load(&f32_path).unwrap(), &opts, &strat);
+    for (name, r) in [
+        ("gpu, q4_1 file", &gpu),
+        ("ggml cpu, q4_1 file", &cpu_q),
+        ("ggml cpu, f32 copy", &cpu_f32),
+    ] {
+        say(&format!(
+            "{test}: {name}: map {} mean KLD {:?} score gap to the gpu {:.2e}\n{}",
+            r.map,
+            r.mean_kld,
+            score_gap(r, &gpu),
+            report::trials_table(r)
+        ));
+    }
+    let (kld_gap, cos_gap) = assert_same_trials("gpu vs cpu f32", &cpu_f32, &gpu);
+    say(&format!(
+        "{test}: gpu vs ggml cpu on the f32 copy: largest KLD gap {kld_gap:.2e} (relative), cosine {cos_gap:.2e}"
+    ));
+    assert_eq!(gpu.map, cpu_f32.map);
+}

@@ -21,6 +21,10 @@
 //! also means no candidate can ever read K/V another candidate left behind. The price
 //! is that the layers between the source `j` and `i` run again to fill the slots the
 //! candidate reads (see `start_layer`).
+//!
+//! That is the CPU. Every search is written against `MapEvaluator`, so another
+//! backend may run candidates more simply: the wgpu one runs each in full, text by
+//! text (`backend::wgpu::GpuEvaluator`).
 
 use std::sync::Arc;
 use std::time::Instant;
