@@ -34,7 +34,7 @@ use kvsharer::session::{Session, SessionOptions};
 use kvsharer::share::ShareMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::{reference_forward_with, write_tiny_model, RefPrecision, TinySpec};
+use support::{dequantized_copy, reference_forward_with, write_tiny_model, RefPrecision, TinySpec};
 
 /// Printed past libtest's output capture, so a skip is never silent.
 fn say(msg: &str) {
@@ -718,27 +718,6 @@ fn whole_model_logits_match_cpu_with_sharing() {
         }
         ShareMap::for_model(src, n).unwrap()
     });
-}
-
-/// Writes a copy of the GGUF at `src` with every tensor dequantized to f32 by
-/// ggml's own dequantizer: the same model, exactly, in a form ggml's CPU backend
-/// multiplies in f32 (its f32 weights take f32 activations, no 8-bit rounding).
-fn dequantized_copy(src: &std::path::Path, out: &std::path::Path) {
-    use kvsharer::gguf::{GgufBuilder, GgufFile, Value};
-    let file = GgufFile::open(src).unwrap();
-    let mut b = GgufBuilder::new();
-    for (k, v) in file.metadata() {
-        b.set(k, v.clone());
-    }
-    b.set("general.file_type", Value::U32(0));
-    for t in file.tensors() {
-        let n = t.n_elements() as usize;
-        let values = dequantize(t.ggml_type, file.tensor_data(t), n).unwrap();
-        let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-        b.add_tensor(&t.name, &t.dims, GgmlType::F32, bytes)
-            .unwrap();
-    }
-    b.write_to(out).unwrap();
 }
 
 /// The GPU on the quantized model against ggml's CPU backend on the same model

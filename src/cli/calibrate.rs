@@ -236,8 +236,13 @@ pub struct ShareArgs {
     pub output: PathBuf,
 }
 
-/// Runs the search with a progress bar on stderr.
-pub fn run_search(loaded: &LoadedModel, s: &SearchArgs, threads: usize) -> Result<SearchResult> {
+/// Runs the search on `backend` with a progress bar on stderr.
+pub fn run_search(
+    loaded: &LoadedModel,
+    s: &SearchArgs,
+    threads: usize,
+    backend: Backend,
+) -> Result<SearchResult> {
     let n_layers = loaded.model.config.n_layers;
     let target = s.target(n_layers)?;
     let corpus = s.corpus()?;
@@ -264,30 +269,91 @@ pub fn run_search(loaded: &LoadedModel, s: &SearchArgs, threads: usize) -> Resul
         "{}: running the unshared model",
         strategy.strategy.name()
     ));
-    let result = search::run(
+    let progress = |p: &search::SearchProgress| {
+        bar.set_position(p.accepted as u64);
+        let best = p.best.map_or("-".into(), |b| format!("{b:.5}"));
+        bar.set_message(if p.of == 0 {
+            format!("{} pairs tried, last cosine {best}", p.evaluated)
+        } else {
+            format!(
+                "step {}: pair {}/{}, best {} {best}",
+                p.accepted + 1,
+                p.evaluated,
+                p.of,
+                p.objective.name()
+            )
+        });
+    };
+    let result = search_on(backend, loaded, &corpus, &opts, &strategy, &bar, progress);
+    bar.finish_and_clear();
+    result
+}
+
+/// `search::run` on the CPU, or `search::run_with` on a wgpu adapter. Prints the
+/// adapter, or why `auto` stayed on the CPU (`bar` keeps the notes readable).
+fn search_on(
+    backend: Backend,
+    loaded: &LoadedModel,
+    corpus: &Corpus,
+    opts: &CalibrationOptions,
+    strategy: &StrategyOptions,
+    bar: &ProgressBar,
+    progress: impl FnMut(&search::SearchProgress),
+) -> Result<SearchResult> {
+    #[cfg(feature = "wgpu")]
+    {
+        use kvsharer::backend::wgpu::{AdapterPolicy, GpuEvaluator};
+        let policy = match backend {
+            Backend::Cpu => None,
+            Backend::Wgpu => Some(AdapterPolicy::Any),
+            Backend::Auto => Some(AdapterPolicy::HardwareOnly),
+        };
+        if let Some(policy) = policy {
+            // Bad settings are refused before an adapter is opened.
+            search::check_options(opts, strategy, loaded.model.config.n_layers)?;
+            let set = kvsharer::share::calibrate::prepare(
+                &loaded.tokenizer,
+                corpus,
+                opts.samples,
+                opts.tokens,
+            )?;
+            match GpuEvaluator::new(&loaded.model, &set, policy) {
+                Ok(mut eval) => {
+                    bar.suspend(|| {
+                        eprintln!(
+                            "backend: wgpu on {} (sharing search)",
+                            eval.adapter_description()
+                        )
+                    });
+                    return Ok(search::run_with(
+                        &mut eval, &set, corpus, opts, strategy, progress,
+                    )?);
+                }
+                Err(e) if backend == Backend::Auto => bar.suspend(|| {
+                    eprintln!(
+                        "note: --backend auto: no usable GPU ({e}); the sharing search runs on the CPU backend (ggml)"
+                    )
+                }),
+                Err(e) => return Err(anyhow::Error::new(e).context("--backend wgpu")),
+            }
+        }
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        // Only the GPU path prints notes while the bar is up.
+        let _ = bar;
+        if backend == Backend::Wgpu {
+            bail!("--backend wgpu: this kvsharer was built without the `wgpu` cargo feature");
+        }
+    }
+    Ok(search::run(
         &loaded.model,
         &loaded.tokenizer,
-        &corpus,
-        &opts,
-        &strategy,
-        |p| {
-            bar.set_position(p.accepted as u64);
-            let best = p.best.map_or("-".into(), |b| format!("{b:.5}"));
-            bar.set_message(if p.of == 0 {
-                format!("{} pairs tried, last cosine {best}", p.evaluated)
-            } else {
-                format!(
-                    "step {}: pair {}/{}, best {} {best}",
-                    p.accepted + 1,
-                    p.evaluated,
-                    p.of,
-                    p.objective.name()
-                )
-            });
-        },
-    );
-    bar.finish_and_clear();
-    Ok(result?)
+        corpus,
+        opts,
+        strategy,
+        progress,
+    )?)
 }
 
 fn print_result(r: &SearchResult, n_layers: usize) {
@@ -309,24 +375,9 @@ fn print_result(r: &SearchResult, n_layers: usize) {
     eprintln!("{}", report::objectives_line(r));
 }
 
-/// The search runs on ggml's CPU backend only (see `check_search_backend`).
-fn check_search_backend(backend: Backend) -> Result<()> {
-    match backend {
-        Backend::Cpu => Ok(()),
-        Backend::Auto => {
-            eprintln!("note: the sharing search runs on the CPU backend (ggml); the map it finds works on every backend");
-            Ok(())
-        }
-        Backend::Wgpu => bail!(
-            "--backend wgpu: the sharing search runs on the CPU backend (ggml) only, because it needs the packed multi-text forward and per-layer input capture that the WGSL backend does not have (hint: drop --backend; the map it finds works with `run --backend wgpu --kv-share`)"
-        ),
-    }
-}
-
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
-    check_search_backend(a.model.backend)?;
     let (_, loaded) = a.model.load()?;
-    let r = run_search(&loaded, &a.search, a.model.threads())?;
+    let r = run_search(&loaded, &a.search, a.model.threads(), a.model.backend)?;
     print_result(&r, loaded.model.config.n_layers);
     println!("{}", serde_json::to_string(&r.map.sources())?);
     if let Some(dir) = &a.search.report {
@@ -340,9 +391,6 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
 pub fn share(a: ShareArgs) -> Result<()> {
     let path = a.model.model_path()?;
     check_output(&path, &a.output)?;
-    if !a.search.random_map && a.search.map.is_none() {
-        check_search_backend(a.model.backend)?;
-    }
     let (_, loaded) = a.model.load()?;
     let n_layers = loaded.model.config.n_layers;
     let metadata = if a.search.random_map {
@@ -359,7 +407,7 @@ pub fn share(a: ShareArgs) -> Result<()> {
                 report::map_metadata(&map)
             }
             None => {
-                let r = run_search(&loaded, &a.search, a.model.threads())?;
+                let r = run_search(&loaded, &a.search, a.model.threads(), a.model.backend)?;
                 print_result(&r, n_layers);
                 if let Some(dir) = &a.search.report {
                     report::write_report_dir(&r, dir).with_context(|| {
@@ -453,7 +501,9 @@ pub fn on_the_fly_map(loaded: &LoadedModel, spec: &str, threads: usize) -> Resul
     eprintln!(
         "kv-share: no stored map for {target} shared layers; calibrating (cached for next time)"
     );
-    let r = run_search(loaded, &search, threads)?;
+    // `run --backend wgpu --kv-share` still calibrates on the CPU: the map is cached
+    // per model and settings, whatever backend then uses it.
+    let r = run_search(loaded, &search, threads, Backend::Cpu)?;
     eprintln!(
         "kv-share: {} | map {} | calibration cosine {:.4} | {:.1} s",
         r.outcome,

@@ -15,7 +15,7 @@ use crate::backend::graph::{ForwardRequest, Logits};
 use crate::kv::KvPart;
 use crate::model::Model;
 use crate::session::{Session, SessionError, SessionOptions};
-use crate::share::search::{Objective, Strategy};
+use crate::share::search::{MapEvaluator, MapRun, Objective, Strategy};
 use crate::share::{ShareMap, ShareMapError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -43,6 +43,9 @@ pub enum CalibrateError {
     Map(#[from] ShareMapError),
     #[error(transparent)]
     Kv(#[from] crate::kv::KvError),
+    #[cfg(feature = "wgpu")]
+    #[error(transparent)]
+    Gpu(#[from] crate::backend::wgpu::GpuError),
 }
 
 /// Calibration texts: one per non-empty line, as the paper's code reads them.
@@ -246,14 +249,51 @@ impl<'m> Evaluator<'m> {
     /// Mean over texts of the cosine similarity of each text's flattened final
     /// hidden states under `map` versus `base`.
     pub fn mean_cosine(&self, base_hidden: &[f32], hidden: &[f32]) -> f32 {
-        let per_text = self.set.seq_len * self.model.config.n_embd;
-        let cosines: Vec<f64> = base_hidden
-            .chunks(per_text)
-            .zip(hidden.chunks(per_text))
-            .map(|(a, b)| cosine(a, b))
-            .collect();
-        (cosines.iter().sum::<f64>() / cosines.len().max(1) as f64) as f32
+        mean_text_cosine(
+            base_hidden,
+            hidden,
+            self.set.seq_len * self.model.config.n_embd,
+        )
     }
+}
+
+/// The paper's searches on the CPU: one packed run per map, nothing cached.
+impl MapEvaluator for Evaluator<'_> {
+    fn model(&self) -> &Model {
+        self.model
+    }
+
+    fn capture(&mut self, logits: bool) -> Result<(MapRun, Capture), CalibrateError> {
+        let identity = ShareMap::identity(self.model.config.n_layers);
+        let (out, session) = self.run_with_session(&identity, logits)?;
+        let cap = capture_from_session(&session, self.set, out.hidden.clone())?;
+        Ok((map_run(identity, out), cap))
+    }
+
+    fn run_map(&mut self, map: &ShareMap, logits: bool) -> Result<MapRun, CalibrateError> {
+        Ok(map_run(map.clone(), self.run(map, logits)?))
+    }
+}
+
+fn map_run(map: ShareMap, out: RunOutput) -> MapRun {
+    MapRun {
+        map,
+        layer_inputs: Vec::new(),
+        hidden: out.hidden,
+        logits: out.logits,
+        start: 0,
+    }
+}
+
+/// Mean over texts of the cosine similarity of each text's flattened final hidden
+/// states (`per_text` values each) in `hidden` versus `base_hidden`.
+pub fn mean_text_cosine(base_hidden: &[f32], hidden: &[f32], per_text: usize) -> f32 {
+    let cosines: Vec<f64> = base_hidden
+        .chunks(per_text.max(1))
+        .zip(hidden.chunks(per_text.max(1)))
+        .map(|(a, b)| cosine(a, b))
+        .collect();
+    (cosines.iter().sum::<f64>() / cosines.len().max(1) as f64) as f32
 }
 
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -452,16 +492,30 @@ pub fn search(
     tokenizer: &Tokenizer,
     corpus: &Corpus,
     opts: &CalibrationOptions,
+    progress: impl FnMut(Progress),
+) -> Result<SearchResult, CalibrateError> {
+    opts.check(model.config.n_layers)?;
+    let set = prepare(tokenizer, corpus, opts.samples, opts.tokens)?;
+    let mut eval = Evaluator::new(model, &set, opts.threads);
+    search_with(&mut eval, &set, &corpus.sha256, opts, progress)
+}
+
+/// The paper's search with any backend's evaluator; `set` is what `eval` runs.
+pub fn search_with(
+    eval: &mut dyn MapEvaluator,
+    set: &CalibrationSet,
+    corpus_sha256: &str,
+    opts: &CalibrationOptions,
     mut progress: impl FnMut(Progress),
 ) -> Result<SearchResult, CalibrateError> {
-    let n_layers = model.config.n_layers;
+    let config = eval.model().config.clone();
+    let n_layers = config.n_layers;
     opts.check(n_layers)?;
-    let set = prepare(tokenizer, corpus, opts.samples, opts.tokens)?;
     let t0 = Instant::now();
-    let cap = capture(model, &set, opts.threads)?;
+    let (_, cap) = eval.capture(false)?;
     let capture_time = t0.elapsed();
-    let scores = distance_matrix(&cap, model.config.head_dim);
-    let eval = Evaluator::new(model, &set, opts.threads);
+    let scores = distance_matrix(&cap, config.head_dim);
+    let per_text = set.seq_len * config.n_embd;
 
     let t1 = Instant::now();
     let mut map = ShareMap::identity(n_layers);
@@ -475,8 +529,8 @@ pub fn search(
             continue;
         }
         let candidate = map.with_shared(i, j)?;
-        let out = eval.run(&candidate, false)?;
-        let cos = eval.mean_cosine(&cap.base_hidden, &out.hidden);
+        let out = eval.run_map(&candidate, false)?;
+        let cos = mean_text_cosine(&cap.base_hidden, &out.hidden, per_text);
         let kept = cos > opts.threshold;
         trials.push(PairTrial {
             layer: i,
@@ -520,7 +574,7 @@ pub fn search(
         scores,
         samples: set.n_samples,
         tokens_per_sample: set.seq_len,
-        corpus_sha256: corpus.sha256.clone(),
+        corpus_sha256: corpus_sha256.to_string(),
         capture_seconds: capture_time.as_secs_f64(),
         search_seconds: t1.elapsed().as_secs_f64(),
         outcome,

@@ -21,6 +21,10 @@
 //! also means no candidate can ever read K/V another candidate left behind. The price
 //! is that the layers between the source `j` and `i` run again to fill the slots the
 //! candidate reads (see `start_layer`).
+//!
+//! That is the CPU. Every search is written against `MapEvaluator`, so another
+//! backend may run candidates more simply: the wgpu one runs each in full, text by
+//! text (`backend::wgpu::GpuEvaluator`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,8 +33,8 @@ use crate::backend::graph::{ForwardRequest, Logits};
 use crate::model::Model;
 use crate::session::{Session, SessionOptions};
 use crate::share::calibrate::{
-    self, capture_from_session, cosine, distance_matrix, prepare, CalibrateError,
-    CalibrationOptions, CalibrationSet, Corpus, PairTrial, SearchResult,
+    self, capture_from_session, distance_matrix, mean_text_cosine, prepare, CalibrateError,
+    CalibrationOptions, CalibrationSet, Capture, Corpus, PairTrial, SearchResult,
 };
 use crate::share::ShareMap;
 use crate::tokenizer::Tokenizer;
@@ -245,6 +249,36 @@ pub struct MapRun {
     pub start: usize,
 }
 
+/// What the searches need from a backend: the calibration set run under a sharing
+/// map. Every search (`calibrate::search_with`, `run_with`) is written against this
+/// alone, so a backend that can run a map over the texts and read its caches back
+/// can run every strategy. Implemented by the CPU's `calibrate::Evaluator` (one
+/// packed run per map), `PrefixEvaluator` (CPU, candidates from a cached prefix) and
+/// the wgpu backend's `GpuEvaluator` (one text at a time, full runs).
+pub trait MapEvaluator {
+    fn model(&self) -> &Model;
+
+    /// Runs the unshared model and captures every layer's K/V averaged over texts
+    /// (steps 1 and 2); `logits`: whether the run also returns every position's
+    /// logits.
+    fn capture(&mut self, logits: bool) -> Result<(MapRun, Capture), CalibrateError>;
+
+    /// Runs `map` over the whole set from the token embeddings.
+    fn run_map(&mut self, map: &ShareMap, logits: bool) -> Result<MapRun, CalibrateError>;
+
+    /// Runs `current.map` with `layer` reading `source`'s cache. A backend may reuse
+    /// what `current` cached; by default the candidate runs in full.
+    fn run_candidate(
+        &mut self,
+        current: &MapRun,
+        layer: usize,
+        source: usize,
+        logits: bool,
+    ) -> Result<MapRun, CalibrateError> {
+        self.run_map(&current.map.with_shared(layer, source)?, logits)
+    }
+}
+
 /// Runs maps over the packed calibration set, full or from a cached prefix.
 pub struct PrefixEvaluator<'m> {
     model: &'m Model,
@@ -274,13 +308,9 @@ impl<'m> PrefixEvaluator<'m> {
         Ok(Session::new(self.model, map, &opts)?)
     }
 
-    fn request(&self) -> ForwardRequest {
+    fn request(&self, logits: bool) -> ForwardRequest {
         ForwardRequest {
-            logits: if self.logits {
-                Logits::All
-            } else {
-                Logits::None
-            },
+            logits: if logits { Logits::All } else { Logits::None },
             hidden: true,
             layer_inputs: true,
         }
@@ -289,8 +319,16 @@ impl<'m> PrefixEvaluator<'m> {
     /// Runs `map` from the token embeddings; returns the session too, whose cache
     /// holds every owning layer's K/V of this run.
     pub fn full(&self, map: &ShareMap) -> Result<(MapRun, Session<'m>), CalibrateError> {
+        self.full_with(map, self.logits)
+    }
+
+    fn full_with(
+        &self,
+        map: &ShareMap,
+        logits: bool,
+    ) -> Result<(MapRun, Session<'m>), CalibrateError> {
         let mut session = self.session(map)?;
-        let out = session.eval_packed(&self.set.tokens, self.set.seq_len, self.request())?;
+        let out = session.eval_packed(&self.set.tokens, self.set.seq_len, self.request(logits))?;
         let run = MapRun {
             map: map.clone(),
             layer_inputs: out
@@ -313,10 +351,20 @@ impl<'m> PrefixEvaluator<'m> {
         layer: usize,
         source: usize,
     ) -> Result<MapRun, CalibrateError> {
+        self.candidate_with(current, layer, source, self.logits)
+    }
+
+    fn candidate_with(
+        &self,
+        current: &MapRun,
+        layer: usize,
+        source: usize,
+        logits: bool,
+    ) -> Result<MapRun, CalibrateError> {
         let map = current.map.with_shared(layer, source)?;
         let start = start_layer(&map, layer);
         if start == 0 {
-            let (run, _) = self.full(&map)?;
+            let (run, _) = self.full_with(&map, logits)?;
             return Ok(run);
         }
         let mut session = self.session(&map)?;
@@ -324,7 +372,7 @@ impl<'m> PrefixEvaluator<'m> {
             &self.set.tokens,
             self.set.seq_len,
             Some((start, current.layer_inputs[start].as_slice())),
-            self.request(),
+            self.request(logits),
         )?;
         let mut layer_inputs = current.layer_inputs[..start].to_vec();
         layer_inputs.extend(out.layer_inputs.into_iter().map(|(_, x)| Arc::new(x)));
@@ -339,13 +387,40 @@ impl<'m> PrefixEvaluator<'m> {
 
     /// Mean over texts of the cosine of each text's flattened final hidden states.
     pub fn mean_cosine(&self, base_hidden: &[f32], hidden: &[f32]) -> f32 {
-        let per_text = self.set.seq_len * self.model.config.n_embd;
-        let cosines: Vec<f64> = base_hidden
-            .chunks(per_text)
-            .zip(hidden.chunks(per_text))
-            .map(|(a, b)| cosine(a, b))
-            .collect();
-        (cosines.iter().sum::<f64>() / cosines.len().max(1) as f64) as f32
+        mean_text_cosine(
+            base_hidden,
+            hidden,
+            self.set.seq_len * self.model.config.n_embd,
+        )
+    }
+}
+
+/// The stepwise searches on the CPU: candidates run from the current map's cached
+/// layer inputs.
+impl MapEvaluator for PrefixEvaluator<'_> {
+    fn model(&self) -> &Model {
+        self.model
+    }
+
+    fn capture(&mut self, logits: bool) -> Result<(MapRun, Capture), CalibrateError> {
+        let identity = ShareMap::identity(self.model.config.n_layers);
+        let (run, session) = self.full_with(&identity, logits)?;
+        let cap = capture_from_session(&session, self.set, run.hidden.clone())?;
+        Ok((run, cap))
+    }
+
+    fn run_map(&mut self, map: &ShareMap, logits: bool) -> Result<MapRun, CalibrateError> {
+        Ok(self.full_with(map, logits)?.0)
+    }
+
+    fn run_candidate(
+        &mut self,
+        current: &MapRun,
+        layer: usize,
+        source: usize,
+        logits: bool,
+    ) -> Result<MapRun, CalibrateError> {
+        self.candidate_with(current, layer, source, logits)
     }
 }
 
@@ -381,12 +456,37 @@ pub fn run(
     corpus: &Corpus,
     opts: &CalibrationOptions,
     strat: &StrategyOptions,
-    mut progress: impl FnMut(&SearchProgress),
+    progress: impl FnMut(&SearchProgress),
 ) -> Result<SearchResult, CalibrateError> {
-    check_strategy(strat)?;
+    check_options(opts, strat, model.config.n_layers)?;
+    let set = prepare(tokenizer, corpus, opts.samples, opts.tokens)?;
     match strat.strategy {
         Strategy::Paper => {
-            let mut r = calibrate::search(model, tokenizer, corpus, opts, |p| {
+            let mut eval = calibrate::Evaluator::new(model, &set, opts.threads);
+            run_with(&mut eval, &set, corpus, opts, strat, progress)
+        }
+        Strategy::Greedy | Strategy::Beam => {
+            let mut eval = PrefixEvaluator::new(model, &set, opts.threads, false);
+            run_with(&mut eval, &set, corpus, opts, strat, progress)
+        }
+    }
+}
+
+/// Runs the chosen strategy on any backend's evaluator; `set` (prepared from
+/// `corpus`) is what `eval` runs. `paper` is `calibrate::search_with`, followed by
+/// one measurement of the KL divergence of the map it found.
+pub fn run_with(
+    eval: &mut dyn MapEvaluator,
+    set: &CalibrationSet,
+    corpus: &Corpus,
+    opts: &CalibrationOptions,
+    strat: &StrategyOptions,
+    mut progress: impl FnMut(&SearchProgress),
+) -> Result<SearchResult, CalibrateError> {
+    check_options(opts, strat, eval.model().config.n_layers)?;
+    match strat.strategy {
+        Strategy::Paper => {
+            let mut r = calibrate::search_with(eval, set, &corpus.sha256, opts, |p| {
                 progress(&SearchProgress {
                     accepted: p.accepted,
                     target: p.target,
@@ -397,15 +497,22 @@ pub fn run(
                 })
             })?;
             let t = Instant::now();
-            let set = prepare(tokenizer, corpus, opts.samples, opts.tokens)?;
-            r.mean_kld = Some(measure_kld(model, &set, opts.threads, &r.map)?);
+            r.mean_kld = Some(measure_kld_with(eval, opts.threads, &r.map)?);
             r.report_seconds = t.elapsed().as_secs_f64();
             Ok(r)
         }
-        Strategy::Greedy | Strategy::Beam => {
-            stepwise(model, tokenizer, corpus, opts, strat, progress)
-        }
+        Strategy::Greedy | Strategy::Beam => stepwise(eval, set, corpus, opts, strat, progress),
     }
+}
+
+/// Refuses settings no search can use, before any work is done.
+pub fn check_options(
+    opts: &CalibrationOptions,
+    strat: &StrategyOptions,
+    n_layers: usize,
+) -> Result<(), CalibrateError> {
+    check_strategy(strat)?;
+    opts.check(n_layers)
 }
 
 fn check_strategy(strat: &StrategyOptions) -> Result<(), CalibrateError> {
@@ -434,14 +541,23 @@ pub fn measure_kld(
     threads: usize,
     map: &ShareMap,
 ) -> Result<f32, CalibrateError> {
+    let mut eval = PrefixEvaluator::new(model, set, threads, true);
+    measure_kld_with(&mut eval, threads, map)
+}
+
+/// `measure_kld` with any backend's evaluator.
+pub fn measure_kld_with(
+    eval: &mut dyn MapEvaluator,
+    threads: usize,
+    map: &ShareMap,
+) -> Result<f32, CalibrateError> {
     if map.is_identity() {
         return Ok(0.0);
     }
-    let eval = PrefixEvaluator::new(model, set, threads, true);
-    let (base, _) = eval.full(&ShareMap::identity(map.n_layers()))?;
-    let reference = KlReference::new(&base.logits, model.config.n_vocab);
+    let base = eval.run_map(&ShareMap::identity(map.n_layers()), true)?;
+    let reference = KlReference::new(&base.logits, eval.model().config.n_vocab);
     drop(base);
-    let (run, _) = eval.full(map)?;
+    let run = eval.run_map(map, true)?;
     Ok(reference.mean_kld(&run.logits, threads) as f32)
 }
 
@@ -482,37 +598,34 @@ struct BeamEntry {
 }
 
 fn stepwise(
-    model: &Model,
-    tokenizer: &Tokenizer,
+    eval: &mut dyn MapEvaluator,
+    set: &CalibrationSet,
     corpus: &Corpus,
     opts: &CalibrationOptions,
     strat: &StrategyOptions,
     mut progress: impl FnMut(&SearchProgress),
 ) -> Result<SearchResult, CalibrateError> {
-    let n_layers = model.config.n_layers;
+    let config = eval.model().config.clone();
+    let n_layers = config.n_layers;
     opts.check(n_layers)?;
     let objective = strat.objective;
+    let logits = objective == Objective::Kld;
     let width = match strat.strategy {
         Strategy::Beam => strat.beam,
         _ => 1,
     };
-    let set = prepare(tokenizer, corpus, opts.samples, opts.tokens)?;
 
     let t0 = Instant::now();
-    let eval = PrefixEvaluator::new(model, &set, opts.threads, objective == Objective::Kld);
-    let identity = ShareMap::identity(n_layers);
-    let (mut base_run, session) = eval.full(&identity)?;
-    let cap = capture_from_session(&session, &set, base_run.hidden.clone())?;
-    drop(session);
-    let scores = distance_matrix(&cap, model.config.head_dim);
-    let reference = (objective == Objective::Kld)
-        .then(|| KlReference::new(&base_run.logits, model.config.n_vocab));
+    let (mut base_run, cap) = eval.capture(logits)?;
+    let scores = distance_matrix(&cap, config.head_dim);
+    let reference = logits.then(|| KlReference::new(&base_run.logits, config.n_vocab));
     base_run.logits = Vec::new();
     let capture_seconds = t0.elapsed().as_secs_f64();
 
     let t1 = Instant::now();
+    let per_text = set.seq_len * config.n_embd;
     let score = |run: &MapRun| Scores {
-        cosine: eval.mean_cosine(&cap.base_hidden, &run.hidden),
+        cosine: mean_text_cosine(&cap.base_hidden, &run.hidden, per_text),
         kld: reference
             .as_ref()
             .map(|r| r.mean_kld(&run.logits, opts.threads) as f32),
@@ -574,7 +687,7 @@ fn stepwise(
                     break;
                 }
             }
-            let mut run = eval.candidate(&beams[b].run, i, j)?;
+            let mut run = eval.run_candidate(&beams[b].run, i, j, logits)?;
             let s = score(&run);
             run.logits = Vec::new();
             harm.insert((i, j), s.key(objective) - current_key);
@@ -650,7 +763,7 @@ fn stepwise(
     let t2 = Instant::now();
     let mean_kld = match best.scores.kld {
         Some(k) => k,
-        None => measure_kld(model, &set, opts.threads, &best.run.map)?,
+        None => measure_kld_with(eval, opts.threads, &best.run.map)?,
     };
     let report_seconds = t2.elapsed().as_secs_f64();
     // Kept: the pairs on the winning map's path.

@@ -4,13 +4,16 @@
 //! dequantizes blocks as it reads them (`shaders/quant.wgsl`), so GPU memory holds
 //! the file's bytes and nothing more. `GpuSession` is the run state (KV slots for
 //! the owning layers of a `ShareMap`, activations, pipelines and bind groups built
-//! once); its `eval` mirrors `session::Session::eval`. `KernelHarness` runs single
-//! kernels on host data, for the parity tests.
+//! once); its `eval` mirrors `session::Session::eval`. `GpuEvaluator` runs the
+//! sharing search's calibration passes on it. `KernelHarness` runs single kernels on
+//! host data, for the parity tests.
 
+mod calibration;
 mod device;
 mod kernels;
 mod session;
 
+pub use calibration::GpuEvaluator;
 pub use device::{AdapterPolicy, GpuContext};
 pub use kernels::{AttentionPath, KernelHarness};
 pub use session::{GpuOptions, GpuSession};

@@ -69,6 +69,20 @@ enum Grid {
     Single,
 }
 
+/// Indices into the session's weights of one layer's tensors (`usize::MAX` for the
+/// K/V projections of a layer built as shared: never uploaded).
+struct LayerIdx {
+    attn_norm: usize,
+    wq: usize,
+    wk: usize,
+    wv: usize,
+    wo: usize,
+    ffn_norm: usize,
+    gate: usize,
+    up: usize,
+    down: usize,
+}
+
 struct Op {
     grid: Grid,
     /// For `Grid::Matmul`: matvec's pipeline; otherwise the op's only one.
@@ -115,6 +129,15 @@ pub struct GpuSession<'m> {
     logits_last: Op,
     argmax: Op,
     staging: wgpu::Buffer,
+    /// Read-back buffer for one batch of final hidden states.
+    hidden_staging: wgpu::Buffer,
+    /// What `set_map` needs to record another map's forward pass.
+    layer_idx: Vec<LayerIdx>,
+    own_slot: Vec<Option<usize>>,
+    token_embd: usize,
+    output_norm: usize,
+    output: usize,
+    max_splits: usize,
     n_past: usize,
     n_ctx: usize,
     n_batch: usize,
@@ -211,17 +234,6 @@ impl<'m> GpuSession<'m> {
             by_name.insert(name.to_string(), weights.len() - 1);
             Ok(weights.len() - 1)
         };
-        struct LayerIdx {
-            attn_norm: usize,
-            wq: usize,
-            wk: usize,
-            wv: usize,
-            wo: usize,
-            ffn_norm: usize,
-            gate: usize,
-            up: usize,
-            down: usize,
-        }
         let (token_embd, output_norm, output, rope_freqs, layer_idx) =
             ctx.scoped("uploading weights", || {
                 let token_embd = upload("token_embd.weight", true)?;
@@ -316,6 +328,7 @@ impl<'m> GpuSession<'m> {
         let (act, slots) = setup;
         let step = uniform(&ctx, [0; 8]);
         let staging_buf = staging(&ctx, (n_batch * n_vocab * 4) as u64);
+        let hidden_staging = staging(&ctx, (n_batch * e * 4) as u64);
 
         // The frequency factors enter the host-side RoPE table (see rope.wgsl).
         let rope_factors: Option<Vec<f32>> = rope_freqs
@@ -327,259 +340,35 @@ impl<'m> GpuSession<'m> {
                     .collect()
             });
 
-        // Builds every op once; bind groups tie them to their buffers for good.
-        let build = || -> Result<(Vec<Op>, Op, Op, Op), GpuError> {
-            // `corr`: x is xq rounded in Q8_1 mode; add its block-sum corrections.
-            let matmul = |wi: usize,
-                          x: &wgpu::Buffer,
-                          y: &wgpu::Buffer,
-                          accumulate: bool,
-                          last_only: bool,
-                          corr: bool|
-             -> Op {
-                let w = &weights[wi];
-                let kern = kernels.matmul_for(w.ty);
-                let p = uniform(
-                    &ctx,
-                    [
-                        w.cols,
-                        w.rows,
-                        w.row_bytes,
-                        accumulate as u32,
-                        last_only as u32,
-                        corr as u32,
-                        0,
-                        0,
-                    ],
-                );
-                let group = bind(
-                    &ctx,
-                    &kern.matvec,
-                    &[
-                        (0, &w.buf),
-                        (1, x),
-                        (2, y),
-                        (3, &p),
-                        (4, &step),
-                        (6, &act.corr),
-                    ],
-                );
-                Op {
-                    grid: Grid::Matmul {
-                        ty: w.ty,
-                        rows: w.rows,
-                        last_only,
-                    },
-                    pipeline: kern.matvec.pipeline.clone(),
-                    group,
-                }
-            };
-            let norm = |wi: usize, x: &wgpu::Buffer, y: &wgpu::Buffer| -> Op {
-                let p = uniform(&ctx, [e as u32, c.rms_eps.to_bits(), 0, 0, 0, 0, 0, 0]);
-                Op {
-                    grid: Grid::PerToken(1),
-                    pipeline: kernels.rms_norm.pipeline.clone(),
-                    group: bind(
-                        &ctx,
-                        &kernels.rms_norm,
-                        &[(0, x), (1, &weights[wi].buf), (2, y), (3, &p)],
-                    ),
-                }
-            };
-            let rope = |t: &wgpu::Buffer, n_heads: usize| -> Op {
-                let p = uniform(&ctx, [n_heads as u32, c.head_dim as u32, 0, 0, 0, 0, 0, 0]);
-                Op {
-                    grid: Grid::PerToken(((n_heads * c.head_dim / 2) as u32).div_ceil(64)),
-                    pipeline: kernels.rope.pipeline.clone(),
-                    group: bind(&ctx, &kernels.rope, &[(0, t), (1, &act.rope), (3, &p)]),
-                }
-            };
-            let attn_p = uniform(
-                &ctx,
-                [
-                    c.n_head as u32,
-                    c.n_head_kv as u32,
-                    c.head_dim as u32,
-                    SPLIT_LEN,
-                    (1.0 / (c.head_dim as f32).sqrt()).to_bits(),
-                    max_splits as u32,
-                    0,
-                    0,
-                ],
-            );
-            let store_p = uniform(&ctx, [kv as u32, 0, 0, 0, 0, 0, 0, 0]);
-            let swiglu_p = uniform(&ctx, [ff as u32, 0, 0, 0, 0, 0, 0, 0]);
+        let own_slot: Vec<Option<usize>> = {
             let slot_of = map.slot_of_layers();
-
-            let round_mode = |wi: usize| {
-                if opts.ggml_activation_rounding {
-                    activation_mode(weights[wi].ty)
-                } else {
-                    0
-                }
-            };
-            // Before a matmul of `src` (tagged `tag`) through weight `wi`: a rounding
-            // op into xq, unless xq already holds `src` rounded the same way (`held`;
-            // ops that rewrite a source clear it). True when the matmul reads xq.
-            let prep = |ops: &mut Vec<Op>,
-                        held: &mut Option<(&'static str, u32)>,
-                        tag: &'static str,
-                        src: &wgpu::Buffer,
-                        wi: usize|
-             -> bool {
-                let mode = round_mode(wi);
-                if mode == 0 {
-                    return false;
-                }
-                if *held != Some((tag, mode)) {
-                    let k = weights[wi].cols;
-                    let p = uniform(&ctx, [k, mode, 0, 0, 0, 0, 0, 0]);
-                    ops.push(Op {
-                        grid: Grid::PerToken(k.div_ceil(256)),
-                        pipeline: kernels.act_round.pipeline.clone(),
-                        group: bind(
-                            &ctx,
-                            &kernels.act_round,
-                            &[(0, src), (2, &act.xq), (3, &p), (5, &act.corr)],
-                        ),
-                    });
-                    *held = Some((tag, mode));
-                }
-                true
-            };
-            let feed = |ops: &mut Vec<Op>,
-                        held: &mut Option<(&'static str, u32)>,
-                        tag: &'static str,
-                        src: &wgpu::Buffer,
-                        wi: usize,
-                        y: &wgpu::Buffer,
-                        accumulate: bool| {
-                let rounded = prep(ops, held, tag, src, wi);
-                let input = if rounded { &act.xq } else { src };
-                ops.push(matmul(
-                    wi,
-                    input,
-                    y,
-                    accumulate,
-                    false,
-                    rounded && round_mode(wi) == 4,
-                ));
-            };
-
-            let mut ops = Vec::new();
-            let mut held: Option<(&'static str, u32)>;
-            let emb = &weights[token_embd];
-            let emb_p = uniform(&ctx, [emb.cols, emb.rows, emb.row_bytes, 0, 0, 0, 0, 0]);
-            let gr = &kernels.matmul_for(emb.ty).get_rows;
-            ops.push(Op {
-                grid: Grid::PerToken((e as u32 / 4).div_ceil(64)),
-                pipeline: gr.pipeline.clone(),
-                group: bind(
-                    &ctx,
-                    gr,
-                    &[
-                        (0, &emb.buf),
-                        (2, &act.x),
-                        (3, &emb_p),
-                        (4, &step),
-                        (5, &act.tokens),
-                    ],
-                ),
-            });
-            for (il, lw) in layer_idx.iter().enumerate() {
-                let (kc, vc) = &slots[slot_of[il]];
-                ops.push(norm(lw.attn_norm, &act.x, &act.xn));
-                held = None;
-                feed(&mut ops, &mut held, "xn", &act.xn, lw.wq, &act.q, false);
-                if map.owns_slot(il) {
-                    feed(&mut ops, &mut held, "xn", &act.xn, lw.wk, &act.k, false);
-                    feed(&mut ops, &mut held, "xn", &act.xn, lw.wv, &act.v, false);
-                }
-                ops.push(rope(&act.q, c.n_head));
-                if map.owns_slot(il) {
-                    ops.push(rope(&act.k, c.n_head_kv));
-                    ops.push(Op {
-                        grid: Grid::PerToken(((kv / 2) as u32).div_ceil(64)),
-                        pipeline: kernels.kv_store.pipeline.clone(),
-                        group: bind(
-                            &ctx,
-                            &kernels.kv_store,
-                            &[
-                                (0, &act.k),
-                                (1, &act.v),
-                                (2, kc),
-                                (3, &store_p),
-                                (4, &step),
-                                (5, vc),
-                            ],
-                        ),
-                    });
-                }
-                // A shared layer's attention binds its source's slot (read-only
-                // there): the same buffers the source wrote this pass.
-                ops.push(Op {
-                    grid: Grid::Attention {
-                        n_head: c.n_head as u32,
-                    },
-                    pipeline: kernels.attn_tiled.pipeline.clone(),
-                    group: bind(
-                        &ctx,
-                        &kernels.attn_tiled,
-                        &[
-                            (0, &act.q),
-                            (1, kc),
-                            (2, vc),
-                            (3, &attn_p),
-                            (4, &step),
-                            (5, &act.attn),
-                            (6, &act.part),
-                        ],
-                    ),
-                });
-                // x += Wo · attn (the residual add is fused into the matmul).
-                feed(&mut ops, &mut held, "attn", &act.attn, lw.wo, &act.x, true);
-                ops.push(norm(lw.ffn_norm, &act.x, &act.xn));
-                held = None;
-                feed(
-                    &mut ops, &mut held, "xn", &act.xn, lw.gate, &act.gate, false,
-                );
-                feed(&mut ops, &mut held, "xn", &act.xn, lw.up, &act.up, false);
-                ops.push(Op {
-                    grid: Grid::PerToken((ff as u32).div_ceil(64)),
-                    pipeline: kernels.swiglu.pipeline.clone(),
-                    group: bind(
-                        &ctx,
-                        &kernels.swiglu,
-                        &[(0, &act.gate), (1, &act.up), (3, &swiglu_p)],
-                    ),
-                });
-                feed(
-                    &mut ops, &mut held, "gate", &act.gate, lw.down, &act.x, true,
-                );
-            }
-            ops.push(norm(output_norm, &act.x, &act.xn));
-            held = None;
-            // The logits matmul comes in two forms (every row, last row), both
-            // reading the final norm, rounded by the body's last op if need be.
-            let rounded = prep(&mut ops, &mut held, "xn", &act.xn, output);
-            let out_src = if rounded { &act.xq } else { &act.xn };
-            let corr = rounded && round_mode(output) == 4;
-            let logits_all = matmul(output, out_src, &act.logits, false, false, corr);
-            let logits_last = matmul(output, out_src, &act.logits, false, true, corr);
-            let argmax_p = uniform(&ctx, [n_vocab as u32, 0, 0, 0, 0, 0, 0, 0]);
-            let argmax = Op {
-                grid: Grid::Single,
-                pipeline: kernels.argmax.pipeline.clone(),
-                group: bind(
-                    &ctx,
-                    &kernels.argmax,
-                    &[(0, &act.logits), (2, &act.argmax), (3, &argmax_p)],
-                ),
-            };
-            Ok((ops, logits_all, logits_last, argmax))
+            (0..c.n_layers)
+                .map(|l| map.owns_slot(l).then(|| slot_of[l]))
+                .collect()
         };
-        let (layers, logits_all, logits_last, argmax) =
-            ctx.scoped("building the forward pass", build)?;
+        let parts = ForwardParts {
+            ctx: &ctx,
+            kernels: &kernels,
+            weights: &weights,
+            layer_idx: &layer_idx,
+            act: &act,
+            step: &step,
+            slots: &slots,
+            own_slot: &own_slot,
+            token_embd,
+            output_norm,
+            output,
+            max_splits,
+            rounding: opts.ggml_activation_rounding,
+        };
+        let Forward {
+            layers,
+            logits_all,
+            logits_last,
+            argmax,
+        } = ctx.scoped("building the forward pass", || {
+            build_forward(model, map, &parts)
+        })?;
         let kv_bytes = 2 * slots.len() * slot_bytes as usize;
         Ok(GpuSession {
             model,
@@ -595,6 +384,13 @@ impl<'m> GpuSession<'m> {
             logits_last,
             argmax,
             staging: staging_buf,
+            hidden_staging,
+            layer_idx,
+            own_slot,
+            token_embd,
+            output_norm,
+            output,
+            max_splits,
             n_past: 0,
             n_ctx: opts.n_ctx,
             n_batch,
@@ -647,16 +443,69 @@ impl<'m> GpuSession<'m> {
         self.n_past = 0;
     }
 
-    /// Drops everything after the first `n` tokens (later cells are never read).
-    pub fn truncate(&mut self, n: usize) {
-        self.n_past = self.n_past.min(n);
+    /// Records the forward pass of another sharing map over the same weights and
+    /// slots, and empties the context (the cells' meaning changes with the map).
+    /// Every layer that owns its cache in `map` must have owned it in the map the
+    /// session was built with (its slot and K/V weights exist only then): a session
+    /// built with the identity map takes any map. Used by the sharing search, which
+    /// measures many maps; KV memory stays what the first map allocated.
+    pub fn set_map(&mut self, map: &ShareMap) -> Result<(), GpuError> {
+        if map.n_layers() != self.model.config.n_layers {
+            return Err(GpuError::MapMismatch {
+                map: map.n_layers(),
+                model: self.model.config.n_layers,
+            });
+        }
+        let parts = ForwardParts {
+            ctx: &self.ctx,
+            kernels: &self.kernels,
+            weights: &self._weights,
+            layer_idx: &self.layer_idx,
+            act: &self.act,
+            step: &self.step,
+            slots: &self.slots,
+            own_slot: &self.own_slot,
+            token_embd: self.token_embd,
+            output_norm: self.output_norm,
+            output: self.output,
+            max_splits: self.max_splits,
+            rounding: self.ggml_rounding,
+        };
+        let model = self.model;
+        let forward = self.ctx.scoped("building the forward pass", || {
+            build_forward(model, map, &parts)
+        })?;
+        self.layers = forward.layers;
+        self.logits_all = forward.logits_all;
+        self.logits_last = forward.logits_last;
+        self.argmax = forward.argmax;
+        self.map = map.clone();
+        self.n_past = 0;
+        Ok(())
     }
 
-    /// Appends `tokens` and returns logits: the last token's, every token's, or none.
-    pub fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, GpuError> {
+    /// `eval`, also returning the final hidden states (after the output norm) of
+    /// every token, `[tokens][n_embd]`.
+    pub fn eval_with_hidden(
+        &mut self,
+        tokens: &[u32],
+        logits: Logits,
+    ) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
+        self.eval_reading(tokens, logits, true)
+    }
+
+    /// Runs `tokens` in batches, reading back the logits asked for and, with
+    /// `hidden`, every token's final hidden state.
+    fn eval_reading(
+        &mut self,
+        tokens: &[u32],
+        logits: Logits,
+        hidden: bool,
+    ) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
         self.check(tokens)?;
-        let n_vocab = self.model.config.n_vocab;
+        let (n_vocab, n_embd) = (self.model.config.n_vocab, self.model.config.n_embd);
         let mut out = Vec::new();
+        let mut states = Vec::new();
         let chunks: Vec<&[u32]> = tokens.chunks(self.n_batch).collect();
         for (i, chunk) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len();
@@ -670,13 +519,88 @@ impl<'m> GpuSession<'m> {
                 Logits::None => 0,
             };
             let bytes = self.pass(chunk, want, false, (rows * n_vocab * 4) as u64)?;
-            out.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
+            out.extend(bytes.chunks_exact(4).map(le_f32));
+            if !hidden {
+                continue;
+            }
+            // The body's last op leaves the output norm's result in `xn`.
+            let ctx = &self.ctx;
+            let encoder = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("hidden read-back"),
+                });
+            let h = ctx.scoped("reading the hidden states back", || {
+                read_back(
+                    ctx,
+                    encoder,
+                    &self.act.xn,
+                    (chunk.len() * n_embd * 4) as u64,
+                    &self.hidden_staging,
+                )
+            })?;
+            states.extend(h.chunks_exact(4).map(le_f32));
         }
-        Ok(out)
+        Ok((out, states))
+    }
+
+    /// The keys (post-RoPE) and values that `layer` attends over, at cache cells
+    /// `0..rows`, as f32 `[rows][n_embd_kv]` each (the cache holds f16).
+    pub fn read_kv(&self, layer: usize, rows: usize) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
+        let n_layers = self.model.config.n_layers;
+        if layer >= n_layers {
+            return Err(GpuError::BadInput(format!(
+                "layer {layer} does not exist (the model has {n_layers})"
+            )));
+        }
+        if rows > self.n_past {
+            return Err(GpuError::BadInput(format!(
+                "{rows} cache cells asked for, but only {} are filled",
+                self.n_past
+            )));
+        }
+        let slot = self
+            .own_slot
+            .get(self.map.source(layer))
+            .copied()
+            .flatten()
+            .ok_or_else(|| {
+                GpuError::BadInput(format!("layer {layer} has no KV slot in this session"))
+            })?;
+        let bytes = (rows * self.model.config.n_embd_kv() * 2) as u64;
+        let ctx = &self.ctx;
+        let staging_buf = staging(ctx, bytes);
+        let (kc, vc) = &self.slots[slot];
+        let read = |buf: &wgpu::Buffer| -> Result<Vec<f32>, GpuError> {
+            if bytes == 0 {
+                return Ok(Vec::new());
+            }
+            let encoder = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("kv read-back"),
+                });
+            let raw = ctx.scoped("reading a KV slot back", || {
+                read_back(ctx, encoder, buf, bytes, &staging_buf)
+            })?;
+            Ok(raw
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect())
+        };
+        let k = read(kc)?;
+        let v = read(vc)?;
+        Ok((k, v))
+    }
+
+    /// Drops everything after the first `n` tokens (later cells are never read).
+    pub fn truncate(&mut self, n: usize) {
+        self.n_past = self.n_past.min(n);
+    }
+
+    /// Appends `tokens` and returns logits: the last token's, every token's, or none.
+    pub fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, GpuError> {
+        Ok(self.eval_reading(tokens, logits, false)?.0)
     }
 
     /// Appends `tokens` and returns the id of the last token's largest logit,
@@ -829,6 +753,329 @@ impl<'m> GpuSession<'m> {
             }
         }
     }
+}
+
+/// What `build_forward` binds: the session's buffers, kernels and weights.
+struct ForwardParts<'a> {
+    ctx: &'a GpuContext,
+    kernels: &'a Kernels,
+    weights: &'a [GpuWeight],
+    layer_idx: &'a [LayerIdx],
+    act: &'a Activations,
+    step: &'a wgpu::Buffer,
+    slots: &'a [(wgpu::Buffer, wgpu::Buffer)],
+    /// Slot index of every layer's own slot (`None`: the session has no slot and no
+    /// K/V weights for it).
+    own_slot: &'a [Option<usize>],
+    token_embd: usize,
+    output_norm: usize,
+    output: usize,
+    max_splits: usize,
+    rounding: bool,
+}
+
+/// The recorded forward pass for one sharing map.
+struct Forward {
+    layers: Vec<Op>,
+    logits_all: Op,
+    logits_last: Op,
+    argmax: Op,
+}
+
+/// Builds every op of `map`'s forward pass; bind groups tie them to their buffers
+/// until the map changes. Every layer that owns its cache in `map` must have a slot
+/// and K/V weights in `parts`.
+fn build_forward(
+    model: &Model,
+    map: &ShareMap,
+    parts: &ForwardParts<'_>,
+) -> Result<Forward, GpuError> {
+    let ForwardParts {
+        ctx,
+        kernels,
+        weights,
+        layer_idx,
+        act,
+        step,
+        slots,
+        own_slot,
+        token_embd,
+        output_norm,
+        output,
+        max_splits,
+        rounding,
+    } = *parts;
+    let c = &model.config;
+    let (e, kv, ff) = (c.n_embd, c.n_embd_kv(), c.n_ff);
+    let n_vocab = c.n_vocab;
+    let mut slot_of = Vec::with_capacity(c.n_layers);
+    for il in 0..c.n_layers {
+        let src = map.source(il);
+        match own_slot.get(src).copied().flatten() {
+            Some(s) => slot_of.push(s),
+            None => {
+                return Err(GpuError::BadInput(format!(
+                    "sharing map {map}: layer {src} owns its cache, but this session was built without a KV slot and K/V weights for it"
+                )))
+            }
+        }
+    }
+    // `corr`: x is xq rounded in Q8_1 mode; add its block-sum corrections.
+    let matmul = |wi: usize,
+                  x: &wgpu::Buffer,
+                  y: &wgpu::Buffer,
+                  accumulate: bool,
+                  last_only: bool,
+                  corr: bool|
+     -> Op {
+        let w = &weights[wi];
+        let kern = kernels.matmul_for(w.ty);
+        let p = uniform(
+            ctx,
+            [
+                w.cols,
+                w.rows,
+                w.row_bytes,
+                accumulate as u32,
+                last_only as u32,
+                corr as u32,
+                0,
+                0,
+            ],
+        );
+        let group = bind(
+            ctx,
+            &kern.matvec,
+            &[
+                (0, &w.buf),
+                (1, x),
+                (2, y),
+                (3, &p),
+                (4, step),
+                (6, &act.corr),
+            ],
+        );
+        Op {
+            grid: Grid::Matmul {
+                ty: w.ty,
+                rows: w.rows,
+                last_only,
+            },
+            pipeline: kern.matvec.pipeline.clone(),
+            group,
+        }
+    };
+    let norm = |wi: usize, x: &wgpu::Buffer, y: &wgpu::Buffer| -> Op {
+        let p = uniform(ctx, [e as u32, c.rms_eps.to_bits(), 0, 0, 0, 0, 0, 0]);
+        Op {
+            grid: Grid::PerToken(1),
+            pipeline: kernels.rms_norm.pipeline.clone(),
+            group: bind(
+                ctx,
+                &kernels.rms_norm,
+                &[(0, x), (1, &weights[wi].buf), (2, y), (3, &p)],
+            ),
+        }
+    };
+    let rope = |t: &wgpu::Buffer, n_heads: usize| -> Op {
+        let p = uniform(ctx, [n_heads as u32, c.head_dim as u32, 0, 0, 0, 0, 0, 0]);
+        Op {
+            grid: Grid::PerToken(((n_heads * c.head_dim / 2) as u32).div_ceil(64)),
+            pipeline: kernels.rope.pipeline.clone(),
+            group: bind(ctx, &kernels.rope, &[(0, t), (1, &act.rope), (3, &p)]),
+        }
+    };
+    let attn_p = uniform(
+        ctx,
+        [
+            c.n_head as u32,
+            c.n_head_kv as u32,
+            c.head_dim as u32,
+            SPLIT_LEN,
+            (1.0 / (c.head_dim as f32).sqrt()).to_bits(),
+            max_splits as u32,
+            0,
+            0,
+        ],
+    );
+    let store_p = uniform(ctx, [kv as u32, 0, 0, 0, 0, 0, 0, 0]);
+    let swiglu_p = uniform(ctx, [ff as u32, 0, 0, 0, 0, 0, 0, 0]);
+
+    let round_mode = |wi: usize| {
+        if rounding {
+            activation_mode(weights[wi].ty)
+        } else {
+            0
+        }
+    };
+    // Before a matmul of `src` (tagged `tag`) through weight `wi`: a rounding
+    // op into xq, unless xq already holds `src` rounded the same way (`held`;
+    // ops that rewrite a source clear it). True when the matmul reads xq.
+    let prep = |ops: &mut Vec<Op>,
+                held: &mut Option<(&'static str, u32)>,
+                tag: &'static str,
+                src: &wgpu::Buffer,
+                wi: usize|
+     -> bool {
+        let mode = round_mode(wi);
+        if mode == 0 {
+            return false;
+        }
+        if *held != Some((tag, mode)) {
+            let k = weights[wi].cols;
+            let p = uniform(ctx, [k, mode, 0, 0, 0, 0, 0, 0]);
+            ops.push(Op {
+                grid: Grid::PerToken(k.div_ceil(256)),
+                pipeline: kernels.act_round.pipeline.clone(),
+                group: bind(
+                    ctx,
+                    &kernels.act_round,
+                    &[(0, src), (2, &act.xq), (3, &p), (5, &act.corr)],
+                ),
+            });
+            *held = Some((tag, mode));
+        }
+        true
+    };
+    let feed = |ops: &mut Vec<Op>,
+                held: &mut Option<(&'static str, u32)>,
+                tag: &'static str,
+                src: &wgpu::Buffer,
+                wi: usize,
+                y: &wgpu::Buffer,
+                accumulate: bool| {
+        let rounded = prep(ops, held, tag, src, wi);
+        let input = if rounded { &act.xq } else { src };
+        ops.push(matmul(
+            wi,
+            input,
+            y,
+            accumulate,
+            false,
+            rounded && round_mode(wi) == 4,
+        ));
+    };
+
+    let mut ops = Vec::new();
+    let mut held: Option<(&'static str, u32)>;
+    let emb = &weights[token_embd];
+    let emb_p = uniform(ctx, [emb.cols, emb.rows, emb.row_bytes, 0, 0, 0, 0, 0]);
+    let gr = &kernels.matmul_for(emb.ty).get_rows;
+    ops.push(Op {
+        grid: Grid::PerToken((e as u32 / 4).div_ceil(64)),
+        pipeline: gr.pipeline.clone(),
+        group: bind(
+            ctx,
+            gr,
+            &[
+                (0, &emb.buf),
+                (2, &act.x),
+                (3, &emb_p),
+                (4, step),
+                (5, &act.tokens),
+            ],
+        ),
+    });
+    for (il, lw) in layer_idx.iter().enumerate() {
+        let (kc, vc) = &slots[slot_of[il]];
+        ops.push(norm(lw.attn_norm, &act.x, &act.xn));
+        held = None;
+        feed(&mut ops, &mut held, "xn", &act.xn, lw.wq, &act.q, false);
+        if map.owns_slot(il) {
+            feed(&mut ops, &mut held, "xn", &act.xn, lw.wk, &act.k, false);
+            feed(&mut ops, &mut held, "xn", &act.xn, lw.wv, &act.v, false);
+        }
+        ops.push(rope(&act.q, c.n_head));
+        if map.owns_slot(il) {
+            ops.push(rope(&act.k, c.n_head_kv));
+            ops.push(Op {
+                grid: Grid::PerToken(((kv / 2) as u32).div_ceil(64)),
+                pipeline: kernels.kv_store.pipeline.clone(),
+                group: bind(
+                    ctx,
+                    &kernels.kv_store,
+                    &[
+                        (0, &act.k),
+                        (1, &act.v),
+                        (2, kc),
+                        (3, &store_p),
+                        (4, step),
+                        (5, vc),
+                    ],
+                ),
+            });
+        }
+        // A shared layer's attention binds its source's slot (read-only
+        // there): the same buffers the source wrote this pass.
+        ops.push(Op {
+            grid: Grid::Attention {
+                n_head: c.n_head as u32,
+            },
+            pipeline: kernels.attn_tiled.pipeline.clone(),
+            group: bind(
+                ctx,
+                &kernels.attn_tiled,
+                &[
+                    (0, &act.q),
+                    (1, kc),
+                    (2, vc),
+                    (3, &attn_p),
+                    (4, step),
+                    (5, &act.attn),
+                    (6, &act.part),
+                ],
+            ),
+        });
+        // x += Wo · attn (the residual add is fused into the matmul).
+        feed(&mut ops, &mut held, "attn", &act.attn, lw.wo, &act.x, true);
+        ops.push(norm(lw.ffn_norm, &act.x, &act.xn));
+        held = None;
+        feed(
+            &mut ops, &mut held, "xn", &act.xn, lw.gate, &act.gate, false,
+        );
+        feed(&mut ops, &mut held, "xn", &act.xn, lw.up, &act.up, false);
+        ops.push(Op {
+            grid: Grid::PerToken((ff as u32).div_ceil(64)),
+            pipeline: kernels.swiglu.pipeline.clone(),
+            group: bind(
+                ctx,
+                &kernels.swiglu,
+                &[(0, &act.gate), (1, &act.up), (3, &swiglu_p)],
+            ),
+        });
+        feed(
+            &mut ops, &mut held, "gate", &act.gate, lw.down, &act.x, true,
+        );
+    }
+    ops.push(norm(output_norm, &act.x, &act.xn));
+    held = None;
+    // The logits matmul comes in two forms (every row, last row), both
+    // reading the final norm, rounded by the body's last op if need be.
+    let rounded = prep(&mut ops, &mut held, "xn", &act.xn, output);
+    let out_src = if rounded { &act.xq } else { &act.xn };
+    let corr = rounded && round_mode(output) == 4;
+    let logits_all = matmul(output, out_src, &act.logits, false, false, corr);
+    let logits_last = matmul(output, out_src, &act.logits, false, true, corr);
+    let argmax_p = uniform(ctx, [n_vocab as u32, 0, 0, 0, 0, 0, 0, 0]);
+    let argmax = Op {
+        grid: Grid::Single,
+        pipeline: kernels.argmax.pipeline.clone(),
+        group: bind(
+            ctx,
+            &kernels.argmax,
+            &[(0, &act.logits), (2, &act.argmax), (3, &argmax_p)],
+        ),
+    };
+    Ok(Forward {
+        layers: ops,
+        logits_all,
+        logits_last,
+        argmax,
+    })
+}
+
+fn le_f32(b: &[u8]) -> f32 {
+    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
 impl crate::generate::TokenEval for GpuSession<'_> {
