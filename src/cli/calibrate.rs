@@ -320,6 +320,10 @@ fn check_search_backend(backend: Backend) -> Result<()> {
         Backend::Wgpu => bail!(
             "--backend wgpu: the sharing search runs on the CPU backend (ggml) only, because it needs the packed multi-text forward and per-layer input capture that the WGSL backend does not have (hint: drop --backend; the map it finds works with `run --backend wgpu --kv-share`)"
         ),
+        Backend::Cuda | Backend::Vulkan | Backend::Metal => bail!(
+            "--backend {name}: the sharing search runs on the CPU backend (ggml) only (hint: drop --backend; the map it finds works with `run --backend {name} --kv-share`)",
+            name = backend.name()
+        ),
     }
 }
 
