@@ -1079,3 +1079,95 @@ pub fn raw_type_traits(id: u32) -> Option<(i64, usize, String)> {
         .into_owned();
     Some((block, size, name))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_backend_is_the_cpu_device() {
+        let b = GgmlBackend::cpu(2).unwrap();
+        assert!(b.is_cpu());
+        assert_eq!(b.kind(), DeviceKind::Cpu);
+        assert_eq!(b.threads(), 2);
+        let b = GgmlBackend::on_device(DeviceKind::Cpu, 3).unwrap();
+        assert!(b.is_cpu());
+        assert_eq!(b.threads(), 3);
+    }
+
+    #[test]
+    fn a_backend_missing_from_the_build_names_the_feature() {
+        for kind in [DeviceKind::Cuda, DeviceKind::Vulkan, DeviceKind::Metal] {
+            if kind.compiled_in() {
+                continue;
+            }
+            let err = GgmlBackend::on_device(kind, 1).err().unwrap();
+            assert!(
+                matches!(err, GgmlError::BackendNotBuilt { backend } if backend == kind.name()),
+                "{err}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("rebuild with --features {}", kind.name())),
+                "{text}"
+            );
+        }
+    }
+
+    /// The device upload path, run with the CPU as the target so it is checked on
+    /// every machine: every tensor keeps its name, type, shape and exact bytes.
+    #[test]
+    fn copy_to_device_keeps_every_tensor() {
+        let backend = GgmlBackend::cpu(1).unwrap();
+        let mut src = TensorArena::new(3).unwrap();
+        let a = src.add_tensor(GgmlType::F32, &[5, 3], "a.weight");
+        let b = src.add_tensor(GgmlType::I32, &[7], "b.weight");
+        let q = src.add_tensor(GgmlType::Q8_0, &[64, 2], "q.weight");
+        src.allocate(&backend).unwrap();
+        let fa: Vec<f32> = (0..15).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let ib: Vec<i32> = (0..7).map(|i| i * 1000 - 3).collect();
+        let row: Vec<f32> = (0..128).map(|i| (i as f32 * 0.37).sin()).collect();
+        let qb = quantize(GgmlType::Q8_0, &row, 64).unwrap();
+        src.tensor(a).write(&fa);
+        src.tensor(b).write(&ib);
+        src.tensor(q).write(&qb);
+
+        let copy = src.copy_to_device(&backend).unwrap();
+        for i in [a, b, q] {
+            let (s, d) = (src.tensor(i), copy.tensor(i));
+            assert_eq!(s.ne(), d.ne());
+            assert_eq!(s.meta().type_, d.meta().type_);
+            // SAFETY: names of live tensors, NUL-terminated by ggml.
+            let (sn, dn) = unsafe {
+                (
+                    c_text(sys::ggml_get_name(s.ptr())),
+                    c_text(sys::ggml_get_name(d.ptr())),
+                )
+            };
+            assert_eq!(sn, dn);
+            assert_ne!(s.meta().data, d.meta().data, "{sn} was not copied");
+            assert_eq!(d.read_bytes(0, d.n_bytes()), s.read_bytes(0, s.n_bytes()));
+        }
+        assert_eq!(copy.tensor(a).read_f32(), fa);
+        // The copy is independent of its source.
+        src.tensor(a).write(&[0f32; 15]);
+        assert_eq!(copy.tensor(a).read_f32(), fa);
+    }
+
+    #[test]
+    fn copy_to_device_of_an_unallocated_arena_is_an_error() {
+        let backend = GgmlBackend::cpu(1).unwrap();
+        let mut src = TensorArena::new(1).unwrap();
+        src.add_tensor(GgmlType::F32, &[4], "unplaced");
+        assert!(src.copy_to_device(&backend).is_err());
+    }
+
+    #[test]
+    fn the_cpu_supports_every_graph() {
+        let backend = GgmlBackend::cpu(1).unwrap();
+        let g = GraphCtx::new(16).unwrap();
+        let x = g.input(GgmlType::F32, &[4, 2], "x");
+        g.expand(g.rms_norm(x, 1e-5));
+        assert!(backend.check_supported(&g.graph()).is_ok());
+    }
+}
