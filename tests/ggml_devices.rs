@@ -15,10 +15,9 @@ use kvsharer::backend::ggml::{DeviceKind, GgmlBackend, GgmlError};
 use kvsharer::backend::graph::Logits;
 use kvsharer::loader;
 use kvsharer::model::{Model, PlacedWeights};
-use kvsharer::sample::argmax;
 use kvsharer::session::{Session, SessionError, SessionOptions};
 use kvsharer::share::ShareMap;
-use support::{write_tiny_model, TinySpec};
+use support::{compare_logits, dequantized_copy, write_tiny_model, TinySpec};
 
 const GPU_KINDS: [DeviceKind; 3] = [DeviceKind::Cuda, DeviceKind::Vulkan, DeviceKind::Metal];
 
@@ -76,26 +75,6 @@ const PROMPT: &str = "The ferry left the harbour at seven, loaded with crates of
 const N_PREFILL: usize = 64;
 const N_TOKENS: usize = 68;
 
-fn compare(a: &[f32], b: &[f32], n_vocab: usize) -> (f32, f64, usize) {
-    let max = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    let mean = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() as f64)
-        .sum::<f64>()
-        / a.len() as f64;
-    let mismatches = a
-        .chunks(n_vocab)
-        .zip(b.chunks(n_vocab))
-        .filter(|(x, y)| argmax(x) != argmax(y))
-        .count();
-    (max, mean, mismatches)
-}
-
 /// `toks` as one `N_PREFILL`-token pass (or passes of `n_batch`), then one token at
 /// a time; the logits of every position.
 fn logits(s: &mut Session<'_>, toks: &[u32]) -> Vec<f32> {
@@ -145,6 +124,35 @@ fn check_weights_copy(model: &Model, device: &GgmlBackend) {
     }
 }
 
+/// A device session on `model` (`None`, the skip printed, without a device).
+fn device_session<'m>(
+    test: &str,
+    kind: DeviceKind,
+    model: &'m Model,
+    map: &ShareMap,
+) -> Option<Session<'m>> {
+    match Session::on_device(kind, model, map, &options(512)) {
+        Ok(s) => {
+            assert!(!s.backend().is_cpu());
+            assert_eq!(s.cache().n_slots(), map.owner_count());
+            Some(s)
+        }
+        Err(SessionError::Ggml(e @ GgmlError::NoDevice { .. })) => {
+            say(&format!("{test}: {kind}: SKIPPED: {e}"));
+            None
+        }
+        Err(e) => panic!("{test}: {kind}: {e}"),
+    }
+}
+
+/// The device against ggml's CPU backend, twice. On the f32-dequantized model both
+/// multiply the same weight values by f32 activations, so only summation order and
+/// f16 rounding inside attention separate them: there the bar is the issue's, max
+/// |logit diff| < 0.1 and top-1 identical at every position. On the quantized file
+/// the CPU rounds every matmul input to 8 bits (q8_1) while a device may not, and
+/// that rounding moves ggml's own logits as much when only its batch size changes:
+/// there the device is held to ggml's own variation (mean within 1.5x, max within
+/// 2x) and must not flip more than a tenth of the top-1 picks.
 fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
     let kinds: Vec<DeviceKind> = GPU_KINDS.into_iter().filter(|k| k.compiled_in()).collect();
     if kinds.is_empty() {
@@ -165,59 +173,78 @@ fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
     );
     toks.truncate(N_TOKENS);
     let n_vocab = model.config.n_vocab;
+    let dir = tempfile::tempdir().unwrap();
+    let f32_path = dir.path().join("f32.gguf");
+    dequantized_copy(&path, &f32_path);
+    let f32_model = Model::load(&f32_path).unwrap();
+
     let cpu = logits(
         &mut Session::new(model, &map, &options(512)).unwrap(),
         &toks,
     );
     let cpu_b16 = logits(&mut Session::new(model, &map, &options(16)).unwrap(), &toks);
-    let (own_max, own_mean, own_mismatches) = compare(&cpu_b16, &cpu, n_vocab);
+    let cpu_f32 = logits(
+        &mut Session::new(&f32_model, &map, &options(512)).unwrap(),
+        &toks,
+    );
+    let (own_max, own_mean, own_mismatches) = compare_logits(&cpu_b16, &cpu, n_vocab);
 
     for kind in kinds {
-        let mut gpu = match Session::on_device(kind, model, &map, &options(512)) {
-            Ok(s) => s,
-            Err(SessionError::Ggml(e @ GgmlError::NoDevice { .. })) => {
-                say(&format!("{test}: {kind}: SKIPPED: {e}"));
-                continue;
-            }
-            Err(e) => panic!("{test}: {kind}: {e}"),
+        let Some(mut gpu) = device_session(test, kind, model, &map) else {
+            continue;
         };
         let device = gpu.backend().device_name().to_string();
-        assert!(!gpu.backend().is_cpu());
         check_weights_copy(model, gpu.backend());
-        assert_eq!(gpu.cache().n_slots(), map.owner_count());
         let ours = logits(&mut gpu, &toks);
-        assert_eq!(ours.len(), cpu.len());
-        let (max, mean, mismatches) = compare(&ours, &cpu, n_vocab);
+        drop(gpu);
+        let Some(mut gpu_f32) = device_session(test, kind, &f32_model, &map) else {
+            continue;
+        };
+        let ours_f32 = logits(&mut gpu_f32, &toks);
+        drop(gpu_f32);
+
+        let (max_f, mean_f, mismatches_f) = compare_logits(&ours_f32, &cpu_f32, n_vocab);
+        let (max, mean, mismatches) = compare_logits(&ours, &cpu, n_vocab);
         say(&format!(
-            "{test}: {kind} on {device}: {N_TOKENS} positions vs ggml cpu: max |logit diff| {max:.4}, \
-             mean {mean:.4}, top-1 mismatches {mismatches}; ggml cpu batch 16 vs 512: max {own_max:.4}, \
-             mean {own_mean:.4}, top-1 mismatches {own_mismatches}"
+            "{test}: {kind} on {device}, {N_TOKENS} positions: f32-dequantized model vs ggml cpu: \
+             max |logit diff| {max_f:.5}, mean {mean_f:.5}, top-1 mismatches {mismatches_f}; \
+             q4_1 file vs ggml cpu: max {max:.4}, mean {mean:.4}, top-1 mismatches {mismatches} \
+             (ggml cpu batch 16 vs 512: max {own_max:.4}, mean {own_mean:.4}, top-1 mismatches {own_mismatches})"
         ));
+        assert!(max_f < 0.1, "f32 model: max |logit diff| {max_f}");
+        assert_eq!(
+            mismatches_f, 0,
+            "f32 model: top-1 differs at {mismatches_f} positions"
+        );
         assert!(
-            mean <= 1.5 * own_mean + 0.01,
+            mean <= 1.5 * own_mean,
             "mean |logit diff| {mean} vs ggml cpu's own {own_mean}"
         );
         assert!(
-            max <= 1.5 * own_max + 0.1,
+            max <= 2.0 * own_max,
             "max |logit diff| {max} vs ggml cpu's own {own_max}"
         );
         assert!(
-            mismatches <= own_mismatches + 1 && mismatches * 10 <= N_TOKENS,
+            mismatches * 10 <= N_TOKENS,
             "top-1 differs at {mismatches} of {N_TOKENS} positions (ggml cpu itself: {own_mismatches})"
         );
         if !map.is_identity() {
             // The map must matter far more than the device does, or this comparison
             // could not tell a device that ignores it.
             let unshared = logits(
-                &mut Session::new(model, &ShareMap::identity(map.n_layers()), &options(512))
-                    .unwrap(),
+                &mut Session::new(
+                    &f32_model,
+                    &ShareMap::identity(map.n_layers()),
+                    &options(512),
+                )
+                .unwrap(),
                 &toks,
             );
-            let (_, sharing_mean, _) = compare(&unshared, &cpu, n_vocab);
+            let (_, sharing_mean, _) = compare_logits(&unshared, &cpu_f32, n_vocab);
             say(&format!(
-                "{test}: the map itself moves ggml's logits by mean {sharing_mean:.4}"
+                "{test}: the map itself moves ggml's f32 logits by mean {sharing_mean:.4}"
             ));
-            assert!(mean * 3.0 < sharing_mean, "{mean} vs {sharing_mean}");
+            assert!(mean_f * 10.0 < sharing_mean, "{mean_f} vs {sharing_mean}");
         }
     }
 }

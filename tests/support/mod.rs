@@ -5,11 +5,13 @@
 //! Each test binary includes this with `mod support;` and uses only part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod parity;
 pub mod reference;
 pub mod tiny_model;
 
 use std::path::PathBuf;
 
+pub use parity::{compare_logits, dequantized_copy};
 pub use reference::{
     attend_head, kv_head_for, reference_forward, reference_forward_f16_cache,
     reference_forward_full, reference_forward_with, rms_norm, rope_norm, silu, RefOutput,
