@@ -523,3 +523,26 @@ fn ggml_gpu_backends_missing_from_the_build_say_how_to_get_them() {
         eprintln!("ggml_gpu_backends_missing_from_the_build_say_how_to_get_them: SKIPPED the missing-feature half: cuda, vulkan and metal are all built in");
     }
 }
+
+/// A build with the `vulkan` feature but no usable device (here: ggml's Vulkan
+/// backend switched off by its own GGML_DISABLE_VULKAN) names the cause and exits 1.
+#[test]
+fn vulkan_built_in_without_a_device_names_the_cause() {
+    if !cfg!(feature = "vulkan") {
+        eprintln!("vulkan_built_in_without_a_device_names_the_cause: SKIPPED: built without the vulkan feature");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let o = Command::new(env!("CARGO_BIN_EXE_kvsharer"))
+        .args(["run", "-m", m.to_str().unwrap(), "-p", "x", "-n", "1"])
+        .args(["--backend", "vulkan"])
+        .env("GGML_DISABLE_VULKAN", "1")
+        .output()
+        .expect("run kvsharer");
+    let first = expect_clean_failure(&o);
+    assert!(first.contains("--backend vulkan"), "{first}");
+    let err = stderr(&o);
+    assert!(err.contains("no Vulkan device found"), "{err}");
+    assert!(err.contains("GGML_VK_VISIBLE_DEVICES"), "{err}");
+}
