@@ -98,7 +98,17 @@ fn options(n_batch: usize) -> SessionOptions {
 /// The device's weights, byte for byte the file's.
 fn check_weights_copy(model: &Model, device: &GgmlBackend) {
     let w = model.weights_for(device).unwrap();
-    assert!(matches!(w, PlacedWeights::Device(_)));
+    let PlacedWeights::Device(copy) = &w else {
+        panic!(
+            "weights on {} were not copied to the device",
+            device.device_name()
+        );
+    };
+    // Sessions on one device share one copy while any of them lives.
+    let PlacedWeights::Device(again) = model.weights_for(device).unwrap() else {
+        panic!("a second look-up left the device");
+    };
+    assert!(std::sync::Arc::ptr_eq(copy, &again));
     let t = &model.weights;
     let mut indices = vec![t.token_embd, t.output_norm, t.output];
     for l in &t.layers {

@@ -34,7 +34,7 @@ pub enum GgmlError {
         backend: &'static str,
         device: String,
     },
-    #[error("ggml: device {device} cannot run op {op} (tensor {tensor}); hint: use --backend cpu, or an f16 KV cache")]
+    #[error("ggml: device {device} cannot run op {op} (tensor {tensor}); hint: use --backend cpu")]
     UnsupportedOp {
         device: String,
         op: String,
@@ -81,13 +81,17 @@ impl DeviceKind {
     }
 
     /// The name ggml's backend registry knows this backend by.
-    fn registry_name(self) -> &'static str {
+    fn registry_name(self) -> &'static std::ffi::CStr {
         match self {
-            DeviceKind::Cpu => "CPU",
-            DeviceKind::Cuda => "CUDA",
-            DeviceKind::Vulkan => "Vulkan",
-            DeviceKind::Metal => "MTL",
+            DeviceKind::Cpu => c"CPU",
+            DeviceKind::Cuda => c"CUDA",
+            DeviceKind::Vulkan => c"Vulkan",
+            DeviceKind::Metal => c"MTL",
         }
+    }
+
+    fn registry_label(self) -> &'static str {
+        self.registry_name().to_str().unwrap_or("ggml")
     }
 
     /// Whether this binary was built with the backend (its cargo feature).
@@ -156,12 +160,11 @@ impl GgmlBackend {
             });
         }
         let no_device = || GgmlError::NoDevice {
-            backend: kind.registry_name(),
+            backend: kind.registry_label(),
             cause: kind.missing_device_cause(),
         };
-        let reg_name = CString::new(kind.registry_name()).expect("static name without NUL");
-        // SAFETY: the registry is a process-wide static; the name is a valid C string.
-        let reg = unsafe { sys::ggml_backend_reg_by_name(reg_name.as_ptr()) };
+        // SAFETY: the registry is a process-wide static; the name is a C string literal.
+        let reg = unsafe { sys::ggml_backend_reg_by_name(kind.registry_name().as_ptr()) };
         if reg.is_null() {
             return Err(no_device());
         }
@@ -178,7 +181,7 @@ impl GgmlBackend {
         // SAFETY: `dev` is a live device of the registry; null params ask for defaults.
         let raw = unsafe { sys::ggml_backend_dev_init(dev, std::ptr::null()) };
         let raw = NonNull::new(raw).ok_or_else(|| GgmlError::DeviceInit {
-            backend: kind.registry_name(),
+            backend: kind.registry_label(),
             device: device.clone(),
         })?;
         Ok(GgmlBackend {
@@ -554,9 +557,9 @@ impl TensorArena {
         Ok(arena)
     }
 
-    /// A copy of every tensor of this (allocated, host-readable) arena in one buffer
-    /// of `backend`'s device, for backends that cannot read the mapped weights in
-    /// place. Names, types and shapes are kept; bytes are copied as they are.
+    /// A copy of every tensor of this (allocated, host-readable) arena in `backend`'s
+    /// device memory, for backends that cannot read the mapped weights in place.
+    /// Names, types and shapes are kept; bytes are copied as they are.
     pub fn copy_to_device(&self, backend: &GgmlBackend) -> Result<TensorArena, GgmlError> {
         // SAFETY: a non-null buffer of self is live.
         if self.buffer.is_null() || !unsafe { sys::ggml_backend_buffer_is_host(self.buffer) } {
