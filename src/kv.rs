@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use crate::backend::ggml::{dequantize, row_size, CpuBackend, GgmlError, Tensor, TensorArena};
+use crate::backend::ggml::{dequantize, row_size, GgmlBackend, GgmlError, Tensor, TensorArena};
 use crate::gguf::GgmlType;
 use crate::model::LlamaConfig;
 use crate::share::ShareMap;
@@ -71,7 +71,7 @@ impl KvCache {
         n_ctx: usize,
         type_k: GgmlType,
         type_v: GgmlType,
-        backend: &CpuBackend,
+        backend: &GgmlBackend,
     ) -> Result<Self, KvError> {
         if map.n_layers() != config.n_layers {
             return Err(KvError::MapMismatch {

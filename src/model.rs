@@ -3,9 +3,9 @@
 //! file. Run state (KV cache, positions) lives in `session`, never here.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
-use crate::backend::ggml::{CpuBackend, GgmlError, Tensor, TensorArena, WeightPlacement};
+use crate::backend::ggml::{GgmlBackend, GgmlError, Tensor, TensorArena, WeightPlacement};
 use crate::gguf::{GgmlType, GgufError, GgufFile};
 use crate::share::{ShareMap, ShareMapError};
 
@@ -230,7 +230,32 @@ pub struct Model {
     pub weights: TransformerWeights,
     pub stored_map: Option<ShareMap>,
     arena: TensorArena,
+    /// Copies of `arena` on GPU devices, by device name, alive while a session uses
+    /// them: sessions on one device share one copy.
+    device_copies: Mutex<Vec<(String, Weak<TensorArena>)>>,
     file: Arc<GgufFile>,
+}
+
+/// The weights a session's graphs read, indexed as `TransformerWeights` says.
+pub enum PlacedWeights<'m> {
+    /// The model's own tensors, in place in the mapped file (the CPU backend).
+    Mapped(&'m TensorArena),
+    /// A copy in a device buffer (CUDA, Vulkan, Metal).
+    Device(Arc<TensorArena>),
+}
+
+impl PlacedWeights<'_> {
+    pub fn get(&self, index: usize) -> Tensor<'_> {
+        match self {
+            PlacedWeights::Mapped(a) => a.tensor(index),
+            PlacedWeights::Device(a) => a.tensor(index),
+        }
+    }
+
+    /// Whether the weights were copied off the mapped file.
+    pub fn is_device_copy(&self) -> bool {
+        matches!(self, PlacedWeights::Device(_))
+    }
 }
 
 impl Model {
@@ -248,6 +273,7 @@ impl Model {
             weights,
             stored_map,
             arena,
+            device_copies: Mutex::new(Vec::new()),
             file,
         })
     }
@@ -262,8 +288,35 @@ impl Model {
     }
 
     /// A CPU backend for this model's sessions.
-    pub fn cpu_backend(n_threads: usize) -> Result<CpuBackend, ModelError> {
-        Ok(CpuBackend::new(n_threads)?)
+    pub fn cpu_backend(n_threads: usize) -> Result<GgmlBackend, ModelError> {
+        Ok(GgmlBackend::cpu(n_threads)?)
+    }
+
+    /// The weights as `backend` reads them: in place from the mapping on the CPU (no
+    /// copy), else a copy in the device's memory, made on first use and shared by
+    /// every session on that device while any of them lives.
+    pub fn weights_for(&self, backend: &GgmlBackend) -> Result<PlacedWeights<'_>, ModelError> {
+        if backend.is_cpu() {
+            return Ok(PlacedWeights::Mapped(&self.arena));
+        }
+        // A poisoned lock only means another thread panicked mid-upload; the list
+        // itself (weak handles) is always consistent.
+        let mut copies = self
+            .device_copies
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        copies.retain(|(_, w)| w.strong_count() > 0);
+        let device = backend.device_name();
+        if let Some(live) = copies
+            .iter()
+            .find(|(name, _)| name == device)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return Ok(PlacedWeights::Device(live));
+        }
+        let copy = Arc::new(self.arena.copy_to_device(backend)?);
+        copies.push((device.to_string(), Arc::downgrade(&copy)));
+        Ok(PlacedWeights::Device(copy))
     }
 }
 

@@ -1,13 +1,13 @@
 //! Run state for one conversation or evaluation (llama2.c's `RunState`): the KV cache
 //! sized for the owning layers of a `ShareMap`, the position, and the graph memory.
 
-use crate::backend::ggml::{CpuBackend, GgmlError, GraphAllocator};
+use crate::backend::ggml::{DeviceKind, GgmlBackend, GgmlError, GraphAllocator};
 use crate::backend::graph::{
     self, ForwardOutput, ForwardRequest, GraphCache, Layout, Logits, Start,
 };
 use crate::gguf::GgmlType;
 use crate::kv::{KvCache, KvError};
-use crate::model::Model;
+use crate::model::{Model, ModelError, PlacedWeights};
 use crate::share::ShareMap;
 
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +16,8 @@ pub enum SessionError {
     Ggml(#[from] GgmlError),
     #[error(transparent)]
     Kv(#[from] KvError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
     #[error("the context is full: {needed} tokens needed but the context holds {n_ctx} (hint: raise -c/--ctx-size)")]
     ContextFull { needed: usize, n_ctx: usize },
     #[error("token id {id} is outside the vocabulary ({n_vocab} tokens)")]
@@ -74,25 +76,41 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(4, |n| n.get().min(8))
 }
 
+// Fields drop in order: graphs and buffers go before the backend that made them.
 pub struct Session<'m> {
     model: &'m Model,
-    backend: CpuBackend,
-    cache: KvCache,
-    alloc: GraphAllocator,
     graphs: GraphCache,
+    alloc: GraphAllocator,
+    cache: KvCache,
+    weights: PlacedWeights<'m>,
     n_past: usize,
     n_batch: usize,
     window: Option<KvWindow>,
     evicted: usize,
+    backend: GgmlBackend,
 }
 
 impl<'m> Session<'m> {
+    /// A session on ggml's CPU backend.
     pub fn new(
         model: &'m Model,
         map: &ShareMap,
         opts: &SessionOptions,
     ) -> Result<Self, SessionError> {
-        let backend = CpuBackend::new(opts.n_threads)?;
+        Self::on_device(DeviceKind::Cpu, model, map, opts)
+    }
+
+    /// A session on a ggml backend device: the CPU reads the weights in place from
+    /// the mapped file; a GPU device gets them copied into its memory (shared with
+    /// other sessions of the model on that device), and holds the KV cache and graph
+    /// memory in its own buffers.
+    pub fn on_device(
+        device: DeviceKind,
+        model: &'m Model,
+        map: &ShareMap,
+        opts: &SessionOptions,
+    ) -> Result<Self, SessionError> {
+        let backend = GgmlBackend::on_device(device, opts.n_threads)?;
         let n_cells = match opts.window {
             Some(w) if w.recent == 0 => {
                 return Err(SessionError::Window(
@@ -110,17 +128,19 @@ impl<'m> Session<'m> {
             opts.type_v,
             &backend,
         )?;
+        let weights = model.weights_for(&backend)?;
         let alloc = GraphAllocator::new(&backend)?;
         Ok(Session {
             model,
-            backend,
-            cache,
-            alloc,
             graphs: GraphCache::default(),
+            alloc,
+            cache,
+            weights,
             n_past: 0,
             n_batch: opts.n_batch.max(1),
             window: opts.window,
             evicted: 0,
+            backend,
         })
     }
 
@@ -147,6 +167,11 @@ impl<'m> Session<'m> {
 
     pub fn set_threads(&mut self, n: usize) {
         self.backend.set_threads(n);
+    }
+
+    /// The ggml backend this session runs on (`is_cpu`, `device_name`).
+    pub fn backend(&self) -> &GgmlBackend {
+        &self.backend
     }
 
     /// Forgets the conversation.
@@ -304,6 +329,7 @@ impl<'m> Session<'m> {
             }
             let r = graph::forward(
                 self.model,
+                &self.weights,
                 &self.cache,
                 &self.backend,
                 &mut self.alloc,
@@ -342,6 +368,7 @@ impl<'m> Session<'m> {
         let new_rows = n_keep..n_keep + moved.len();
         graph::shift_keys(
             self.model,
+            &self.weights,
             &self.cache,
             &self.backend,
             &mut self.alloc,

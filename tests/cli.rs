@@ -454,3 +454,90 @@ fn perplexity_on_the_wgpu_backend_matches_the_cpu() {
         "kld cpu {ck} gpu {gk}"
     );
 }
+
+/// `--backend cuda|vulkan|metal` on a binary built without that cargo feature: a
+/// one-line error naming the feature to rebuild with, exit 1, no panic, on every
+/// subcommand that takes a backend; the sharing search refuses them as CPU-only.
+#[test]
+fn ggml_gpu_backends_missing_from_the_build_say_how_to_get_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let m = m.to_str().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "one two three four five six seven. ".repeat(10)).unwrap();
+    let text = text.to_str().unwrap();
+    let built = [
+        ("cuda", cfg!(feature = "cuda")),
+        ("vulkan", cfg!(feature = "vulkan")),
+        ("metal", cfg!(feature = "metal")),
+    ];
+    let mut checked = 0;
+    for (name, compiled_in) in built {
+        if !compiled_in {
+            let hint = format!("rebuild with --features {name}");
+            let commands: [Vec<&str>; 4] = [
+                vec!["chat", "-m", m, "--backend", name],
+                vec!["run", "-m", m, "-p", "x", "-n", "1", "--backend", name],
+                vec![
+                    "perplexity",
+                    "-m",
+                    m,
+                    "-f",
+                    text,
+                    "-c",
+                    "32",
+                    "--backend",
+                    name,
+                ],
+                vec![
+                    "bench",
+                    "-m",
+                    m,
+                    "--no-llama-cpp",
+                    "-p",
+                    "8",
+                    "-n",
+                    "2",
+                    "--backend",
+                    name,
+                ],
+            ];
+            for args in commands {
+                let o = kvsharer(&args);
+                let first = expect_clean_failure(&o);
+                assert!(first.contains(&format!("--backend {name}")), "{first}");
+                assert!(stderr(&o).contains(&hint), "{args:?}: {}", stderr(&o));
+                checked += 1;
+            }
+        }
+        let o = kvsharer(&["calibrate", "-m", m, "--layers", "1", "--backend", name]);
+        let e = expect_clean_failure(&o);
+        assert!(e.contains("CPU backend") && e.contains(name), "{e}");
+    }
+    if checked == 0 {
+        eprintln!("ggml_gpu_backends_missing_from_the_build_say_how_to_get_them: SKIPPED the missing-feature half: cuda, vulkan and metal are all built in");
+    }
+}
+
+/// A build with the `vulkan` feature but no usable device (here: ggml's Vulkan
+/// backend switched off by its own GGML_DISABLE_VULKAN) names the cause and exits 1.
+#[test]
+fn vulkan_built_in_without_a_device_names_the_cause() {
+    if !cfg!(feature = "vulkan") {
+        eprintln!("vulkan_built_in_without_a_device_names_the_cause: SKIPPED: built without the vulkan feature");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let o = Command::new(env!("CARGO_BIN_EXE_kvsharer"))
+        .args(["run", "-m", m.to_str().unwrap(), "-p", "x", "-n", "1"])
+        .args(["--backend", "vulkan"])
+        .env("GGML_DISABLE_VULKAN", "1")
+        .output()
+        .expect("run kvsharer");
+    let first = expect_clean_failure(&o);
+    assert!(first.contains("--backend vulkan"), "{first}");
+    let err = stderr(&o);
+    assert!(err.contains("no Vulkan device found"), "{err}");
+    assert!(err.contains("GGML_VK_VISIBLE_DEVICES"), "{err}");
+}

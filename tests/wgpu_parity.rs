@@ -34,7 +34,10 @@ use kvsharer::session::{Session, SessionOptions};
 use kvsharer::share::ShareMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::{dequantized_copy, reference_forward_with, write_tiny_model, RefPrecision, TinySpec};
+use support::{
+    compare_logits, dequantized_copy, reference_forward_with, write_tiny_model, RefPrecision,
+    TinySpec,
+};
 
 /// Printed past libtest's output capture, so a skip is never silent.
 fn say(msg: &str) {
@@ -553,27 +556,6 @@ const PROMPT: &str = "The lighthouse keeper climbed the spiral stairs every even
 const N_PREFILL: usize = 64;
 const N_TOKENS: usize = 68;
 
-/// Max and mean |a - b| over all logits, and the positions whose top-1 differs.
-fn compare(a: &[f32], b: &[f32], n_vocab: usize) -> (f32, f64, usize) {
-    let max = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    let mean = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() as f64)
-        .sum::<f64>()
-        / a.len() as f64;
-    let mismatches = a
-        .chunks(n_vocab)
-        .zip(b.chunks(n_vocab))
-        .filter(|(x, y)| argmax(x) != argmax(y))
-        .count();
-    (max, mean, mismatches)
-}
-
 /// The GPU against ggml's CPU backend on the real model, both fed the same 64-token
 /// prompt in one pass and 4 single-token passes.
 ///
@@ -658,8 +640,8 @@ fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
     let theirs_b16 = cpu_logits(model, &map, &toks, 16);
     let n_vocab = model.config.n_vocab;
     assert_eq!(ours.len(), theirs.len());
-    let (max, mean, mismatches) = compare(&ours, &theirs, n_vocab);
-    let (own_max, own_mean, own_mismatches) = compare(&theirs_b16, &theirs, n_vocab);
+    let (max, mean, mismatches) = compare_logits(&ours, &theirs, n_vocab);
+    let (own_max, own_mean, own_mismatches) = compare_logits(&theirs_b16, &theirs, n_vocab);
     say(&format!(
         "{test}: {N_TOKENS} positions: gpu vs ggml cpu: max |logit diff| {max:.4}, mean {mean:.4}, top-1 mismatches {mismatches}; \
          ggml cpu batch 16 vs batch 512: max {own_max:.4}, mean {own_mean:.4}, top-1 mismatches {own_mismatches}"
@@ -689,7 +671,7 @@ fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
         // The map must matter far more than the backend does, or this comparison
         // could not tell a GPU that ignores it.
         let unshared = cpu_logits(model, &ShareMap::identity(map.n_layers()), &toks, 512);
-        let (_, sharing_mean, _) = compare(&unshared, &theirs, n_vocab);
+        let (_, sharing_mean, _) = compare_logits(&unshared, &theirs, n_vocab);
         say(&format!(
             "{test}: the map itself moves ggml's logits by mean {sharing_mean:.4}"
         ));
@@ -751,7 +733,7 @@ fn whole_model_vs_dequantized(test: &str, map: impl Fn(usize) -> ShareMap) {
     );
     let n_vocab = model.config.n_vocab;
     assert_eq!(ours.len(), theirs.len());
-    let (max, mean, mismatches) = compare(&ours, &theirs, n_vocab);
+    let (max, mean, mismatches) = compare_logits(&ours, &theirs, n_vocab);
     say(&format!(
         "{test}: {N_TOKENS} positions: gpu (q4_1 file) vs ggml cpu (f32-dequantized file): max |logit diff| {max:.5}, mean {mean:.5}, top-1 mismatches {mismatches}"
     ));

@@ -1,6 +1,8 @@
-//! Safe wrapper over the parts of ggml's C API that kvsharer uses: the CPU backend,
-//! tensors placed in backend buffers (the model's mmap'd weights, the KV cache), and
-//! per-forward compute graphs. All of the crate's ggml `unsafe` lives here.
+//! Safe wrapper over the parts of ggml's C API that kvsharer uses: a backend (the CPU,
+//! or a CUDA/Vulkan/Metal device found through ggml's registry when built with that
+//! cargo feature), tensors placed in backend buffers (the model's mmap'd weights or
+//! their copy on a device, the KV cache), and per-forward compute graphs. All of the
+//! crate's ggml `unsafe` lives here.
 //!
 //! Lifetimes: a `Tensor<'a>` borrows the context that owns its metadata. Weights live
 //! as long as the `TensorArena` they were placed in; graph tensors as long as their
@@ -21,6 +23,24 @@ use crate::gguf::GgmlType;
 pub enum GgmlError {
     #[error("ggml: could not create the CPU backend")]
     BackendInit,
+    #[error("ggml: this kvsharer was built without the {backend} backend (hint: rebuild with --features {backend})")]
+    BackendNotBuilt { backend: &'static str },
+    #[error("ggml: no {backend} device found: {cause}")]
+    NoDevice {
+        backend: &'static str,
+        cause: &'static str,
+    },
+    #[error("ggml: could not start the {backend} backend on device {device}")]
+    DeviceInit {
+        backend: &'static str,
+        device: String,
+    },
+    #[error("ggml: device {device} cannot run op {op} (tensor {tensor}); hint: use --backend cpu")]
+    UnsupportedOp {
+        device: String,
+        op: String,
+        tensor: String,
+    },
     #[error("ggml: could not create a context of {0} bytes")]
     ContextInit(usize),
     #[error("ggml: could not allocate a {what} buffer of {bytes} bytes")]
@@ -40,26 +60,162 @@ fn raw_type(ty: GgmlType) -> sys::ggml_type {
     ty as u32 as sys::ggml_type
 }
 
-/// ggml's CPU backend; one per model/session user. Threads can change between calls.
-pub struct CpuBackend {
+/// The ggml backends a session can run on. Every kind but `Cpu` is a cargo feature
+/// passed through to llama-cpp-sys-2; all of them run the same graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+    Vulkan,
+    Metal,
+}
+
+impl DeviceKind {
+    /// The name users type (`--backend`) and the cargo feature that builds it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::Vulkan => "vulkan",
+            DeviceKind::Metal => "metal",
+        }
+    }
+
+    /// The name ggml's backend registry knows this backend by.
+    fn registry_name(self) -> &'static std::ffi::CStr {
+        match self {
+            DeviceKind::Cpu => c"CPU",
+            DeviceKind::Cuda => c"CUDA",
+            DeviceKind::Vulkan => c"Vulkan",
+            DeviceKind::Metal => c"MTL",
+        }
+    }
+
+    fn registry_label(self) -> &'static str {
+        self.registry_name().to_str().unwrap_or("ggml")
+    }
+
+    /// Whether this binary was built with the backend (its cargo feature).
+    pub fn compiled_in(self) -> bool {
+        match self {
+            DeviceKind::Cpu => true,
+            DeviceKind::Cuda => cfg!(feature = "cuda"),
+            DeviceKind::Vulkan => cfg!(feature = "vulkan"),
+            DeviceKind::Metal => cfg!(feature = "metal"),
+        }
+    }
+
+    /// Why ggml may list no device of this kind, for the error a user sees.
+    fn missing_device_cause(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "ggml's CPU backend is not registered",
+            DeviceKind::Cuda => "the CUDA runtime reports no GPU (check the driver and CUDA_VISIBLE_DEVICES)",
+            DeviceKind::Vulkan => "ggml's Vulkan backend lists no GPU; it skips CPU-type Vulkan devices such as lavapipe unless GGML_VK_VISIBLE_DEVICES names them (e.g. GGML_VK_VISIBLE_DEVICES=0), and GGML_DISABLE_VULKAN turns it off",
+            DeviceKind::Metal => "Metal reports no GPU",
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A ggml backend on one device: the CPU (created exactly as before, with its thread
+/// count), or the first device of a GPU backend found through ggml's registry. One
+/// per model/session user.
+pub struct GgmlBackend {
     raw: NonNull<sys::ggml_backend>,
+    kind: DeviceKind,
+    device: String,
     n_threads: usize,
 }
 
-impl CpuBackend {
-    pub fn new(n_threads: usize) -> Result<Self, GgmlError> {
+impl GgmlBackend {
+    /// ggml's CPU backend with `n_threads` threads.
+    pub fn cpu(n_threads: usize) -> Result<Self, GgmlError> {
         // SAFETY: plain constructor; a null return is handled below.
         let raw = unsafe { sys::ggml_backend_cpu_init() };
         let raw = NonNull::new(raw).ok_or(GgmlError::BackendInit)?;
-        let mut b = CpuBackend { raw, n_threads: 0 };
+        let mut b = GgmlBackend {
+            raw,
+            kind: DeviceKind::Cpu,
+            device: "CPU".to_string(),
+            n_threads: 0,
+        };
         b.set_threads(n_threads);
         Ok(b)
     }
 
+    /// The backend of `kind`: the CPU as `new` makes it, or the first device ggml's
+    /// registry lists for that backend. Errors say whether the backend was not built
+    /// in or has no device.
+    pub fn on_device(kind: DeviceKind, n_threads: usize) -> Result<Self, GgmlError> {
+        if kind == DeviceKind::Cpu {
+            return Self::cpu(n_threads);
+        }
+        if !kind.compiled_in() {
+            return Err(GgmlError::BackendNotBuilt {
+                backend: kind.name(),
+            });
+        }
+        let no_device = || GgmlError::NoDevice {
+            backend: kind.registry_label(),
+            cause: kind.missing_device_cause(),
+        };
+        // SAFETY: the registry is a process-wide static; the name is a C string literal.
+        let reg = unsafe { sys::ggml_backend_reg_by_name(kind.registry_name().as_ptr()) };
+        if reg.is_null() {
+            return Err(no_device());
+        }
+        // SAFETY: `reg` is a live registry entry.
+        if unsafe { sys::ggml_backend_reg_dev_count(reg) } == 0 {
+            return Err(no_device());
+        }
+        // SAFETY: index 0 is below the device count checked above.
+        let dev = unsafe { sys::ggml_backend_reg_dev_get(reg, 0) };
+        if dev.is_null() {
+            return Err(no_device());
+        }
+        let device = device_label(dev);
+        // SAFETY: `dev` is a live device of the registry; null params ask for defaults.
+        let raw = unsafe { sys::ggml_backend_dev_init(dev, std::ptr::null()) };
+        let raw = NonNull::new(raw).ok_or_else(|| GgmlError::DeviceInit {
+            backend: kind.registry_label(),
+            device: device.clone(),
+        })?;
+        Ok(GgmlBackend {
+            raw,
+            kind,
+            device,
+            n_threads: n_threads.max(1),
+        })
+    }
+
+    pub fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+
+    /// True on ggml's CPU backend: weights are used in place from the mmap, and
+    /// CPU-only custom ops (`ggml_map_custom*`) may be put in the graph.
+    pub fn is_cpu(&self) -> bool {
+        self.kind == DeviceKind::Cpu
+    }
+
+    /// The device in words, e.g. `Vulkan0 (llvmpipe (LLVM 15.0.6, 256 bits))`.
+    pub fn device_name(&self) -> &str {
+        &self.device
+    }
+
+    /// Sets the CPU thread count; GPU backends schedule their own work, so there it
+    /// is only remembered.
     pub fn set_threads(&mut self, n: usize) {
         let n = n.max(1);
-        // SAFETY: `raw` is a live CPU backend owned by self.
-        unsafe { sys::ggml_backend_cpu_set_n_threads(self.raw.as_ptr(), n as i32) };
+        if self.is_cpu() {
+            // SAFETY: `raw` is a live CPU backend owned by self.
+            unsafe { sys::ggml_backend_cpu_set_n_threads(self.raw.as_ptr(), n as i32) };
+        }
         self.n_threads = n;
     }
 
@@ -79,22 +235,87 @@ impl CpuBackend {
         }
     }
 
+    /// Checks that the device implements every op of `graph` with its operand types
+    /// (a GPU backend aborts the process on an op it lacks). The CPU runs everything,
+    /// so there this returns at once.
+    pub fn check_supported(&self, graph: &Graph<'_>) -> Result<(), GgmlError> {
+        if self.is_cpu() {
+            return Ok(());
+        }
+        // SAFETY: live graph for the borrow of `graph`.
+        let n = unsafe { sys::ggml_graph_n_nodes(graph.raw) };
+        for i in 0..n {
+            // SAFETY: `i` is below the node count; nodes are live tensors.
+            let node = unsafe { sys::ggml_graph_node(graph.raw, i) };
+            if node.is_null() {
+                continue;
+            }
+            // SAFETY: live backend and node.
+            if !unsafe { sys::ggml_backend_supports_op(self.raw.as_ptr(), node) } {
+                // SAFETY: ggml returns static or tensor-owned NUL-terminated strings.
+                let (op, tensor) = unsafe {
+                    (
+                        c_text(sys::ggml_op_desc(node)),
+                        c_text(sys::ggml_get_name(node)),
+                    )
+                };
+                return Err(GgmlError::UnsupportedOp {
+                    device: self.device.clone(),
+                    op,
+                    tensor,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn default_buffer_type(&self) -> sys::ggml_backend_buffer_type_t {
         // SAFETY: `raw` is a live backend.
         unsafe { sys::ggml_backend_get_default_buffer_type(self.raw.as_ptr()) }
     }
 }
 
-impl Drop for CpuBackend {
+/// "name (description)" of a registry device.
+fn device_label(dev: sys::ggml_backend_dev_t) -> String {
+    // SAFETY: `dev` is a live registry device; ggml returns strings it owns.
+    let (name, desc) = unsafe {
+        (
+            c_text(sys::ggml_backend_dev_name(dev)),
+            c_text(sys::ggml_backend_dev_description(dev)),
+        )
+    };
+    if desc.is_empty() || desc == name {
+        name
+    } else {
+        format!("{name} ({desc})")
+    }
+}
+
+/// Copies a C string ggml owns; null reads as empty.
+///
+/// # Safety
+/// `p` is null or points at a NUL-terminated string alive for this call.
+unsafe fn c_text(p: *const std::os::raw::c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: the caller's contract.
+        unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+impl Drop for GgmlBackend {
     fn drop(&mut self) {
         // SAFETY: we own the backend and free it once.
         unsafe { sys::ggml_backend_free(self.raw.as_ptr()) };
     }
 }
 
-// SAFETY: the CPU backend object is only used through &self/&mut self; ggml does not
-// tie it to the creating thread.
-unsafe impl Send for CpuBackend {}
+// SAFETY: the backend object is only used through &self/&mut self; ggml does not tie
+// CPU, CUDA, Vulkan or Metal backends to the creating thread.
+unsafe impl Send for GgmlBackend {}
 
 /// A handle to a tensor whose metadata lives in a context borrowed for `'a`.
 #[derive(Clone, Copy)]
@@ -263,7 +484,7 @@ impl TensorArena {
     }
 
     /// Allocates one zeroed backend buffer for every tensor of the arena; returns its size.
-    pub fn allocate(&mut self, backend: &CpuBackend) -> Result<usize, GgmlError> {
+    pub fn allocate(&mut self, backend: &GgmlBackend) -> Result<usize, GgmlError> {
         // SAFETY: ctx is live and no_alloc; the returned buffer is owned by self.
         let buf =
             unsafe { sys::ggml_backend_alloc_ctx_tensors(self.ctx.as_ptr(), backend.raw.as_ptr()) };
@@ -337,6 +558,68 @@ impl TensorArena {
         Ok(arena)
     }
 
+    /// A copy of every tensor of this (allocated, host-readable) arena in `backend`'s
+    /// device memory, for backends that cannot read the mapped weights in place.
+    /// Names, types and shapes are kept; bytes are copied as they are.
+    pub fn copy_to_device(&self, backend: &GgmlBackend) -> Result<TensorArena, GgmlError> {
+        // SAFETY: a non-null buffer of self is live.
+        if self.buffer.is_null() || !unsafe { sys::ggml_backend_buffer_is_host(self.buffer) } {
+            return Err(GgmlError::Other(
+                "only weights in host memory can be copied to a device".into(),
+            ));
+        }
+        let mut copy = TensorArena::new(self.tensors.len())?;
+        for t in &self.tensors {
+            // SAFETY: `t` is a live tensor of self; the new context has room reserved
+            // for one tensor's metadata per source tensor.
+            let dup = unsafe { sys::ggml_dup_tensor(copy.ctx.as_ptr(), t.as_ptr()) };
+            let dup = Tensor::from_raw(dup);
+            // SAFETY: ggml copies the source's NUL-terminated name into the tensor.
+            unsafe { sys::ggml_set_name(dup.ptr(), sys::ggml_get_name(t.as_ptr())) };
+            copy.tensors.push(dup.raw);
+        }
+        let total: usize = self
+            .tensors
+            .iter()
+            .map(|t| {
+                Tensor {
+                    raw: *t,
+                    _ctx: PhantomData,
+                }
+                .n_bytes()
+            })
+            .sum();
+        // SAFETY: the new context is live and no_alloc; the buffer becomes copy's.
+        let buf = unsafe {
+            sys::ggml_backend_alloc_ctx_tensors_from_buft(
+                copy.ctx.as_ptr(),
+                backend.default_buffer_type(),
+            )
+        };
+        if buf.is_null() {
+            return Err(GgmlError::Alloc {
+                what: "device weights",
+                bytes: total,
+            });
+        }
+        copy.buffer = buf;
+        for (src, dst) in self.tensors.iter().zip(&copy.tensors) {
+            // SAFETY: metadata read of live tensors.
+            let (data, bytes) = unsafe { ((*src.as_ptr()).data, sys::ggml_nbytes(src.as_ptr())) };
+            if data.is_null() {
+                return Err(GgmlError::Placement {
+                    // SAFETY: the tensor's name is a NUL-terminated array it owns.
+                    name: unsafe { c_text(sys::ggml_get_name(src.as_ptr())) },
+                });
+            }
+            // SAFETY: the source holds `bytes` host-readable bytes at `data` (the
+            // arena was built from a mapping or a host buffer); the destination has
+            // the same type and shape, so the same size, in the new buffer.
+            unsafe { sys::ggml_backend_tensor_set(dst.as_ptr(), data, 0, bytes) };
+        }
+        Ok(copy)
+    }
+
     pub fn clear(&self) {
         if !self.buffer.is_null() {
             // SAFETY: live buffer owned by self.
@@ -391,7 +674,7 @@ pub struct GraphAllocator {
 }
 
 impl GraphAllocator {
-    pub fn new(backend: &CpuBackend) -> Result<Self, GgmlError> {
+    pub fn new(backend: &GgmlBackend) -> Result<Self, GgmlError> {
         // SAFETY: buffer type of a live backend.
         let raw = unsafe { sys::ggml_gallocr_new(backend.default_buffer_type()) };
         Ok(GraphAllocator {
@@ -959,4 +1242,96 @@ pub fn raw_type_traits(id: u32) -> Option<(i64, usize, String)> {
         .to_string_lossy()
         .into_owned();
     Some((block, size, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_backend_is_the_cpu_device() {
+        let b = GgmlBackend::cpu(2).unwrap();
+        assert!(b.is_cpu());
+        assert_eq!(b.kind(), DeviceKind::Cpu);
+        assert_eq!(b.threads(), 2);
+        let b = GgmlBackend::on_device(DeviceKind::Cpu, 3).unwrap();
+        assert!(b.is_cpu());
+        assert_eq!(b.threads(), 3);
+    }
+
+    #[test]
+    fn a_backend_missing_from_the_build_names_the_feature() {
+        for kind in [DeviceKind::Cuda, DeviceKind::Vulkan, DeviceKind::Metal] {
+            if kind.compiled_in() {
+                continue;
+            }
+            let err = GgmlBackend::on_device(kind, 1).err().unwrap();
+            assert!(
+                matches!(err, GgmlError::BackendNotBuilt { backend } if backend == kind.name()),
+                "{err}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("rebuild with --features {}", kind.name())),
+                "{text}"
+            );
+        }
+    }
+
+    /// The device upload path, run with the CPU as the target so it is checked on
+    /// every machine: every tensor keeps its name, type, shape and exact bytes.
+    #[test]
+    fn copy_to_device_keeps_every_tensor() {
+        let backend = GgmlBackend::cpu(1).unwrap();
+        let mut src = TensorArena::new(3).unwrap();
+        let a = src.add_tensor(GgmlType::F32, &[5, 3], "a.weight");
+        let b = src.add_tensor(GgmlType::I32, &[7], "b.weight");
+        let q = src.add_tensor(GgmlType::Q8_0, &[64, 2], "q.weight");
+        src.allocate(&backend).unwrap();
+        let fa: Vec<f32> = (0..15).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let ib: Vec<i32> = (0..7).map(|i| i * 1000 - 3).collect();
+        let row: Vec<f32> = (0..128).map(|i| (i as f32 * 0.37).sin()).collect();
+        let qb = quantize(GgmlType::Q8_0, &row, 64).unwrap();
+        src.tensor(a).write(&fa);
+        src.tensor(b).write(&ib);
+        src.tensor(q).write(&qb);
+
+        let copy = src.copy_to_device(&backend).unwrap();
+        for i in [a, b, q] {
+            let (s, d) = (src.tensor(i), copy.tensor(i));
+            assert_eq!(s.ne(), d.ne());
+            assert_eq!(s.meta().type_, d.meta().type_);
+            // SAFETY: names of live tensors, NUL-terminated by ggml.
+            let (sn, dn) = unsafe {
+                (
+                    c_text(sys::ggml_get_name(s.ptr())),
+                    c_text(sys::ggml_get_name(d.ptr())),
+                )
+            };
+            assert_eq!(sn, dn);
+            assert_ne!(s.meta().data, d.meta().data, "{sn} was not copied");
+            assert_eq!(d.read_bytes(0, d.n_bytes()), s.read_bytes(0, s.n_bytes()));
+        }
+        assert_eq!(copy.tensor(a).read_f32(), fa);
+        // The copy is independent of its source.
+        src.tensor(a).write(&[0f32; 15]);
+        assert_eq!(copy.tensor(a).read_f32(), fa);
+    }
+
+    #[test]
+    fn copy_to_device_of_an_unallocated_arena_is_an_error() {
+        let backend = GgmlBackend::cpu(1).unwrap();
+        let mut src = TensorArena::new(1).unwrap();
+        src.add_tensor(GgmlType::F32, &[4], "unplaced");
+        assert!(src.copy_to_device(&backend).is_err());
+    }
+
+    #[test]
+    fn the_cpu_supports_every_graph() {
+        let backend = GgmlBackend::cpu(1).unwrap();
+        let g = GraphCtx::new(16).unwrap();
+        let x = g.input(GgmlType::F32, &[4, 2], "x");
+        g.expand(g.rms_norm(x, 1e-5));
+        assert!(backend.check_supported(&g.graph()).is_ok());
+    }
 }

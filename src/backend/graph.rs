@@ -7,10 +7,10 @@
 //! f32 accumulation) -> Wo -> residual -> RMSNorm -> SwiGLU FFN -> residual.
 
 use crate::backend::decode_attention;
-use crate::backend::ggml::{CpuBackend, GgmlError, GraphAllocator, GraphCtx, RopeParams, Tensor};
+use crate::backend::ggml::{GgmlBackend, GgmlError, GraphAllocator, GraphCtx, RopeParams, Tensor};
 use crate::gguf::GgmlType;
 use crate::kv::KvCache;
-use crate::model::Model;
+use crate::model::{Model, PlacedWeights};
 
 /// Which rows of logits a forward pass returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +105,10 @@ pub struct GraphShape {
     logits: Logits,
     hidden: bool,
     layer_inputs: bool,
+    /// The graph runs on ggml's CPU backend, so CPU-only custom ops
+    /// (`ggml_map_custom*`) may replace standard ones; on a GPU device every op must
+    /// be one the device implements.
+    on_cpu: bool,
 }
 
 impl GraphShape {
@@ -128,8 +132,9 @@ pub struct GraphCache {
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     model: &Model,
+    weights: &PlacedWeights<'_>,
     cache: &KvCache,
-    backend: &CpuBackend,
+    backend: &GgmlBackend,
     alloc: &mut GraphAllocator,
     graphs: &mut GraphCache,
     tokens: &[u32],
@@ -149,9 +154,12 @@ pub fn forward(
         logits: req.logits,
         hidden: req.hidden,
         layer_inputs: req.layer_inputs,
+        on_cpu: backend.is_cpu(),
     };
     if graphs.last.as_ref().is_none_or(|(s, _)| *s != shape) {
-        graphs.last = Some((shape, build(model, cache, &shape)?));
+        let g = build(model, weights, cache, &shape)?;
+        backend.check_supported(&g.graph())?;
+        graphs.last = Some((shape, g));
     }
     let g = &graphs.last.as_ref().expect("just built").1;
     let graph = g.graph();
@@ -203,7 +211,12 @@ pub fn forward(
 
 /// Builds the forward graph for one shape. Inputs and results are found again by
 /// name when the graph runs (`inp_*`, `result_*`, `layer_input_N`).
-fn build(model: &Model, cache: &KvCache, shape: &GraphShape) -> Result<GraphCtx, GgmlError> {
+fn build(
+    model: &Model,
+    weights: &PlacedWeights<'_>,
+    cache: &KvCache,
+    shape: &GraphShape,
+) -> Result<GraphCtx, GgmlError> {
     let c = &model.config;
     let w = &model.weights;
     let n = shape.n_tokens as i64;
@@ -216,11 +229,13 @@ fn build(model: &Model, cache: &KvCache, shape: &GraphShape) -> Result<GraphCtx,
     let inp_mask = g.input(GgmlType::F16, &[shape.n_kv as i64, n], "inp_kq_mask");
     // Only the last row leaves the final layer unless every row is wanted.
     let inp_last = (!shape.all_rows()).then(|| g.input(GgmlType::I32, &[1], "inp_out_ids"));
-    let rope_freqs = w.rope_freqs.map(|i| model.w(i));
+    let rope_freqs = w.rope_freqs.map(|i| weights.get(i));
     let kq_scale = 1.0 / (c.head_dim as f32).sqrt();
-    // One new token over a quantized cache: kvsharer's grouped kernel (see
-    // `backend::decode_attention` for why); everything else: ggml's flash attention.
+    // One new token over a quantized cache on the CPU: kvsharer's grouped kernel
+    // (see `backend::decode_attention` for why; a custom op runs only on ggml's CPU
+    // backend); everything else: ggml's flash attention.
     let use_decode_kernel = n == 1
+        && shape.on_cpu
         && decode_attention::supports(
             cache.type_k(),
             cache.type_v(),
@@ -232,7 +247,7 @@ fn build(model: &Model, cache: &KvCache, shape: &GraphShape) -> Result<GraphCtx,
     // The graph's first input: token ids, or a residual stream to start from.
     let mut x = if shape.first_layer == 0 {
         let ids = g.input(GgmlType::I32, &[n], "inp_tokens");
-        g.get_rows(model.w(w.token_embd), ids)
+        g.get_rows(weights.get(w.token_embd), ids)
     } else {
         g.input(GgmlType::F32, &[c.n_embd as i64, n], "inp_hidden")
     };
@@ -244,15 +259,15 @@ fn build(model: &Model, cache: &KvCache, shape: &GraphShape) -> Result<GraphCtx,
             g.expand(captured);
         }
         let residual = x;
-        let cur = g.mul(g.rms_norm(x, c.rms_eps), model.w(lw.attn_norm));
+        let cur = g.mul(g.rms_norm(x, c.rms_eps), weights.get(lw.attn_norm));
 
-        let q = g.reshape_3d(g.mul_mat(model.w(lw.wq), cur), hd, n_head, n);
+        let q = g.reshape_3d(g.mul_mat(weights.get(lw.wq), cur), hd, n_head, n);
         let q = g.rope(q, inp_pos, rope_freqs, &rope);
         let (k_slot, v_slot) = (cache.k(il), cache.v(il));
         if cache.map().owns_slot(il) {
-            let k = g.reshape_3d(g.mul_mat(model.w(lw.wk), cur), hd, n_head_kv, n);
+            let k = g.reshape_3d(g.mul_mat(weights.get(lw.wk), cur), hd, n_head_kv, n);
             let k = g.rope(k, inp_pos, rope_freqs, &rope);
-            let v = g.mul_mat(model.w(lw.wv), cur);
+            let v = g.mul_mat(weights.get(lw.wv), cur);
             // Cache writes go into the graph before the attention that reads the slot.
             g.expand(g.set_rows(k_slot, g.reshape_2d(k, hd * n_head_kv, n), inp_rows));
             g.expand(g.set_rows(v_slot, v, inp_rows));
@@ -272,7 +287,7 @@ fn build(model: &Model, cache: &KvCache, shape: &GraphShape) -> Result<GraphCtx,
                 kq_scale,
             )
         };
-        let mut cur = g.mul_mat(model.w(lw.wo), g.reshape_2d(cur, hd * n_head, n));
+        let mut cur = g.mul_mat(weights.get(lw.wo), g.reshape_2d(cur, hd * n_head, n));
         let mut residual = residual;
         if let (true, Some(last)) = (il + 1 == w.layers.len(), inp_last) {
             cur = g.get_rows(cur, last);
@@ -280,18 +295,18 @@ fn build(model: &Model, cache: &KvCache, shape: &GraphShape) -> Result<GraphCtx,
         }
         let ffn_inp = g.add(cur, residual);
 
-        let cur = g.mul(g.rms_norm(ffn_inp, c.rms_eps), model.w(lw.ffn_norm));
-        let up = g.mul_mat(model.w(lw.ffn_up), cur);
-        let gate = g.mul_mat(model.w(lw.ffn_gate), cur);
-        let cur = g.mul_mat(model.w(lw.ffn_down), g.swiglu(gate, up));
+        let cur = g.mul(g.rms_norm(ffn_inp, c.rms_eps), weights.get(lw.ffn_norm));
+        let up = g.mul_mat(weights.get(lw.ffn_up), cur);
+        let gate = g.mul_mat(weights.get(lw.ffn_gate), cur);
+        let cur = g.mul_mat(weights.get(lw.ffn_down), g.swiglu(gate, up));
         x = g.add(cur, ffn_inp);
     }
-    let hidden = g.mul(g.rms_norm(x, c.rms_eps), model.w(w.output_norm));
+    let hidden = g.mul(g.rms_norm(x, c.rms_eps), weights.get(w.output_norm));
     g.name(hidden, "result_hidden");
     g.mark_output(hidden);
     g.expand(hidden);
     if shape.logits != Logits::None {
-        let t = g.mul_mat(model.w(w.output), hidden);
+        let t = g.mul_mat(weights.get(w.output), hidden);
         g.name(t, "result_logits");
         g.mark_output(t);
         g.expand(t);
@@ -378,8 +393,9 @@ fn rope_params(model: &Model) -> RopeParams {
 /// context shift does after it moves cache cells.
 pub fn shift_keys(
     model: &Model,
+    weights: &PlacedWeights<'_>,
     cache: &KvCache,
-    backend: &CpuBackend,
+    backend: &GgmlBackend,
     alloc: &mut GraphAllocator,
     rows: std::ops::Range<usize>,
     delta: i32,
@@ -392,7 +408,7 @@ pub fn shift_keys(
     let g = GraphCtx::new(MAX_NODES)?;
     let pos = g.input(GgmlType::I32, &[m as i64], "shift_pos");
     let rope = rope_params(model);
-    let freq_factors = model.weights.rope_freqs.map(|i| model.w(i));
+    let freq_factors = model.weights.rope_freqs.map(|i| weights.get(i));
     for layer in (0..c.n_layers).filter(|&l| cache.map().owns_slot(l)) {
         let slot = cache.k(layer);
         let row = slot.nb()[1];
@@ -412,6 +428,7 @@ pub fn shift_keys(
         g.expand(g.cpy(rotated, view));
     }
     let graph = g.graph();
+    backend.check_supported(&graph)?;
     alloc.allocate(&graph)?;
     pos.write(&vec![delta; m]);
     backend.compute(&graph)

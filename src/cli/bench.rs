@@ -92,6 +92,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let gen_tokens = random_tokens(a.n_gen);
 
     let mut session = Runner::new(a.model.backend, &loaded.model, &map, &opts)?;
+    if a.model.backend.ggml_device().is_some() && !a.no_llama_cpp {
+        eprintln!(
+            "note: llama.cpp's side of this comparison runs on the CPU (loaded with no GPU layers)"
+        );
+    }
     let llama = if a.no_llama_cpp {
         None
     } else {

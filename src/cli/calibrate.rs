@@ -300,15 +300,16 @@ fn search_on(
     bar: &ProgressBar,
     progress: impl FnMut(&search::SearchProgress),
 ) -> Result<SearchResult> {
+    if backend.ggml_device().is_some() {
+        bail!(
+            "--backend {name}: the sharing search runs on the CPU backend (ggml) or on wgpu, not on ggml's {name} backend (hint: drop --backend or use --backend wgpu; the map it finds works with `run --backend {name} --kv-share`)",
+            name = backend.name()
+        );
+    }
     #[cfg(feature = "wgpu")]
     {
-        use kvsharer::backend::wgpu::{AdapterPolicy, GpuEvaluator};
-        let policy = match backend {
-            Backend::Cpu => None,
-            Backend::Wgpu => Some(AdapterPolicy::Any),
-            Backend::Auto => Some(AdapterPolicy::HardwareOnly),
-        };
-        if let Some(policy) = policy {
+        use kvsharer::backend::wgpu::GpuEvaluator;
+        if let Some(policy) = backend.wgpu_policy() {
             // Bad settings are refused before an adapter is opened.
             search::check_options(opts, strategy, loaded.model.config.n_layers)?;
             let set = kvsharer::share::calibrate::prepare(

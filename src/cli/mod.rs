@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use kvsharer::backend::ggml::DeviceKind;
 use kvsharer::backend::graph::Logits;
 use kvsharer::eval::ChunkEval;
 use kvsharer::generate::TokenEval;
@@ -107,7 +108,8 @@ pub struct ModelArgs {
     #[arg(long = "no-kv-share", conflicts_with = "kv_share")]
     pub no_kv_share: bool,
     /// Compute backend: cpu (ggml), wgpu (WGSL on the GPU; any adapter, software
-    /// ones included), auto (wgpu on a real GPU, else cpu)
+    /// ones included), auto (wgpu on a real GPU, else cpu), or ggml's own GPU
+    /// backends cuda, vulkan, metal (each needs a build with --features NAME)
     #[arg(long = "backend", value_enum, default_value_t = Backend::Cpu)]
     pub backend: Backend,
 }
@@ -117,35 +119,80 @@ pub enum Backend {
     Cpu,
     Wgpu,
     Auto,
+    Cuda,
+    Vulkan,
+    Metal,
+}
+
+impl Backend {
+    /// The ggml device this choice runs the graph on directly, for the ggml GPU
+    /// backends (`cpu`, `wgpu` and `auto` are decided in `Runner::new`).
+    pub fn ggml_device(self) -> Option<DeviceKind> {
+        match self {
+            Backend::Cuda => Some(DeviceKind::Cuda),
+            Backend::Vulkan => Some(DeviceKind::Vulkan),
+            Backend::Metal => Some(DeviceKind::Metal),
+            Backend::Cpu | Backend::Wgpu | Backend::Auto => None,
+        }
+    }
+
+    /// Which wgpu adapters this choice accepts: any for `wgpu`, a real GPU for
+    /// `auto` (else the CPU); `None` for the ggml backends.
+    #[cfg(feature = "wgpu")]
+    pub fn wgpu_policy(self) -> Option<kvsharer::backend::wgpu::AdapterPolicy> {
+        use kvsharer::backend::wgpu::AdapterPolicy;
+        match self {
+            Backend::Wgpu => Some(AdapterPolicy::Any),
+            Backend::Auto => Some(AdapterPolicy::HardwareOnly),
+            Backend::Cpu | Backend::Cuda | Backend::Vulkan | Backend::Metal => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Wgpu => "wgpu",
+            Backend::Auto => "auto",
+            Backend::Cuda => "cuda",
+            Backend::Vulkan => "vulkan",
+            Backend::Metal => "metal",
+        }
+    }
 }
 
 /// The run state of the chosen backend.
 // One per process: the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 pub enum Runner<'m> {
-    Cpu(Session<'m>),
+    /// The ggml graph, on the CPU or on a ggml GPU backend (CUDA, Vulkan, Metal).
+    Ggml(Session<'m>),
     #[cfg(feature = "wgpu")]
     Gpu(kvsharer::backend::wgpu::GpuSession<'m>),
 }
 
 impl<'m> Runner<'m> {
-    /// Opens `backend` for `model`; prints the GPU adapter in use, or why `auto`
-    /// fell back to the CPU.
+    /// Opens `backend` for `model`; prints the GPU adapter or ggml device in use, or
+    /// why `auto` fell back to the CPU.
     pub fn new(
         backend: Backend,
         model: &'m Model,
         map: &ShareMap,
         opts: &SessionOptions,
     ) -> Result<Self> {
+        if let Some(device) = backend.ggml_device() {
+            let session = Session::on_device(device, model, map, opts)
+                .with_context(|| format!("--backend {}", backend.name()))?;
+            eprintln!(
+                "backend: {} (ggml) on {}",
+                backend.name(),
+                session.backend().device_name()
+            );
+            return Ok(Runner::Ggml(session));
+        }
         #[cfg(feature = "wgpu")]
         {
-            use kvsharer::backend::wgpu::{AdapterPolicy, GpuOptions, GpuSession};
-            let policy = match backend {
-                Backend::Cpu => None,
-                Backend::Wgpu => Some(AdapterPolicy::Any),
-                Backend::Auto => Some(AdapterPolicy::HardwareOnly),
-            };
-            if let Some(policy) = policy {
+            use kvsharer::backend::wgpu::{GpuOptions, GpuSession};
+            if let Some(policy) = backend.wgpu_policy() {
                 let cpu_only = (opts.type_k, opts.type_v) != (GgmlType::F16, GgmlType::F16)
                     || opts.window.is_some();
                 if cpu_only {
@@ -182,12 +229,12 @@ impl<'m> Runner<'m> {
         if backend != Backend::Cpu {
             eprintln!("backend: cpu (ggml)");
         }
-        Ok(Runner::Cpu(Session::new(model, map, opts)?))
+        Ok(Runner::Ggml(Session::new(model, map, opts)?))
     }
 
     pub fn map(&self) -> &ShareMap {
         match self {
-            Runner::Cpu(s) => s.map(),
+            Runner::Ggml(s) => s.map(),
             #[cfg(feature = "wgpu")]
             Runner::Gpu(s) => s.map(),
         }
@@ -196,7 +243,7 @@ impl<'m> Runner<'m> {
     /// Keeps the first `n` tokens of the cache.
     pub fn truncate(&mut self, n: usize) {
         match self {
-            Runner::Cpu(s) => s.truncate(n),
+            Runner::Ggml(s) => s.truncate(n),
             #[cfg(feature = "wgpu")]
             Runner::Gpu(s) => s.truncate(n),
         }
@@ -207,7 +254,7 @@ impl<'m> Runner<'m> {
     /// shift (the GPU); the caller then re-evaluates instead.
     pub fn context_shift(&mut self, keep: usize, discard: usize) -> Result<bool> {
         match self {
-            Runner::Cpu(s) => {
+            Runner::Ggml(s) => {
                 s.context_shift(keep, discard)?;
                 Ok(true)
             }
@@ -219,7 +266,12 @@ impl<'m> Runner<'m> {
     /// The backend in words, for status lines.
     pub fn describe(&self, threads: usize) -> String {
         match self {
-            Runner::Cpu(_) => format!("cpu (ggml) | {threads} threads"),
+            Runner::Ggml(s) if s.backend().is_cpu() => format!("cpu (ggml) | {threads} threads"),
+            Runner::Ggml(s) => format!(
+                "{} (ggml) on {}",
+                s.backend().kind(),
+                s.backend().device_name()
+            ),
             #[cfg(feature = "wgpu")]
             Runner::Gpu(s) => format!("wgpu on {}", s.adapter_description()),
         }
@@ -227,7 +279,7 @@ impl<'m> Runner<'m> {
 
     pub fn model(&self) -> &'m Model {
         match self {
-            Runner::Cpu(s) => s.model(),
+            Runner::Ggml(s) => s.model(),
             #[cfg(feature = "wgpu")]
             Runner::Gpu(s) => s.model(),
         }
@@ -236,7 +288,7 @@ impl<'m> Runner<'m> {
     /// KV bytes per token of context, and what the unshared model would allocate.
     pub fn kv_accounting(&self) -> (usize, usize) {
         match self {
-            Runner::Cpu(s) => (s.cache().bytes_per_token(), s.cache().bytes_unshared()),
+            Runner::Ggml(s) => (s.cache().bytes_per_token(), s.cache().bytes_unshared()),
             #[cfg(feature = "wgpu")]
             Runner::Gpu(s) => {
                 let c = &s.model().config;
@@ -253,7 +305,7 @@ impl<'m> Runner<'m> {
 impl ChunkEval for Runner<'_> {
     fn reset(&mut self) {
         match self {
-            Runner::Cpu(s) => s.reset(),
+            Runner::Ggml(s) => s.reset(),
             #[cfg(feature = "wgpu")]
             Runner::Gpu(s) => s.reset(),
         }
@@ -264,7 +316,7 @@ impl ChunkEval for Runner<'_> {
     /// Bytes of KV storage this run state allocated.
     fn kv_bytes(&self) -> usize {
         match self {
-            Runner::Cpu(s) => s.kv_bytes(),
+            Runner::Ggml(s) => s.kv_bytes(),
             #[cfg(feature = "wgpu")]
             Runner::Gpu(s) => s.kv_bytes(),
         }
@@ -275,28 +327,28 @@ impl TokenEval for Runner<'_> {
     type Error = anyhow::Error;
     fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
         Ok(match self {
-            Runner::Cpu(s) => s.eval(tokens, logits)?,
+            Runner::Ggml(s) => s.eval(tokens, logits)?,
             #[cfg(feature = "wgpu")]
             Runner::Gpu(s) => s.eval(tokens, logits)?,
         })
     }
     fn n_past(&self) -> usize {
         match self {
-            Runner::Cpu(s) => s.n_past(),
+            Runner::Ggml(s) => s.n_past(),
             #[cfg(feature = "wgpu")]
             Runner::Gpu(s) => s.n_past(),
         }
     }
     fn n_ctx(&self) -> usize {
         match self {
-            Runner::Cpu(s) => s.n_ctx(),
+            Runner::Ggml(s) => s.n_ctx(),
             #[cfg(feature = "wgpu")]
             Runner::Gpu(s) => s.n_ctx(),
         }
     }
     fn evicts(&self) -> bool {
         match self {
-            Runner::Cpu(s) => s.window().is_some(),
+            Runner::Ggml(s) => s.window().is_some(),
             #[cfg(feature = "wgpu")]
             Runner::Gpu(_) => false,
         }

