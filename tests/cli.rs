@@ -394,7 +394,9 @@ fn on_the_fly_sharing_is_calibrated_once_then_cached() {
 
 /// `perplexity --backend wgpu` (lavapipe in CI) measures what the CPU backend
 /// measures: on an f32 tiny model both compute in f32, so perplexities agree to
-/// 0.1%, with and without a sharing map (the comparison path runs two GPU sessions).
+/// 0.1%, with and without a sharing map. The comparison path runs two GPU sessions
+/// on one device (the second a sibling of the first), so the adapter line is
+/// printed once there too.
 #[test]
 fn perplexity_on_the_wgpu_backend_matches_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
@@ -407,7 +409,7 @@ fn perplexity_on_the_wgpu_backend_matches_the_cpu() {
     )
     .unwrap();
     let text = text.to_str().unwrap();
-    let ppl = |extra: &[&str]| -> Option<(f64, Option<f64>)> {
+    let ppl = |extra: &[&str]| -> Option<(f64, Option<f64>, String)> {
         let mut args = vec![
             "perplexity",
             "-m",
@@ -432,18 +434,30 @@ fn perplexity_on_the_wgpu_backend_matches_the_cpu() {
             Some(c) => (
                 c["ppl_test"]["value"].as_f64().unwrap(),
                 c["kld"]["value"].as_f64(),
+                err,
             ),
-            None => (j["perplexity"]["ppl"]["value"].as_f64().unwrap(), None),
+            None => (j["perplexity"]["ppl"]["value"].as_f64().unwrap(), None, err),
         })
     };
-    let (cpu, _) = ppl(&["--backend", "cpu"]).unwrap();
-    let Some((gpu, _)) = ppl(&["--backend", "wgpu"]) else {
+    let adapter_lines = |err: &str| {
+        err.lines()
+            .filter(|l| l.starts_with("backend: wgpu on "))
+            .count()
+    };
+    let (cpu, _, _) = ppl(&["--backend", "cpu"]).unwrap();
+    let Some((gpu, _, gpu_err)) = ppl(&["--backend", "wgpu"]) else {
         eprintln!("perplexity_on_the_wgpu_backend_matches_the_cpu: SKIPPED: no wgpu adapter");
         return;
     };
     assert!((gpu / cpu - 1.0).abs() < 1e-3, "cpu {cpu} gpu {gpu}");
-    let (cpu_shared, cpu_kld) = ppl(&["--backend", "cpu", "--kv-share", "1"]).unwrap();
-    let (gpu_shared, gpu_kld) = ppl(&["--backend", "wgpu", "--kv-share", "1"]).unwrap();
+    assert_eq!(adapter_lines(&gpu_err), 1, "{gpu_err}");
+    let (cpu_shared, cpu_kld, _) = ppl(&["--backend", "cpu", "--kv-share", "1"]).unwrap();
+    let (gpu_shared, gpu_kld, shared_err) = ppl(&["--backend", "wgpu", "--kv-share", "1"]).unwrap();
+    assert_eq!(adapter_lines(&shared_err), 1, "{shared_err}");
+    assert!(
+        shared_err.contains("comparing against the unshared model"),
+        "{shared_err}"
+    );
     assert!(
         (gpu_shared / cpu_shared - 1.0).abs() < 1e-3,
         "shared: cpu {cpu_shared} gpu {gpu_shared}"

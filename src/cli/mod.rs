@@ -160,6 +160,31 @@ impl Backend {
     }
 }
 
+/// Whether the wgpu backend can run `opts` (it keeps a plain f16 cache and no
+/// window); an error for `--backend wgpu` where it cannot, false for `auto`.
+#[cfg(feature = "wgpu")]
+fn wgpu_takes(backend: Backend, opts: &SessionOptions) -> Result<bool> {
+    let cpu_only =
+        (opts.type_k, opts.type_v) != (GgmlType::F16, GgmlType::F16) || opts.window.is_some();
+    if cpu_only && backend == Backend::Wgpu {
+        bail!("--backend wgpu keeps a plain f16 KV cache; drop --cache-type-k/-v and --kv-window, or use --backend cpu");
+    }
+    Ok(!cpu_only)
+}
+
+#[cfg(feature = "wgpu")]
+fn gpu_options(
+    opts: &SessionOptions,
+    policy: kvsharer::backend::wgpu::AdapterPolicy,
+) -> kvsharer::backend::wgpu::GpuOptions {
+    kvsharer::backend::wgpu::GpuOptions {
+        n_ctx: opts.n_ctx,
+        n_batch: opts.n_batch,
+        policy,
+        ..Default::default()
+    }
+}
+
 /// The run state of the chosen backend.
 // One per process: the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
@@ -191,24 +216,14 @@ impl<'m> Runner<'m> {
         }
         #[cfg(feature = "wgpu")]
         {
-            use kvsharer::backend::wgpu::{GpuOptions, GpuSession};
+            use kvsharer::backend::wgpu::GpuSession;
             if let Some(policy) = backend.wgpu_policy() {
-                let cpu_only = (opts.type_k, opts.type_v) != (GgmlType::F16, GgmlType::F16)
-                    || opts.window.is_some();
-                if cpu_only {
-                    if backend == Backend::Wgpu {
-                        bail!("--backend wgpu keeps a plain f16 KV cache; drop --cache-type-k/-v and --kv-window, or use --backend cpu");
-                    }
+                if !wgpu_takes(backend, opts)? {
                     eprintln!(
                         "note: --backend auto: a quantized KV cache or a window was requested, using the CPU backend"
                     );
                 } else {
-                    let gpu_opts = GpuOptions {
-                        n_ctx: opts.n_ctx,
-                        n_batch: opts.n_batch,
-                        policy,
-                        ..GpuOptions::default()
-                    };
+                    let gpu_opts = gpu_options(opts, policy);
                     match GpuSession::new(model, map, &gpu_opts) {
                         Ok(s) => {
                             eprintln!("backend: wgpu on {}", s.adapter_description());
@@ -230,6 +245,37 @@ impl<'m> Runner<'m> {
             eprintln!("backend: cpu (ggml)");
         }
         Ok(Runner::Ggml(Session::new(model, map, opts)?))
+    }
+
+    /// A second runner for the same model on the backend this one runs on (from
+    /// `Runner::new` with the same `backend`), for `map` and `opts`. On wgpu it
+    /// shares this runner's device, kernels and weights (`GpuSession::sibling`);
+    /// on ggml it is a new session on the same device kind. Prints nothing more,
+    /// unless `--backend auto` has to put the second runner on the CPU (a
+    /// quantized cache or a window).
+    pub fn sibling(&self, backend: Backend, map: &ShareMap, opts: &SessionOptions) -> Result<Self> {
+        match self {
+            Runner::Ggml(s) => {
+                let session = Session::on_device(s.backend().kind(), self.model(), map, opts)
+                    .with_context(|| format!("--backend {}", backend.name()))?;
+                Ok(Runner::Ggml(session))
+            }
+            #[cfg(feature = "wgpu")]
+            Runner::Gpu(s) => {
+                use kvsharer::backend::wgpu::AdapterPolicy;
+                if !wgpu_takes(backend, opts)? {
+                    eprintln!(
+                        "note: --backend auto: a quantized KV cache or a window was requested, using the CPU backend for the second session"
+                    );
+                    return Ok(Runner::Ggml(Session::new(self.model(), map, opts)?));
+                }
+                let policy = backend.wgpu_policy().unwrap_or(AdapterPolicy::Any);
+                let sibling = s
+                    .sibling(map, &gpu_options(opts, policy))
+                    .with_context(|| format!("--backend {}", backend.name()))?;
+                Ok(Runner::Gpu(sibling))
+            }
+        }
     }
 
     pub fn map(&self) -> &ShareMap {

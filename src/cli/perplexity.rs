@@ -103,7 +103,9 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
     } else {
         let identity = ShareMap::identity(map.n_layers());
         let mut base = Runner::new(a.model.backend, &loaded.model, &identity, &reference_opts)?;
-        let mut shared = Runner::new(a.model.backend, &loaded.model, &map, &sopts)?;
+        // The same device, kernels and weights as the reference: only the KV cache
+        // and activations are the test run's own.
+        let mut shared = base.sibling(a.model.backend, &map, &sopts)?;
         eprintln!(
             "{}",
             describe_sharing(&map, shared.kv_bytes(), base.kv_bytes())

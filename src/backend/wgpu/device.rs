@@ -15,11 +15,16 @@ pub enum AdapterPolicy {
     HardwareOnly,
 }
 
-/// An open wgpu device and queue, and what they run on.
+/// An open wgpu device and queue, and what they run on. Clones are handles to the
+/// same device and queue.
+#[derive(Clone)]
 pub struct GpuContext {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
+    /// One allocation per opened device, shared by its clones: `same_device`
+    /// compares these, since wgpu's device ids repeat across instances.
+    opened: Arc<()>,
 }
 
 fn preference(t: wgpu::DeviceType) -> u8 {
@@ -66,12 +71,18 @@ impl GpuContext {
             device,
             queue,
             info,
+            opened: Arc::new(()),
         })
     }
 
     /// "NVIDIA GeForce RTX 4090 (Vulkan, discrete GPU, driver ...)".
     pub fn adapter_description(&self) -> String {
         describe(&self.info)
+    }
+
+    /// True when `other` is a clone of this context (one device and queue).
+    pub fn same_device(&self, other: &GpuContext) -> bool {
+        Arc::ptr_eq(&self.opened, &other.opened)
     }
 
     /// True for software renderers such as lavapipe.

@@ -1,6 +1,7 @@
 //! WGSL modules, their pipelines (compiled once) and bind group layouts, and a
 //! harness that runs one kernel on host data for the parity tests.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use wgpu::util::DeviceExt;
@@ -81,6 +82,7 @@ pub(crate) struct MatmulKernels {
 }
 
 /// Every pipeline the forward pass uses.
+#[derive(Clone)]
 pub(crate) struct Kernels {
     pub matmul: HashMap<GgmlType, MatmulKernels>,
     pub rms_norm: Kernel,
@@ -101,56 +103,6 @@ impl Kernels {
     /// the limit rather than a pipeline error.
     pub fn new(ctx: &GpuContext, types: &[GgmlType]) -> Result<Self, GpuError> {
         check_kernel_limits(ctx)?;
-        let mut matmul = HashMap::new();
-        for &ty in types {
-            if matmul.contains_key(&ty) {
-                continue;
-            }
-            let suffix = shader_suffix(ty).ok_or_else(|| GpuError::UnsupportedType {
-                tensor: format!("(a {} weight)", ty.name()),
-                ty: ty.name(),
-            })?;
-            let block_min = if ty == GgmlType::Q4_1 {
-                "block_min_q4_1(base, k)"
-            } else {
-                "0.0"
-            };
-            let source = format!(
-                "{COMMON}\n{QUANT}\n{MATMUL}\nfn load4(base: u32, k: u32) -> vec4<f32> {{ return load4_{suffix}(base, k); }}\n\
-                 fn block_min(base: u32, k: u32) -> f32 {{ return {block_min}; }}\n"
-            );
-            let name = format!("matmul.wgsl ({})", ty.name());
-            let module = compile(ctx, &name, &source)?;
-            let mm = layout(
-                ctx,
-                &[
-                    (0, Slot::Read),
-                    (1, Slot::Read),
-                    (2, Slot::ReadWrite),
-                    (3, Slot::Uniform),
-                    (4, Slot::Uniform),
-                    (6, Slot::Read),
-                ],
-            );
-            let gr = layout(
-                ctx,
-                &[
-                    (0, Slot::Read),
-                    (2, Slot::ReadWrite),
-                    (3, Slot::Uniform),
-                    (4, Slot::Uniform),
-                    (5, Slot::Read),
-                ],
-            );
-            matmul.insert(
-                ty,
-                MatmulKernels {
-                    matvec: pipeline(ctx, &name, &module, "matvec", &mm)?,
-                    tiled: pipeline(ctx, &name, &module, "matmul_tiled", &mm)?,
-                    get_rows: pipeline(ctx, &name, &module, "get_rows", &gr)?,
-                },
-            );
-        }
         let single = |file: &str, src: &str, entry: &str, slots: &[(u32, Slot)]| {
             let module = compile(ctx, file, &format!("{COMMON}\n{src}"))?;
             pipeline(ctx, file, &module, entry, &layout(ctx, slots))
@@ -213,8 +165,8 @@ impl Kernels {
             ],
         );
         let attn = |entry| pipeline(ctx, "attention.wgsl", &attn_module, entry, &attn_layout);
-        Ok(Kernels {
-            matmul,
+        let mut kernels = Kernels {
+            matmul: HashMap::new(),
             rms_norm,
             rope,
             swiglu,
@@ -225,12 +177,70 @@ impl Kernels {
             attn_f16_serial: attn("attn_f16_serial")?,
             argmax,
             act_round,
-        })
+        };
+        kernels.add_types(ctx, types)?;
+        Ok(kernels)
+    }
+
+    /// Compiles the matrix kernels of those of `types` not compiled yet (a session
+    /// sharing these kernels may hold weights of a type its parent did not).
+    pub fn add_types(&mut self, ctx: &GpuContext, types: &[GgmlType]) -> Result<(), GpuError> {
+        for &ty in types {
+            if let Entry::Vacant(slot) = self.matmul.entry(ty) {
+                slot.insert(matmul_kernels(ctx, ty)?);
+            }
+        }
+        Ok(())
     }
 
     pub fn matmul_for(&self, ty: GgmlType) -> &MatmulKernels {
         &self.matmul[&ty]
     }
+}
+
+/// The matvec, tiled matmul and row-lookup kernels of weight type `ty`.
+fn matmul_kernels(ctx: &GpuContext, ty: GgmlType) -> Result<MatmulKernels, GpuError> {
+    let suffix = shader_suffix(ty).ok_or_else(|| GpuError::UnsupportedType {
+        tensor: format!("(a {} weight)", ty.name()),
+        ty: ty.name(),
+    })?;
+    let block_min = if ty == GgmlType::Q4_1 {
+        "block_min_q4_1(base, k)"
+    } else {
+        "0.0"
+    };
+    let source = format!(
+        "{COMMON}\n{QUANT}\n{MATMUL}\nfn load4(base: u32, k: u32) -> vec4<f32> {{ return load4_{suffix}(base, k); }}\n\
+         fn block_min(base: u32, k: u32) -> f32 {{ return {block_min}; }}\n"
+    );
+    let name = format!("matmul.wgsl ({})", ty.name());
+    let module = compile(ctx, &name, &source)?;
+    let mm = layout(
+        ctx,
+        &[
+            (0, Slot::Read),
+            (1, Slot::Read),
+            (2, Slot::ReadWrite),
+            (3, Slot::Uniform),
+            (4, Slot::Uniform),
+            (6, Slot::Read),
+        ],
+    );
+    let gr = layout(
+        ctx,
+        &[
+            (0, Slot::Read),
+            (2, Slot::ReadWrite),
+            (3, Slot::Uniform),
+            (4, Slot::Uniform),
+            (5, Slot::Read),
+        ],
+    );
+    Ok(MatmulKernels {
+        matvec: pipeline(ctx, &name, &module, "matvec", &mm)?,
+        tiled: pipeline(ctx, &name, &module, "matmul_tiled", &mm)?,
+        get_rows: pipeline(ctx, &name, &module, "get_rows", &gr)?,
+    })
 }
 
 fn check_kernel_limits(ctx: &GpuContext) -> Result<(), GpuError> {

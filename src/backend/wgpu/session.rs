@@ -4,7 +4,8 @@
 //! Each pass writes the `Step` uniform and the token ids, then records every op
 //! into one command encoder.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use super::device::{AdapterPolicy, GpuContext};
 use super::kernels::{
@@ -69,6 +70,14 @@ enum Grid {
     Single,
 }
 
+/// The weights a session binds, and where each tensor is among them. A sibling
+/// session starts from a clone: the same GPU buffers.
+#[derive(Clone, Default)]
+struct WeightSet {
+    list: Vec<Arc<GpuWeight>>,
+    by_name: HashMap<String, usize>,
+}
+
 /// Indices into the session's weights of one layer's tensors (`usize::MAX` for the
 /// K/V projections of a layer built as shared: never uploaded).
 struct LayerIdx {
@@ -121,7 +130,8 @@ pub struct GpuSession<'m> {
     map: ShareMap,
     step: wgpu::Buffer,
     act: Activations,
-    _weights: Vec<GpuWeight>,
+    /// Shared with sibling sessions (see `sibling`).
+    weights: WeightSet,
     /// (K, V) of each owning layer, in layer order.
     slots: Vec<(wgpu::Buffer, wgpu::Buffer)>,
     layers: Vec<Op>,
@@ -148,23 +158,45 @@ pub struct GpuSession<'m> {
 
 impl<'m> GpuSession<'m> {
     pub fn new(model: &'m Model, map: &ShareMap, opts: &GpuOptions) -> Result<Self, GpuError> {
-        let c = &model.config;
-        if map.n_layers() != c.n_layers {
-            return Err(GpuError::MapMismatch {
-                map: map.n_layers(),
-                model: c.n_layers,
-            });
-        }
-        if opts.n_ctx == 0 {
-            return Err(GpuError::BadInput("context size must be at least 1".into()));
-        }
-        if c.head_dim > MAX_HEAD_DIM {
-            return Err(GpuError::BadInput(format!(
-                "head dimension {} is above the {MAX_HEAD_DIM} the attention kernels handle",
-                c.head_dim
-            )));
-        }
+        check_request(model, map, opts)?;
         let ctx = GpuContext::new(opts.policy)?;
+        Self::build(model, map, opts, ctx, WeightSet::default(), None)
+    }
+
+    /// A second session over the same model on this session's device: it shares
+    /// the device and queue, the compiled kernels and the uploaded weights, and
+    /// has its own KV slots, activations and recorded forward pass for `map` and
+    /// `opts`. K/V projections this session left out (layers it built as shared)
+    /// are uploaded for the sibling only where `map` needs them. `opts.policy` is
+    /// only checked: a sibling of a software adapter's session refuses
+    /// `HardwareOnly`. Running either session leaves the other's state untouched.
+    pub fn sibling(&self, map: &ShareMap, opts: &GpuOptions) -> Result<GpuSession<'m>, GpuError> {
+        check_request(self.model, map, opts)?;
+        if opts.policy == AdapterPolicy::HardwareOnly && self.ctx.is_software() {
+            return Err(GpuError::SoftwareOnly(self.ctx.adapter_description()));
+        }
+        Self::build(
+            self.model,
+            map,
+            opts,
+            self.ctx.clone(),
+            self.weights.clone(),
+            Some(self.kernels.clone()),
+        )
+    }
+
+    /// Uploads what `weights` lacks of `map`'s forward pass, compiles the kernels
+    /// (or those missing from `kernels`), allocates the run state and records the
+    /// forward pass.
+    fn build(
+        model: &'m Model,
+        map: &ShareMap,
+        opts: &GpuOptions,
+        ctx: GpuContext,
+        mut weights: WeightSet,
+        kernels: Option<Kernels>,
+    ) -> Result<Self, GpuError> {
+        let c = &model.config;
         let limits = ctx.limits();
         let max_binding = limits
             .max_storage_buffer_binding_size
@@ -186,10 +218,8 @@ impl<'m> GpuSession<'m> {
 
         // Weights: every tensor the forward reads, as the file stores it.
         let file = model.file().clone();
-        let mut weights: Vec<GpuWeight> = Vec::new();
-        let mut by_name: HashMap<String, usize> = HashMap::new();
         let mut upload = |name: &str, matmul: bool| -> Result<usize, GpuError> {
-            if let Some(&i) = by_name.get(name) {
+            if let Some(&i) = weights.by_name.get(name) {
                 return Ok(i);
             }
             let info = file
@@ -224,15 +254,16 @@ impl<'m> GpuSession<'m> {
                 format!("tensor {name}"),
             )?;
             let row_bytes = bytes.len().checked_div(rows).unwrap_or(0);
-            weights.push(GpuWeight {
+            weights.list.push(Arc::new(GpuWeight {
                 buf: storage_with(&ctx, name, bytes),
                 ty,
                 cols: cols as u32,
                 rows: rows as u32,
                 row_bytes: row_bytes as u32,
-            });
-            by_name.insert(name.to_string(), weights.len() - 1);
-            Ok(weights.len() - 1)
+            }));
+            let i = weights.list.len() - 1;
+            weights.by_name.insert(name.to_string(), i);
+            Ok(i)
         };
         let (token_embd, output_norm, output, rope_freqs, layer_idx) =
             ctx.scoped("uploading weights", || {
@@ -275,8 +306,14 @@ impl<'m> GpuSession<'m> {
                 }
                 Ok((token_embd, output_norm, output, rope_freqs, layer_idx))
             })?;
-        let types: Vec<GgmlType> = weights.iter().map(|w| w.ty).collect();
-        let kernels = Kernels::new(&ctx, &types)?;
+        let types: Vec<GgmlType> = weights.list.iter().map(|w| w.ty).collect();
+        let kernels = match kernels {
+            Some(mut shared) => {
+                shared.add_types(&ctx, &types)?;
+                shared
+            }
+            None => Kernels::new(&ctx, &types)?,
+        };
 
         // Batch: the logits of a whole batch must fit one binding.
         let n_vocab = c.n_vocab;
@@ -349,7 +386,7 @@ impl<'m> GpuSession<'m> {
         let parts = ForwardParts {
             ctx: &ctx,
             kernels: &kernels,
-            weights: &weights,
+            weights: &weights.list,
             layer_idx: &layer_idx,
             act: &act,
             step: &step,
@@ -377,7 +414,7 @@ impl<'m> GpuSession<'m> {
             map: map.clone(),
             step,
             act,
-            _weights: weights,
+            weights,
             slots,
             layers,
             logits_all,
@@ -439,6 +476,28 @@ impl<'m> GpuSession<'m> {
         self.slots.len()
     }
 
+    /// Weight tensors on the GPU (a tied output counts once with the embedding).
+    pub fn n_weight_buffers(&self) -> usize {
+        self.weights.list.len()
+    }
+
+    /// How many of this session's weight buffers are also `other`'s: the same GPU
+    /// memory, as between a session and its siblings (0 between independent ones).
+    pub fn weight_buffers_shared_with(&self, other: &GpuSession<'_>) -> usize {
+        let theirs: HashSet<*const GpuWeight> =
+            other.weights.list.iter().map(Arc::as_ptr).collect();
+        self.weights
+            .list
+            .iter()
+            .filter(|w| theirs.contains(&Arc::as_ptr(w)))
+            .count()
+    }
+
+    /// True when both sessions run on one wgpu device (a session and its siblings).
+    pub fn shares_device_with(&self, other: &GpuSession<'_>) -> bool {
+        self.ctx.same_device(&other.ctx)
+    }
+
     pub fn reset(&mut self) {
         self.n_past = 0;
     }
@@ -459,7 +518,7 @@ impl<'m> GpuSession<'m> {
         let parts = ForwardParts {
             ctx: &self.ctx,
             kernels: &self.kernels,
-            weights: &self._weights,
+            weights: &self.weights.list,
             layer_idx: &self.layer_idx,
             act: &self.act,
             step: &self.step,
@@ -755,11 +814,32 @@ impl<'m> GpuSession<'m> {
     }
 }
 
+/// The checks `new` and `sibling` make before touching the device.
+fn check_request(model: &Model, map: &ShareMap, opts: &GpuOptions) -> Result<(), GpuError> {
+    let c = &model.config;
+    if map.n_layers() != c.n_layers {
+        return Err(GpuError::MapMismatch {
+            map: map.n_layers(),
+            model: c.n_layers,
+        });
+    }
+    if opts.n_ctx == 0 {
+        return Err(GpuError::BadInput("context size must be at least 1".into()));
+    }
+    if c.head_dim > MAX_HEAD_DIM {
+        return Err(GpuError::BadInput(format!(
+            "head dimension {} is above the {MAX_HEAD_DIM} the attention kernels handle",
+            c.head_dim
+        )));
+    }
+    Ok(())
+}
+
 /// What `build_forward` binds: the session's buffers, kernels and weights.
 struct ForwardParts<'a> {
     ctx: &'a GpuContext,
     kernels: &'a Kernels,
-    weights: &'a [GpuWeight],
+    weights: &'a [Arc<GpuWeight>],
     layer_idx: &'a [LayerIdx],
     act: &'a Activations,
     step: &'a wgpu::Buffer,
