@@ -4,7 +4,9 @@
 //! dequantizes blocks as it reads them (`shaders/quant.wgsl`), so GPU memory holds
 //! the file's bytes and nothing more. `GpuSession` is the run state (KV slots for
 //! the owning layers of a `ShareMap`, activations, pipelines and bind groups built
-//! once); its `eval` mirrors `session::Session::eval`. `GpuEvaluator` runs the
+//! once); its `eval` mirrors `session::Session::eval`. `GpuSession::sibling` opens a
+//! second run state on a session's device, kernels and weights (perplexity's
+//! base/test comparison). `GpuEvaluator` runs the
 //! sharing search's calibration passes on it. `KernelHarness` runs single kernels on
 //! host data, for the parity tests.
 
