@@ -605,9 +605,9 @@ fn stepwise(
     strat: &StrategyOptions,
     mut progress: impl FnMut(&SearchProgress),
 ) -> Result<SearchResult, CalibrateError> {
+    // `run_with`, the only caller, has checked `opts` against the model.
     let config = eval.model().config.clone();
     let n_layers = config.n_layers;
-    opts.check(n_layers)?;
     let objective = strat.objective;
     let logits = objective == Objective::Kld;
     let width = match strat.strategy {

@@ -74,8 +74,8 @@ fn kernel<const HD: usize>(
         o[1..].fill(0.0);
     }
 
-    let mut kbuf = [0.0f32; BLOCK * 128];
-    let mut vbuf = [0.0f32; BLOCK * 128];
+    let mut kbuf = [[0.0f32; HD]; BLOCK];
+    let mut vbuf = [[0.0f32; HD]; BLOCK];
     let mut scores = [0.0f32; MAX_GROUP * BLOCK];
     let mut first = start;
     while first < end {
@@ -93,8 +93,8 @@ fn kernel<const HD: usize>(
             first += n; // padding or evicted cells: nothing to read
             continue;
         }
-        for j in 0..n {
-            dequantize::<HD>(k, first + j, kv_head, &mut kbuf[j * HD..][..HD]);
+        for (j, row) in kbuf.iter_mut().enumerate().take(n) {
+            dequantize::<HD>(k, first + j, kv_head, row);
         }
         for h in 0..group {
             let s = &mut scores[h * BLOCK..][..BLOCK];
@@ -102,8 +102,7 @@ fn kernel<const HD: usize>(
             let o = &mut out[h * p..][..p];
             fold_softmax::<HD>(s, o);
         }
-        for j in 0..n {
-            let row = &mut vbuf[j * HD..][..HD];
+        for (j, row) in vbuf.iter_mut().enumerate().take(n) {
             if bias[j] == f32::NEG_INFINITY {
                 row.fill(0.0); // weight 0 must not meet stale or unwritten values
             } else {
@@ -122,7 +121,7 @@ fn kernel<const HD: usize>(
 #[target_feature(enable = "avx2,fma,f16c")]
 fn score_block<const HD: usize>(
     q: &[f32],
-    kbuf: &[f32; BLOCK * 128],
+    kbuf: &[[f32; HD]; BLOCK],
     scale: f32,
     bias: &[f32; BLOCK],
     s: &mut [f32],
@@ -134,7 +133,7 @@ fn score_block<const HD: usize>(
         for d in (0..HD).step_by(8) {
             let qv = load(q, d);
             for (t, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(qv, load(kbuf, (j0 + t) * HD + d), *a);
+                *a = _mm256_fmadd_ps(qv, load(&kbuf[j0 + t], d), *a);
             }
         }
         let b = load(bias, j0);
@@ -188,7 +187,7 @@ fn fold_softmax<const HD: usize>(s: &mut [f32], o: &mut [f32]) {
 
 /// `o += Σ_j w[j] · v_j`, 64 dimensions at a time so the sums stay in registers.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn accumulate<const HD: usize>(w: &[f32], vbuf: &[f32; BLOCK * 128], o: &mut [f32]) {
+fn accumulate<const HD: usize>(w: &[f32], vbuf: &[[f32; HD]; BLOCK], o: &mut [f32]) {
     for d0 in (0..HD).step_by(64) {
         let mut acc = [_mm256_setzero_ps(); 8];
         for (i, a) in acc.iter_mut().enumerate() {
@@ -197,7 +196,7 @@ fn accumulate<const HD: usize>(w: &[f32], vbuf: &[f32; BLOCK * 128], o: &mut [f3
         for (j, &wj) in w.iter().enumerate() {
             let wv = _mm256_set1_ps(wj);
             for (i, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(wv, load(vbuf, j * HD + d0 + 8 * i), *a);
+                *a = _mm256_fmadd_ps(wv, load(&vbuf[j], d0 + 8 * i), *a);
             }
         }
         for (i, a) in acc.iter().enumerate() {

@@ -102,7 +102,7 @@ impl Kernels {
     /// kernels assume are checked first, so a small device fails with the name of
     /// the limit rather than a pipeline error.
     pub fn new(ctx: &GpuContext, types: &[GgmlType]) -> Result<Self, GpuError> {
-        check_kernel_limits(ctx)?;
+        check_kernel_limits(&ctx.limits(), &ctx.adapter_description())?;
         let single = |file: &str, src: &str, entry: &str, slots: &[(u32, Slot)]| {
             let module = compile(ctx, file, &format!("{COMMON}\n{src}"))?;
             pipeline(ctx, file, &module, entry, &layout(ctx, slots))
@@ -243,8 +243,7 @@ fn matmul_kernels(ctx: &GpuContext, ty: GgmlType) -> Result<MatmulKernels, GpuEr
     })
 }
 
-fn check_kernel_limits(ctx: &GpuContext) -> Result<(), GpuError> {
-    let l = ctx.limits();
+fn check_kernel_limits(l: &wgpu::Limits, adapter: &str) -> Result<(), GpuError> {
     let checks: [(&'static str, u64, u64, &str); 4] = [
         (
             "max_compute_invocations_per_workgroup",
@@ -274,7 +273,7 @@ fn check_kernel_limits(ctx: &GpuContext) -> Result<(), GpuError> {
     for (limit, needed, available, what) in checks {
         if available < needed {
             return Err(GpuError::Limit {
-                adapter: ctx.adapter_description(),
+                adapter: adapter.to_string(),
                 limit,
                 needed,
                 available,
@@ -961,5 +960,66 @@ impl KernelHarness {
             1,
         )?;
         Ok(out[0].to_bits())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_device_fails_with_the_limit_named() {
+        let mut l = wgpu::Limits::downlevel_defaults();
+        l.max_compute_workgroup_storage_size = 8192;
+        let err = check_kernel_limits(&l, "Tiny GPU").unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                GpuError::Limit {
+                    limit: "max_compute_workgroup_storage_size",
+                    needed: 12288,
+                    available: 8192,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("Tiny GPU") && msg.contains("matmul tiles"),
+            "{msg}"
+        );
+        // WebGPU's default limits are what every real adapter offers at least.
+        check_kernel_limits(&wgpu::Limits::default(), "any GPU").unwrap();
+    }
+
+    #[test]
+    fn a_shader_that_does_not_compile_is_named_in_the_error() {
+        let ctx = match GpuContext::new(AdapterPolicy::Any) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("SKIPPED a_shader_that_does_not_compile_is_named_in_the_error: {e}");
+                return;
+            }
+        };
+        let broken = format!("{COMMON}\nfn oops( -> f32 {{ return 1.0; }}");
+        let err = compile(&ctx, "broken.wgsl", &broken).unwrap_err();
+        match &err {
+            GpuError::Shader { shader, message } => {
+                assert_eq!(shader, "broken.wgsl");
+                assert!(!message.is_empty() && !message.contains('\n'), "{message}");
+            }
+            other => panic!("expected a shader error, got {other:?}"),
+        }
+        // An entry point the module lacks fails at pipeline creation, also named.
+        let module = compile(&ctx, "common.wgsl", COMMON).unwrap();
+        let bgl = layout(&ctx, &[(0, Slot::Read)]);
+        let Err(err) = pipeline(&ctx, "common.wgsl", &module, "no_such_entry", &bgl) else {
+            panic!("a pipeline for a missing entry point was created");
+        };
+        assert!(
+            matches!(&err, GpuError::Shader { shader, .. } if shader.contains("no_such_entry")),
+            "{err:?}"
+        );
     }
 }
