@@ -39,7 +39,7 @@ decode_benches() {
         --llama-cache-type-k f16 --llama-cache-type-v f16 --json > "$OUT/bench-d4096-s8-q8-vs-f16.json"
 }
 
-# ONLY=decode re-runs just the depth-4096 decode table (~10 min), keeping the other
+# ONLY=decode re-runs just the depth-4096 decode table (~25 min on 2 cores), keeping the other
 # results already in OUT_DIR.
 if [ "${ONLY:-}" = decode ]; then
     decode_benches
