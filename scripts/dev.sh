@@ -14,10 +14,12 @@ command -v cmake >/dev/null 2>&1 || need_pkgs+=(cmake)
 command -v c++ >/dev/null 2>&1 || need_pkgs+=(g++)
 # bindgen needs libclang itself (libclang.so / libclang-NN.so), not libclang-cpp,
 # which machines with llvm-NN-dev installed already have.
-if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
-        /usr/lib/*/libclang.so* /usr/lib/*/libclang-[0-9]*.so* >/dev/null 2>&1; then
-    need_pkgs+=(libclang-dev clang)
-fi
+have_libclang=no
+for pattern in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
+    /usr/lib/*/libclang.so* /usr/lib/*/libclang-[0-9]*.so*; do
+    [ -e "$pattern" ] && have_libclang=yes && break
+done
+[ "$have_libclang" = yes ] || need_pkgs+=(libclang-dev clang)
 python3 -m pip --version >/dev/null 2>&1 || need_pkgs+=(python3-pip)
 # The wgpu backend's tests run on lavapipe (software Vulkan) where there is no GPU.
 ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || need_pkgs+=(mesa-vulkan-drivers)
