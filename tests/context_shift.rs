@@ -17,13 +17,6 @@ const KEEP: usize = 4;
 const DISCARD: usize = 10;
 const N: usize = 40;
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn shift_moves_values_and_rerotates_keys_in_every_slot() {
     let dir = tempfile::tempdir().unwrap();
@@ -83,13 +76,14 @@ fn shift_moves_values_and_rerotates_keys_in_every_slot() {
                 // Rotating the shifted keys forward by DISCARD gives the old keys back.
                 let mut restored = k1[KEEP * kv..].to_vec();
                 support::rope_norm(&mut restored, spec.head_dim(), DISCARD, spec.rope_base);
-                let d = max_diff(&restored, &k0[(KEEP + DISCARD) * kv..]);
+                let d = support::max_abs_diff(&restored, &k0[(KEEP + DISCARD) * kv..]);
                 assert!(
                     d < tol,
                     "map {map} {} layer {l}: re-rotation off by {d}",
                     ty.name()
                 );
-                let unrotated = max_diff(&k1[KEEP * kv..], &k0[(KEEP + DISCARD) * kv..]);
+                let unrotated =
+                    support::max_abs_diff(&k1[KEEP * kv..], &k0[(KEEP + DISCARD) * kv..]);
                 assert!(
                     unrotated > 10.0 * tol,
                     "keys were not rotated at all ({unrotated})"
@@ -131,7 +125,7 @@ fn first_layer_keys_after_a_shift_equal_a_fresh_evaluation() {
         .read_rows_f32(0, KvPart::Keys, 0..N - DISCARD)
         .unwrap();
     let scale = kb.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let d = max_diff(&ka, &kb);
+    let d = support::max_abs_diff(&ka, &kb);
     eprintln!("layer-0 keys after shift vs fresh: max |diff| {d} (max |key| {scale})");
     assert!(d < 2e-3 * scale.max(1.0), "{d}");
     // And generation goes on from the shifted cache.

@@ -17,14 +17,7 @@ use kvsharer::gguf::GgmlType;
 use kvsharer::loader;
 use kvsharer::session::{Session, SessionOptions};
 use kvsharer::share::ShareMap;
-use support::{reference_forward_with, write_tiny_model, RefPrecision, TinySpec};
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+use support::{max_abs_diff, reference_forward_with, write_tiny_model, RefPrecision, TinySpec};
 
 /// Max |ours - reference| over all positions, and the distance between the
 /// reference's logits under `map` and under the identity map.

