@@ -156,13 +156,29 @@ impl Drop for LlamaCppModel {
     }
 }
 
+/// Whether this build's llama.cpp has a GPU backend to offload layers to (the
+/// cargo features `cuda`, `vulkan`, `metal`).
+pub fn supports_gpu_offload() -> bool {
+    init_llama();
+    // SAFETY: a pure query of the registered backends, after llama_backend_init.
+    unsafe { sys::llama_supports_gpu_offload() }
+}
+
 impl LlamaCppModel {
+    /// Loads the model on the CPU.
     pub fn load(path: &Path) -> Result<Self, OracleError> {
+        Self::load_offloading(path, 0)
+    }
+
+    /// Loads the model with its last `gpu_layers` layers on llama.cpp's GPU
+    /// backend (llama.cpp's `-ngl`); without one in this build (see
+    /// `supports_gpu_offload`) everything stays on the CPU.
+    pub fn load_offloading(path: &Path, gpu_layers: u32) -> Result<Self, OracleError> {
         init_llama();
         let c_path = path_to_cstring(path)?;
         // SAFETY: returns a plain struct of defaults.
         let mut params = unsafe { sys::llama_model_default_params() };
-        params.n_gpu_layers = 0;
+        params.n_gpu_layers = i32::try_from(gpu_layers).unwrap_or(i32::MAX);
         params.load_mode = sys::LLAMA_LOAD_MODE_MMAP;
         // SAFETY: `c_path` is a valid NUL-terminated string alive for the call;
         // `params` is a fully initialised value.

@@ -555,3 +555,38 @@ fn vulkan_built_in_without_a_device_names_the_cause() {
     assert!(err.contains("no Vulkan device found"), "{err}");
     assert!(err.contains("GGML_VK_VISIBLE_DEVICES"), "{err}");
 }
+
+/// `bench --llama-ngl` offloads llama.cpp's side where this build has a GPU
+/// backend; in a CPU-only build it says the flag is ignored and still measures both.
+#[test]
+fn bench_llama_ngl_says_where_llama_cpp_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let o = kvsharer(&[
+        "bench",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "8",
+        "-n",
+        "2",
+        "-r",
+        "1",
+        "-c",
+        "64",
+        "--llama-ngl",
+        "99",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("llama.cpp") && out.contains("tg2"),
+        "both runtimes measured: {out}"
+    );
+    if kvsharer::oracle::supports_gpu_offload() {
+        assert!(err.contains("99 layers offloaded"), "{err}");
+    } else {
+        assert!(err.contains("--llama-ngl is ignored"), "{err}");
+    }
+}

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use kvsharer::backend::graph::Logits;
 use kvsharer::eval::ChunkEval;
 use kvsharer::generate::TokenEval;
-use kvsharer::oracle::{CacheType, ContextOptions, LlamaCppModel};
+use kvsharer::oracle::{self, CacheType, ContextOptions, LlamaCppModel};
 
 use super::{describe_sharing, file_name, human_bytes, ModelArgs, Runner};
 
@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// llama.cpp's value cache type [default: same as --cache-type-v]
     #[arg(long = "llama-cache-type-v", value_name = "TYPE")]
     pub llama_cache_type_v: Option<String>,
+    /// Layers llama.cpp puts on its GPU backend (llama.cpp's -ngl; 99 = all). Needs a
+    /// build with --features cuda, vulkan or metal; 0 keeps llama.cpp on the CPU
+    #[arg(long = "llama-ngl", value_name = "N", default_value_t = 0)]
+    pub llama_ngl: u32,
     /// Skip the llama.cpp side
     #[arg(long = "no-llama-cpp")]
     pub no_llama_cpp: bool,
@@ -92,15 +96,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let gen_tokens = random_tokens(a.n_gen);
 
     let mut session = Runner::new(a.model.backend, &loaded.model, &map, &opts)?;
-    if a.model.backend.ggml_device().is_some() && !a.no_llama_cpp {
-        eprintln!(
-            "note: llama.cpp's side of this comparison runs on the CPU (loaded with no GPU layers)"
-        );
+    let llama_on_gpu = a.llama_ngl > 0 && oracle::supports_gpu_offload();
+    if !a.no_llama_cpp {
+        if a.llama_ngl > 0 && !llama_on_gpu {
+            eprintln!("note: this build's llama.cpp has no GPU backend, so --llama-ngl is ignored and llama.cpp runs on the CPU (rebuild with --features cuda or vulkan)");
+        } else if !llama_on_gpu && session.on_gpu() {
+            eprintln!("note: llama.cpp's side of this comparison runs on the CPU (--llama-ngl 99 offloads it, in a build with --features cuda or vulkan)");
+        } else if llama_on_gpu {
+            eprintln!(
+                "llama.cpp: {} layers offloaded to its GPU backend",
+                a.llama_ngl
+            );
+        }
     }
     let llama = if a.no_llama_cpp {
         None
     } else {
-        Some(LlamaCppModel::load(&path)?)
+        Some(LlamaCppModel::load_offloading(&path, a.llama_ngl)?)
     };
     let mut llama_ctx = match &llama {
         None => None,

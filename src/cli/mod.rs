@@ -278,6 +278,15 @@ impl<'m> Runner<'m> {
         }
     }
 
+    /// True when the forward pass runs on a GPU (wgpu, or a ggml GPU backend).
+    pub fn on_gpu(&self) -> bool {
+        match self {
+            Runner::Ggml(s) => !s.backend().is_cpu(),
+            #[cfg(feature = "wgpu")]
+            Runner::Gpu(_) => true,
+        }
+    }
+
     pub fn map(&self) -> &ShareMap {
         match self {
             Runner::Ggml(s) => s.map(),
