@@ -590,3 +590,55 @@ fn bench_llama_ngl_says_where_llama_cpp_runs() {
         assert!(err.contains("--llama-ngl is ignored"), "{err}");
     }
 }
+
+/// `--backend auto` takes a real GPU or says why it runs on the CPU; `--backend
+/// wgpu` refuses a quantized cache or a window with a hint, where `auto` notes it
+/// and uses the CPU.
+#[test]
+fn backend_auto_falls_back_with_a_notice_and_wgpu_refuses_cpu_only_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let m = m.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "-m", m, "-p", "ab", "-n", "2", "--temp", "0"];
+        args.extend_from_slice(extra);
+        kvsharer(&args)
+    };
+    let o = run(&["--backend", "auto"]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("backend: wgpu on ")
+            || (err.contains("note: --backend auto: no usable GPU")
+                && err.contains("using the CPU backend")),
+        "auto must name the GPU or the reason for the CPU: {err}"
+    );
+    if err.contains("note: --backend auto") {
+        // The reason printed is the adapter check's (software only, or none at all).
+        assert!(
+            err.contains("software") || err.contains("no GPU adapter"),
+            "{err}"
+        );
+    }
+
+    // (The tiny model's 16-wide heads allow a window but no quantized cache.)
+    let o = run(&["--backend", "auto", "--kv-window", "8", "--kv-sink", "1"]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("a quantized KV cache or a window was requested, using the CPU backend"),
+        "{err}"
+    );
+    for extra in [
+        &["--cache-type-v", "q4_0"][..],
+        &["--kv-window", "8", "--kv-sink", "1"][..],
+    ] {
+        let mut args = vec!["--backend", "wgpu"];
+        args.extend_from_slice(extra);
+        let e = expect_clean_failure(&run(&args));
+        assert!(
+            e.contains("f16 KV cache") && e.contains("--backend cpu"),
+            "{extra:?}: {e}"
+        );
+    }
+}
