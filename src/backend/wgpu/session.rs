@@ -125,34 +125,18 @@ struct Activations {
 
 pub struct GpuSession<'m> {
     model: &'m Model,
-    ctx: GpuContext,
-    kernels: Kernels,
+    /// Everything a recorded forward pass binds; lives as long as the session.
+    parts: ForwardParts,
     map: ShareMap,
-    step: wgpu::Buffer,
-    act: Activations,
-    /// Shared with sibling sessions (see `sibling`).
-    weights: WeightSet,
-    /// (K, V) of each owning layer, in layer order.
-    slots: Vec<(wgpu::Buffer, wgpu::Buffer)>,
-    layers: Vec<Op>,
-    logits_all: Op,
-    logits_last: Op,
-    argmax: Op,
+    /// `map`'s recorded forward pass.
+    forward: Forward,
     staging: wgpu::Buffer,
     /// Read-back buffer for one batch of final hidden states.
     hidden_staging: wgpu::Buffer,
-    /// What `set_map` needs to record another map's forward pass.
-    layer_idx: Vec<LayerIdx>,
-    own_slot: Vec<Option<usize>>,
-    token_embd: usize,
-    output_norm: usize,
-    output: usize,
-    max_splits: usize,
     n_past: usize,
     n_ctx: usize,
     n_batch: usize,
     kv_bytes: usize,
-    ggml_rounding: bool,
     rope_factors: Option<Vec<f32>>,
 }
 
@@ -172,16 +156,16 @@ impl<'m> GpuSession<'m> {
     /// `HardwareOnly`. Running either session leaves the other's state untouched.
     pub fn sibling(&self, map: &ShareMap, opts: &GpuOptions) -> Result<GpuSession<'m>, GpuError> {
         check_request(self.model, map, opts)?;
-        if opts.policy == AdapterPolicy::HardwareOnly && self.ctx.is_software() {
-            return Err(GpuError::SoftwareOnly(self.ctx.adapter_description()));
+        if opts.policy == AdapterPolicy::HardwareOnly && self.parts.ctx.is_software() {
+            return Err(GpuError::SoftwareOnly(self.parts.ctx.adapter_description()));
         }
         Self::build(
             self.model,
             map,
             opts,
-            self.ctx.clone(),
-            self.weights.clone(),
-            Some(self.kernels.clone()),
+            self.parts.ctx.clone(),
+            self.parts.weights.clone(),
+            Some(self.parts.kernels.clone()),
         )
     }
 
@@ -383,56 +367,34 @@ impl<'m> GpuSession<'m> {
                 .map(|l| map.owns_slot(l).then(|| slot_of[l]))
                 .collect()
         };
-        let parts = ForwardParts {
-            ctx: &ctx,
-            kernels: &kernels,
-            weights: &weights.list,
-            layer_idx: &layer_idx,
-            act: &act,
-            step: &step,
-            slots: &slots,
-            own_slot: &own_slot,
-            token_embd,
-            output_norm,
-            output,
-            max_splits,
-            rounding: opts.ggml_activation_rounding,
-        };
-        let Forward {
-            layers,
-            logits_all,
-            logits_last,
-            argmax,
-        } = ctx.scoped("building the forward pass", || {
-            build_forward(model, map, &parts)
-        })?;
         let kv_bytes = 2 * slots.len() * slot_bytes as usize;
-        Ok(GpuSession {
-            model,
+        let parts = ForwardParts {
             ctx,
             kernels,
-            map: map.clone(),
-            step,
-            act,
             weights,
+            act,
+            step,
             slots,
-            layers,
-            logits_all,
-            logits_last,
-            argmax,
-            staging: staging_buf,
-            hidden_staging,
             layer_idx,
             own_slot,
             token_embd,
             output_norm,
             output,
             max_splits,
+            rounding: opts.ggml_activation_rounding,
+        };
+        let forward = parts.record(model, map)?;
+        Ok(GpuSession {
+            model,
+            parts,
+            map: map.clone(),
+            forward,
+            staging: staging_buf,
+            hidden_staging,
             n_past: 0,
             n_ctx: opts.n_ctx,
             n_batch,
             kv_bytes,
-            ggml_rounding: opts.ggml_activation_rounding,
             rope_factors,
         })
     }
@@ -446,11 +408,11 @@ impl<'m> GpuSession<'m> {
     }
 
     pub fn adapter_description(&self) -> String {
-        self.ctx.adapter_description()
+        self.parts.ctx.adapter_description()
     }
 
     pub fn is_software(&self) -> bool {
-        self.ctx.is_software()
+        self.parts.ctx.is_software()
     }
 
     pub fn n_past(&self) -> usize {
@@ -473,20 +435,21 @@ impl<'m> GpuSession<'m> {
 
     /// KV slots allocated: one per owning layer.
     pub fn n_slots(&self) -> usize {
-        self.slots.len()
+        self.parts.slots.len()
     }
 
     /// Weight tensors on the GPU (a tied output counts once with the embedding).
     pub fn n_weight_buffers(&self) -> usize {
-        self.weights.list.len()
+        self.parts.weights.list.len()
     }
 
     /// How many of this session's weight buffers are also `other`'s: the same GPU
     /// memory, as between a session and its siblings (0 between independent ones).
     pub fn weight_buffers_shared_with(&self, other: &GpuSession<'_>) -> usize {
         let theirs: HashSet<*const GpuWeight> =
-            other.weights.list.iter().map(Arc::as_ptr).collect();
-        self.weights
+            other.parts.weights.list.iter().map(Arc::as_ptr).collect();
+        self.parts
+            .weights
             .list
             .iter()
             .filter(|w| theirs.contains(&Arc::as_ptr(w)))
@@ -495,7 +458,7 @@ impl<'m> GpuSession<'m> {
 
     /// True when both sessions run on one wgpu device (a session and its siblings).
     pub fn shares_device_with(&self, other: &GpuSession<'_>) -> bool {
-        self.ctx.same_device(&other.ctx)
+        self.parts.ctx.same_device(&other.parts.ctx)
     }
 
     pub fn reset(&mut self) {
@@ -515,29 +478,7 @@ impl<'m> GpuSession<'m> {
                 model: self.model.config.n_layers,
             });
         }
-        let parts = ForwardParts {
-            ctx: &self.ctx,
-            kernels: &self.kernels,
-            weights: &self.weights.list,
-            layer_idx: &self.layer_idx,
-            act: &self.act,
-            step: &self.step,
-            slots: &self.slots,
-            own_slot: &self.own_slot,
-            token_embd: self.token_embd,
-            output_norm: self.output_norm,
-            output: self.output,
-            max_splits: self.max_splits,
-            rounding: self.ggml_rounding,
-        };
-        let model = self.model;
-        let forward = self.ctx.scoped("building the forward pass", || {
-            build_forward(model, map, &parts)
-        })?;
-        self.layers = forward.layers;
-        self.logits_all = forward.logits_all;
-        self.logits_last = forward.logits_last;
-        self.argmax = forward.argmax;
+        self.forward = self.parts.record(self.model, map)?;
         self.map = map.clone();
         self.n_past = 0;
         Ok(())
@@ -583,7 +524,7 @@ impl<'m> GpuSession<'m> {
                 continue;
             }
             // The body's last op leaves the output norm's result in `xn`.
-            let ctx = &self.ctx;
+            let ctx = &self.parts.ctx;
             let encoder = ctx
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -593,7 +534,7 @@ impl<'m> GpuSession<'m> {
                 read_back(
                     ctx,
                     encoder,
-                    &self.act.xn,
+                    &self.parts.act.xn,
                     (chunk.len() * n_embd * 4) as u64,
                     &self.hidden_staging,
                 )
@@ -619,6 +560,7 @@ impl<'m> GpuSession<'m> {
             )));
         }
         let slot = self
+            .parts
             .own_slot
             .get(self.map.source(layer))
             .copied()
@@ -627,9 +569,9 @@ impl<'m> GpuSession<'m> {
                 GpuError::BadInput(format!("layer {layer} has no KV slot in this session"))
             })?;
         let bytes = (rows * self.model.config.n_embd_kv() * 2) as u64;
-        let ctx = &self.ctx;
+        let ctx = &self.parts.ctx;
         let staging_buf = staging(ctx, bytes);
-        let (kc, vc) = &self.slots[slot];
+        let (kc, vc) = &self.parts.slots[slot];
         let read = |buf: &wgpu::Buffer| -> Result<Vec<f32>, GpuError> {
             if bytes == 0 {
                 return Ok(Vec::new());
@@ -709,12 +651,15 @@ impl<'m> GpuSession<'m> {
     ) -> Result<Vec<u8>, GpuError> {
         let n = tokens.len() as u32;
         let pos0 = self.n_past as u32;
-        let ctx = &self.ctx;
+        let ctx = &self.parts.ctx;
         let out = ctx.scoped("a forward pass", || {
+            ctx.queue.write_buffer(
+                &self.parts.step,
+                0,
+                bytemuck::cast_slice(&[n, pos0, 0u32, 0u32]),
+            );
             ctx.queue
-                .write_buffer(&self.step, 0, bytemuck::cast_slice(&[n, pos0, 0u32, 0u32]));
-            ctx.queue
-                .write_buffer(&self.act.tokens, 0, bytemuck::cast_slice(tokens));
+                .write_buffer(&self.parts.act.tokens, 0, bytemuck::cast_slice(tokens));
             let c = &self.model.config;
             let table = rope_table(
                 pos0 as usize,
@@ -725,7 +670,7 @@ impl<'m> GpuSession<'m> {
                 self.rope_factors.as_deref(),
             );
             ctx.queue
-                .write_buffer(&self.act.rope, 0, bytemuck::cast_slice(&table));
+                .write_buffer(&self.parts.act.rope, 0, bytemuck::cast_slice(&table));
             let mut encoder = ctx
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -737,12 +682,12 @@ impl<'m> GpuSession<'m> {
                     timestamp_writes: None,
                 });
                 let tail: Vec<&Op> = match logits {
-                    Logits::All => vec![&self.logits_all],
-                    Logits::Last if argmax => vec![&self.logits_last, &self.argmax],
-                    Logits::Last => vec![&self.logits_last],
+                    Logits::All => vec![&self.forward.logits_all],
+                    Logits::Last if argmax => vec![&self.forward.logits_last, &self.forward.argmax],
+                    Logits::Last => vec![&self.forward.logits_last],
                     Logits::None => vec![],
                 };
-                for op in self.layers.iter().chain(tail) {
+                for op in self.forward.layers.iter().chain(tail) {
                     self.record(&mut pass, op, n);
                 }
             }
@@ -751,9 +696,9 @@ impl<'m> GpuSession<'m> {
                 return Ok(Vec::new());
             }
             let src = if argmax {
-                &self.act.argmax
+                &self.parts.act.argmax
             } else {
-                &self.act.logits
+                &self.parts.act.logits
             };
             read_back(ctx, encoder, src, read, &self.staging)
         })?;
@@ -775,7 +720,7 @@ impl<'m> GpuSession<'m> {
                     pass.dispatch_workgroups(x, y, 1);
                 } else {
                     let (x, y) = tiled_grid(rows, n);
-                    pass.set_pipeline(&self.kernels.matmul_for(ty).tiled.pipeline);
+                    pass.set_pipeline(&self.parts.kernels.matmul_for(ty).tiled.pipeline);
                     pass.set_bind_group(0, &op.group, &[]);
                     pass.dispatch_workgroups(x, y, 1);
                 }
@@ -791,14 +736,14 @@ impl<'m> GpuSession<'m> {
                 // for this pass (it splits keys across threads once the padded cache
                 // view reaches 512 cells, and goes tiled f32 from 64 queries).
                 let padded = (self.n_past + 1).next_multiple_of(256).min(self.n_ctx);
-                if n == 1 && (!self.ggml_rounding || padded >= 512) {
+                if n == 1 && (!self.parts.rounding || padded >= 512) {
                     let n_splits = (self.n_past as u32 + 1).div_ceil(SPLIT_LEN);
-                    pass.set_pipeline(&self.kernels.attn_split.pipeline);
+                    pass.set_pipeline(&self.parts.kernels.attn_split.pipeline);
                     pass.dispatch_workgroups(n_head, n_splits, 1);
-                    pass.set_pipeline(&self.kernels.attn_combine.pipeline);
+                    pass.set_pipeline(&self.parts.kernels.attn_combine.pipeline);
                     pass.dispatch_workgroups(n_head, 1, 1);
-                } else if self.ggml_rounding && n < 64 {
-                    pass.set_pipeline(&self.kernels.attn_f16_serial.pipeline);
+                } else if self.parts.rounding && n < 64 {
+                    pass.set_pipeline(&self.parts.kernels.attn_f16_serial.pipeline);
                     pass.dispatch_workgroups(n_head, n, 1);
                 } else {
                     pass.set_pipeline(&op.pipeline);
@@ -835,23 +780,35 @@ fn check_request(model: &Model, map: &ShareMap, opts: &GpuOptions) -> Result<(),
     Ok(())
 }
 
-/// What `build_forward` binds: the session's buffers, kernels and weights.
-struct ForwardParts<'a> {
-    ctx: &'a GpuContext,
-    kernels: &'a Kernels,
-    weights: &'a [Arc<GpuWeight>],
-    layer_idx: &'a [LayerIdx],
-    act: &'a Activations,
-    step: &'a wgpu::Buffer,
-    slots: &'a [(wgpu::Buffer, wgpu::Buffer)],
+/// What a recorded forward pass binds, whatever the map: the session's device,
+/// kernels, weights (with where each layer's tensors are among them) and buffers.
+struct ForwardParts {
+    ctx: GpuContext,
+    kernels: Kernels,
+    /// Shared with sibling sessions (see `GpuSession::sibling`).
+    weights: WeightSet,
+    act: Activations,
+    step: wgpu::Buffer,
+    /// (K, V) of each owning layer, in layer order.
+    slots: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    layer_idx: Vec<LayerIdx>,
     /// Slot index of every layer's own slot (`None`: the session has no slot and no
     /// K/V weights for it).
-    own_slot: &'a [Option<usize>],
+    own_slot: Vec<Option<usize>>,
     token_embd: usize,
     output_norm: usize,
     output: usize,
     max_splits: usize,
     rounding: bool,
+}
+
+impl ForwardParts {
+    /// Records `map`'s forward pass over these parts.
+    fn record(&self, model: &Model, map: &ShareMap) -> Result<Forward, GpuError> {
+        self.ctx.scoped("building the forward pass", || {
+            build_forward(model, map, self)
+        })
+    }
 }
 
 /// The recorded forward pass for one sharing map.
@@ -865,11 +822,7 @@ struct Forward {
 /// Builds every op of `map`'s forward pass; bind groups tie them to their buffers
 /// until the map changes. Every layer that owns its cache in `map` must have a slot
 /// and K/V weights in `parts`.
-fn build_forward(
-    model: &Model,
-    map: &ShareMap,
-    parts: &ForwardParts<'_>,
-) -> Result<Forward, GpuError> {
+fn build_forward(model: &Model, map: &ShareMap, parts: &ForwardParts) -> Result<Forward, GpuError> {
     let ForwardParts {
         ctx,
         kernels,
@@ -879,12 +832,11 @@ fn build_forward(
         step,
         slots,
         own_slot,
-        token_embd,
-        output_norm,
-        output,
-        max_splits,
-        rounding,
-    } = *parts;
+        ..
+    } = parts;
+    let weights = &weights.list;
+    let (token_embd, output_norm, output) = (parts.token_embd, parts.output_norm, parts.output);
+    let (max_splits, rounding) = (parts.max_splits, parts.rounding);
     let c = &model.config;
     let (e, kv, ff) = (c.n_embd, c.n_embd_kv(), c.n_ff);
     let n_vocab = c.n_vocab;
