@@ -96,17 +96,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let gen_tokens = random_tokens(a.n_gen);
 
     let mut session = Runner::new(a.model.backend, &loaded.model, &map, &opts)?;
-    let llama_on_gpu = a.llama_ngl > 0 && oracle::supports_gpu_offload();
     if !a.no_llama_cpp {
-        if a.llama_ngl > 0 && !llama_on_gpu {
-            eprintln!("note: this build's llama.cpp has no GPU backend, so --llama-ngl is ignored and llama.cpp runs on the CPU (rebuild with --features cuda or vulkan)");
-        } else if !llama_on_gpu && session.on_gpu() {
-            eprintln!("note: llama.cpp's side of this comparison runs on the CPU (--llama-ngl 99 offloads it, in a build with --features cuda or vulkan)");
-        } else if llama_on_gpu {
-            eprintln!(
-                "llama.cpp: {} layers offloaded to its GPU backend",
-                a.llama_ngl
-            );
+        let rebuild = "in a build with --features cuda or vulkan";
+        match (a.llama_ngl, oracle::supports_gpu_offload()) {
+            (0, _) if session.on_gpu() => eprintln!("note: llama.cpp's side of this comparison runs on the CPU (--llama-ngl 99 offloads it, {rebuild})"),
+            (0, _) => {}
+            (_, false) => eprintln!("note: this build's llama.cpp has no GPU backend, so --llama-ngl is ignored and llama.cpp runs on the CPU (it works {rebuild})"),
+            (n, true) => eprintln!("llama.cpp: {n} layers offloaded to its GPU backend"),
         }
     }
     let llama = if a.no_llama_cpp {
