@@ -12,35 +12,8 @@
 //! one at a time, so memory holds the logits of one chunk per session, never more
 //! (49152 x 512 x 4 bytes = 100 MB for the default model at `-c 512`).
 
-use crate::backend::graph::Logits;
-use crate::generate::TokenEval;
-use crate::session::Session;
+use crate::runtime::{Logits, RunState, RuntimeError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
-
-/// What the measurements need from a run state beyond the token loop's needs: the
-/// CPU [`Session`], the GPU session, or the CLI's choice between them.
-pub trait ChunkEval: TokenEval {
-    /// Empties the KV cache (every chunk starts from nothing).
-    fn reset(&mut self);
-    fn n_vocab(&self) -> usize;
-    /// Bytes of KV storage the run state allocated.
-    fn kv_bytes(&self) -> usize;
-}
-
-impl ChunkEval for Session<'_> {
-    fn reset(&mut self) {
-        Session::reset(self)
-    }
-    fn n_vocab(&self) -> usize {
-        self.model().config.n_vocab
-    }
-    fn kv_bytes(&self) -> usize {
-        Session::kv_bytes(self)
-    }
-}
-
-/// A run state's error, boxed so that every backend's fits [`EvalError::Session`].
-pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -69,7 +42,7 @@ pub enum EvalError {
     Session {
         chunk: usize,
         #[source]
-        source: BackendError,
+        source: RuntimeError,
     },
     #[error("chunk {chunk}: the model returned {found} logits, expected {expected} ({rows} rows of {n_vocab})")]
     LogitsShape {
@@ -361,17 +334,13 @@ pub struct PerplexityReport {
 
 /// Evaluates chunk `chunk` on `session` from an empty cache and returns the logits
 /// of the scored positions, row-major `[scored_per_chunk][n_vocab]`.
-fn scored_logits<S>(
-    session: &mut S,
+fn scored_logits(
+    session: &mut dyn RunState<'_>,
     plan: &ChunkPlan,
     tokens: &[u32],
     chunk: usize,
-) -> Result<Vec<f32>, EvalError>
-where
-    S: ChunkEval,
-    S::Error: Into<BackendError>,
-{
-    let n_vocab = session.n_vocab();
+) -> Result<Vec<f32>, EvalError> {
+    let n_vocab = session.model().config.n_vocab;
     let input = plan.input(tokens, chunk);
     session.reset();
     // The whole chunk goes in one call, logits for every token, as llama-perplexity
@@ -383,7 +352,7 @@ where
         .eval(&input, Logits::All)
         .map_err(|e| EvalError::Session {
             chunk: chunk + 1,
-            source: e.into(),
+            source: e,
         })?;
     let rows = plan.scored_per_chunk();
     if logits.len() != plan.n_ctx * n_vocab || n_vocab == 0 {
@@ -402,7 +371,7 @@ where
     Ok(logits)
 }
 
-fn check_session<S: ChunkEval>(session: &S, n_ctx: usize) -> Result<(), EvalError> {
+fn check_session(session: &dyn RunState<'_>, n_ctx: usize) -> Result<(), EvalError> {
     // A windowed session evicts as it goes, so any chunk length fits it.
     if !session.evicts() && session.n_ctx() < n_ctx {
         return Err(EvalError::SessionTooSmall {
@@ -415,20 +384,16 @@ fn check_session<S: ChunkEval>(session: &S, n_ctx: usize) -> Result<(), EvalErro
 
 /// llama-perplexity's perplexity of `session`'s model on `tokens` (tokenized with
 /// [`tokenize_text`]). The session's cache is reset for every chunk.
-pub fn perplexity<S>(
-    session: &mut S,
+pub fn perplexity(
+    session: &mut dyn RunState<'_>,
     tokenizer: &Tokenizer,
     tokens: &[u32],
     opts: &PerplexityOptions,
     mut progress: impl FnMut(&PerplexityProgress),
-) -> Result<PerplexityReport, EvalError>
-where
-    S: ChunkEval,
-    S::Error: Into<BackendError>,
-{
+) -> Result<PerplexityReport, EvalError> {
     let plan = ChunkPlan::new(tokens.len(), opts, tokenizer)?;
     check_session(session, plan.n_ctx)?;
-    let n_vocab = session.n_vocab();
+    let n_vocab = session.model().config.n_vocab;
     let mut nll = NllSums::default();
     let mut running_ppl = Vec::with_capacity(plan.n_chunks);
     for chunk in 0..plan.n_chunks {
@@ -764,25 +729,19 @@ pub struct ComparisonReport {
 /// Runs `base` and `test` over the same chunks (both reset for every chunk) and
 /// compares their next-token distributions at every scored position. Only one
 /// chunk's scored logits per session are held at a time.
-pub fn compare<B, T>(
-    base: &mut B,
-    test: &mut T,
+pub fn compare(
+    base: &mut dyn RunState<'_>,
+    test: &mut dyn RunState<'_>,
     tokenizer: &Tokenizer,
     tokens: &[u32],
     opts: &PerplexityOptions,
     mut progress: impl FnMut(&ComparisonProgress),
-) -> Result<ComparisonReport, EvalError>
-where
-    B: ChunkEval,
-    T: ChunkEval,
-    B::Error: Into<BackendError>,
-    T::Error: Into<BackendError>,
-{
+) -> Result<ComparisonReport, EvalError> {
     let plan = ChunkPlan::new(tokens.len(), opts, tokenizer)?;
     check_session(base, plan.n_ctx)?;
     check_session(test, plan.n_ctx)?;
-    let n_vocab = base.n_vocab();
-    let test_vocab = test.n_vocab();
+    let n_vocab = base.model().config.n_vocab;
+    let test_vocab = test.model().config.n_vocab;
     if n_vocab != test_vocab {
         return Err(EvalError::VocabMismatch {
             base: n_vocab,

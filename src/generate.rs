@@ -5,9 +5,8 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use crate::backend::graph::Logits;
+use crate::runtime::{Logits, RunState, RuntimeError};
 use crate::sample::Sampler;
-use crate::session::{Session, SessionError};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,48 +62,18 @@ pub struct GenerateOptions {
     pub ignore_eos: bool,
 }
 
-/// What the token loop needs from a run state: the CPU `Session`, the GPU session,
-/// or the CLI's choice between them.
-pub trait TokenEval {
-    type Error;
-    fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, Self::Error>;
-    fn n_past(&self) -> usize;
-    fn n_ctx(&self) -> usize;
-    /// True when the cache evicts old tokens itself (a KV window), so a full
-    /// context never stops generation.
-    fn evicts(&self) -> bool {
-        false
-    }
-}
-
-impl TokenEval for Session<'_> {
-    type Error = SessionError;
-    fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, SessionError> {
-        Session::eval(self, tokens, logits)
-    }
-    fn n_past(&self) -> usize {
-        Session::n_past(self)
-    }
-    fn n_ctx(&self) -> usize {
-        Session::n_ctx(self)
-    }
-    fn evicts(&self) -> bool {
-        self.window().is_some()
-    }
-}
-
 /// Appends `prompt` to the session (after what it already holds) and generates.
 /// `history` is the token history the repetition penalty looks at; it is extended
 /// with the prompt and every sampled token. `on_text` receives complete UTF-8 text.
-pub fn generate<S: TokenEval>(
-    session: &mut S,
+pub fn generate<'m>(
+    session: &mut dyn RunState<'m>,
     tokenizer: &Tokenizer,
     sampler: &mut Sampler,
     prompt: &[u32],
     history: &mut Vec<u32>,
     opts: &GenerateOptions,
     mut on_text: impl FnMut(&str) -> ControlFlow<()>,
-) -> Result<GenerationStats, S::Error> {
+) -> Result<GenerationStats, RuntimeError> {
     let t0 = Instant::now();
     let mut logits = session.eval(prompt, Logits::Last)?;
     let prompt_time = t0.elapsed();

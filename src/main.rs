@@ -11,6 +11,9 @@ fn main() -> std::process::ExitCode {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
+            if let Some(hint) = cli::hint(&e) {
+                eprintln!("  hint: {hint}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -4,10 +4,11 @@ mod support;
 
 use std::collections::BTreeSet;
 
-use kvsharer::backend::graph::Logits;
+use kvsharer::backend::ggml::Session;
 use kvsharer::gguf::GgufFile;
 use kvsharer::loader;
-use kvsharer::session::{Session, SessionOptions};
+use kvsharer::runtime::RunOptions;
+use kvsharer::runtime::{Logits, RunState};
 use kvsharer::share::calibrate::{self, CalibrationOptions, Corpus, PairOrder};
 use kvsharer::share::{report, ShareMap};
 use sha2::{Digest, Sha256};
@@ -261,7 +262,7 @@ fn identity_map_gives_bit_identical_logits_to_no_map() {
     let stored = loader::load(&out).unwrap();
     let map = stored.model.stored_map.clone().expect("map stored");
     assert!(map.is_identity());
-    let opts = SessionOptions {
+    let opts = RunOptions {
         n_ctx: 64,
         n_threads: 2,
         ..Default::default()
@@ -338,11 +339,11 @@ fn report_json_round_trips_the_map_and_the_svg_marks_pairs() {
 
 #[test]
 fn a_run_started_mid_network_equals_a_full_run() {
-    use kvsharer::backend::graph::ForwardRequest;
+    use kvsharer::runtime::{ForwardRequest, PackedBatch};
     let dir = tempfile::tempdir().unwrap();
     let loaded = loader::load(&planted_model(dir.path())).unwrap();
     let set = calibrate::prepare(&loaded.tokenizer, &Corpus::default_corpus(), 4, 16).unwrap();
-    let opts = SessionOptions {
+    let opts = RunOptions {
         n_ctx: set.tokens.len(),
         n_threads: 2,
         ..Default::default()
@@ -359,7 +360,14 @@ fn a_run_started_mid_network_equals_a_full_run() {
     // Same map, restarted at layer 3 from the captured stream: identical output.
     let (layer, input) = &base.layer_inputs[3];
     let again = s
-        .eval_packed_from(&set.tokens, set.seq_len, Some((*layer, input)), req)
+        .forward_packed(
+            PackedBatch {
+                tokens: &set.tokens,
+                seq_len: set.seq_len,
+                start: Some((*layer, input)),
+            },
+            req,
+        )
         .unwrap();
     assert_eq!(again.hidden, base.hidden);
     // A candidate sharing 3 <- 1: layers below 3 are unchanged, so restarting at 3
@@ -374,7 +382,14 @@ fn a_run_started_mid_network_equals_a_full_run() {
     let mut partial = Session::new(&loaded.model, &cand, &opts).unwrap();
     partial.eval_packed(&set.tokens, set.seq_len, req).unwrap();
     let got = partial
-        .eval_packed_from(&set.tokens, set.seq_len, Some((3, input)), req)
+        .forward_packed(
+            PackedBatch {
+                tokens: &set.tokens,
+                seq_len: set.seq_len,
+                start: Some((3, input)),
+            },
+            req,
+        )
         .unwrap()
         .hidden
         .unwrap();

@@ -6,11 +6,12 @@
 
 mod support;
 
-use kvsharer::backend::graph::Logits;
+use kvsharer::backend::ggml::kv::KvPart;
+use kvsharer::backend::ggml::Session;
 use kvsharer::gguf::GgmlType;
-use kvsharer::kv::KvPart;
 use kvsharer::loader;
-use kvsharer::session::{Session, SessionOptions};
+use kvsharer::runtime::RunOptions;
+use kvsharer::runtime::{Logits, RunState};
 use kvsharer::share::ShareMap;
 
 const KEEP: usize = 4;
@@ -36,7 +37,7 @@ fn shift_moves_values_and_rerotates_keys_in_every_slot() {
         ShareMap::new(vec![0, 1, 0, 1]).unwrap(),
     ] {
         for ty in [GgmlType::F16, GgmlType::Q8_0] {
-            let opts = SessionOptions {
+            let opts = RunOptions {
                 n_ctx: 64,
                 n_threads: 2,
                 type_k: ty,
@@ -100,7 +101,7 @@ fn first_layer_keys_after_a_shift_equal_a_fresh_evaluation() {
     let path = kvsharer::fetch::model_for_tests();
     let loaded = loader::load(&path).unwrap();
     let map = ShareMap::identity(loaded.model.config.n_layers);
-    let opts = SessionOptions {
+    let opts = RunOptions {
         n_ctx: 64,
         n_threads: 2,
         ..Default::default()

@@ -12,10 +12,11 @@
 
 mod support;
 
-use kvsharer::backend::graph::Logits;
+use kvsharer::backend::ggml::Session;
 use kvsharer::gguf::GgmlType;
 use kvsharer::loader;
-use kvsharer::session::{Session, SessionOptions};
+use kvsharer::runtime::RunOptions;
+use kvsharer::runtime::{Logits, RunState};
 use kvsharer::share::ShareMap;
 use support::{max_abs_diff, reference_forward_with, write_tiny_model, RefPrecision, TinySpec};
 
@@ -32,7 +33,7 @@ fn check(ty: GgmlType, map_sources: Vec<usize>, tol: f32) -> (f32, f32) {
     let tokens: Vec<u32> = (0..24u32)
         .map(|i| (i * 7 + 3) % spec.n_vocab as u32)
         .collect();
-    let opts = SessionOptions {
+    let opts = RunOptions {
         n_ctx: 64,
         n_batch: 512,
         n_threads: 2,
@@ -121,7 +122,7 @@ fn kv_bytes_are_exactly_the_owned_fraction() {
     let path = dir.path().join("tiny.gguf");
     write_tiny_model(&spec, &path);
     let loaded = loader::load(&path).unwrap();
-    let opts = SessionOptions {
+    let opts = RunOptions {
         n_ctx: 128,
         n_threads: 1,
         ..Default::default()

@@ -9,11 +9,12 @@
 
 mod support;
 
+use kvsharer::backend::ggml::session::{Session, SessionError};
 use kvsharer::backend::ggml::{DeviceKind, GgmlBackend, GgmlError};
-use kvsharer::backend::graph::Logits;
 use kvsharer::loader;
 use kvsharer::model::{Model, PlacedWeights};
-use kvsharer::session::{Session, SessionError, SessionOptions};
+use kvsharer::runtime::RunOptions;
+use kvsharer::runtime::{Logits, RunState};
 use kvsharer::share::ShareMap;
 use support::{compare_logits, dequantized_copy, say, write_tiny_model, TinySpec};
 
@@ -35,7 +36,7 @@ fn cpu_sessions_read_the_mapped_weights_and_missing_backends_name_their_feature(
         model.w(embd).read_bytes(0, 64)
     );
     let map = ShareMap::identity(model.config.n_layers);
-    let opts = SessionOptions {
+    let opts = RunOptions {
         n_ctx: 32,
         n_threads: 1,
         ..Default::default()
@@ -80,8 +81,8 @@ fn logits(s: &mut Session<'_>, toks: &[u32]) -> Vec<f32> {
     out
 }
 
-fn options(n_batch: usize) -> SessionOptions {
-    SessionOptions {
+fn options(n_batch: usize) -> RunOptions {
+    RunOptions {
         n_ctx: 128,
         n_batch,
         n_threads: 2,

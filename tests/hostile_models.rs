@@ -8,10 +8,11 @@ mod support;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
-use kvsharer::backend::graph::Logits;
+use kvsharer::backend::ggml::Session;
 use kvsharer::gguf::{Array, GgufFile, Value};
 use kvsharer::loader;
-use kvsharer::session::{Session, SessionOptions};
+use kvsharer::runtime::RunOptions;
+use kvsharer::runtime::{Logits, RunState};
 use kvsharer::share::ShareMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -23,7 +24,7 @@ fn load_and_run(path: &std::path::Path) -> Result<(), String> {
         .stored_map
         .clone()
         .unwrap_or_else(|| ShareMap::identity(loaded.model.config.n_layers));
-    let opts = SessionOptions {
+    let opts = RunOptions {
         n_ctx: 16,
         n_threads: 1,
         ..Default::default()

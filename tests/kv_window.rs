@@ -3,10 +3,11 @@
 
 mod support;
 
-use kvsharer::backend::graph::Logits;
-use kvsharer::kv::KvPart;
+use kvsharer::backend::ggml::kv::KvPart;
+use kvsharer::backend::ggml::Session;
 use kvsharer::loader;
-use kvsharer::session::{KvWindow, Session, SessionOptions};
+use kvsharer::runtime::{KvWindow, RunOptions};
+use kvsharer::runtime::{Logits, RunState};
 use kvsharer::share::ShareMap;
 
 fn tiny() -> (tempfile::TempDir, std::path::PathBuf) {
@@ -30,7 +31,7 @@ fn window_keeps_exactly_sink_plus_recent_and_the_right_tokens() {
         sink: 4,
         recent: 16,
     };
-    let opts = SessionOptions {
+    let opts = RunOptions {
         n_ctx: 4096,
         n_threads: 1,
         window: Some(w),
@@ -48,7 +49,7 @@ fn window_keeps_exactly_sink_plus_recent_and_the_right_tokens() {
     let mut fresh = Session::new(
         &loaded.model,
         &map,
-        &SessionOptions {
+        &RunOptions {
             n_ctx: 64,
             n_threads: 1,
             ..Default::default()
@@ -73,7 +74,7 @@ fn ten_thousand_token_generation_never_grows_memory() {
         sink: 4,
         recent: 60,
     };
-    let opts = SessionOptions {
+    let opts = RunOptions {
         n_ctx: 64,
         n_threads: 1,
         window: Some(w),

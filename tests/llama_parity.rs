@@ -7,11 +7,12 @@
 //! followed by token-by-token decoding — kvsharer builds the same ggml graph as
 //! llama.cpp, op for op. The asserted bound is the 0.05.
 
-use kvsharer::backend::graph::Logits;
+use kvsharer::backend::ggml::Session;
 use kvsharer::loader;
 use kvsharer::oracle::{ContextOptions, LlamaCppModel};
+use kvsharer::runtime::RunOptions;
+use kvsharer::runtime::{Logits, RunState};
 use kvsharer::sample::argmax;
-use kvsharer::session::{Session, SessionOptions};
 use kvsharer::share::ShareMap;
 
 const TOLERANCE: f32 = 0.05;
@@ -66,7 +67,7 @@ fn logits_match_llama_cpp_whole_prompt() {
         toks[..]
     );
     let map = ShareMap::identity(loaded.model.config.n_layers);
-    let opts = SessionOptions {
+    let opts = RunOptions {
         n_ctx: 256,
         n_threads: 2,
         ..Default::default()
@@ -105,7 +106,7 @@ fn logits_match_llama_cpp_chunked_then_token_by_token() {
     let loaded = loader::load(&path).unwrap();
     let map = ShareMap::identity(loaded.model.config.n_layers);
     // Prefill of 96 tokens in chunks of 40 (three graphs), then 32 single tokens.
-    let opts = SessionOptions {
+    let opts = RunOptions {
         n_ctx: 256,
         n_batch: 40,
         n_threads: 2,

@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use kvsharer::backend::ggml::Session;
 use kvsharer::eval::{self, PerplexityOptions};
 use kvsharer::gguf::{write_with_metadata, Array, Value};
 use kvsharer::loader::{self, LoadedModel};
 use kvsharer::oracle::{ContextOptions, LlamaCppModel};
-use kvsharer::session::{Session, SessionOptions};
+use kvsharer::runtime::RunOptions;
 use kvsharer::share::ShareMap;
 
 const N_CTX: usize = 128;
@@ -44,11 +45,11 @@ fn sample_text() -> String {
     text
 }
 
-fn session_options() -> SessionOptions {
-    SessionOptions {
+fn session_options() -> RunOptions {
+    RunOptions {
         n_ctx: N_CTX,
         n_threads: 2,
-        ..SessionOptions::default()
+        ..RunOptions::default()
     }
 }
 

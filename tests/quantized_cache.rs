@@ -1,18 +1,19 @@
 //! Quantized KV caches (q8_0, q4_0) against the plain f32 reference, token by token.
 //!
 //! Decoding one token over a q8_0/q4_0 cache runs kvsharer's own grouped attention
-//! kernel (`backend::decode_attention`) where the CPU has AVX2; a batch of tokens
+//! kernel (`backend::ggml::decode_attention`) where the CPU has AVX2; a batch of tokens
 //! runs ggml's flash attention. Both read the same quantized cells, so the two
 //! paths must agree closely with each other, and both must stay near the f32
 //! reference (which never rounds K or V) within the cache type's rounding.
 
 mod support;
 
-use kvsharer::backend::decode_attention;
-use kvsharer::backend::graph::Logits;
+use kvsharer::backend::ggml::decode_attention;
+use kvsharer::backend::ggml::Session;
 use kvsharer::gguf::GgmlType;
 use kvsharer::loader;
-use kvsharer::session::{Session, SessionOptions};
+use kvsharer::runtime::RunOptions;
+use kvsharer::runtime::{Logits, RunState};
 use kvsharer::share::ShareMap;
 use support::{max_abs_diff, reference_forward, write_tiny_model, TinySpec};
 
@@ -65,7 +66,7 @@ fn quantized_cache_decoding_matches_the_f32_reference_and_ggml_batches() {
             ShareMap::identity(4),
             ShareMap::new(vec![0, 1, 0, 1]).unwrap(),
         ] {
-            let opts = SessionOptions {
+            let opts = RunOptions {
                 n_ctx: 64,
                 n_threads: 2,
                 type_k: ty,

@@ -10,10 +10,9 @@ use std::process::Command;
 use kvsharer::gguf::GgufFile;
 use kvsharer::loader::{self, LoadedModel};
 use kvsharer::share::calibrate::{self, CalibrationOptions, CalibrationSet, Corpus, PairOrder};
+use kvsharer::share::evaluator::Evaluator;
 use kvsharer::share::report;
-use kvsharer::share::search::{
-    self, KlReference, MapRun, Objective, PrefixEvaluator, Strategy, StrategyOptions,
-};
+use kvsharer::share::search::{self, KlReference, MapRun, Objective, Strategy, StrategyOptions};
 use kvsharer::share::ShareMap;
 use support::{max_abs_diff, random_weights, write_planted_model, write_weights, TinySpec};
 
@@ -134,19 +133,20 @@ fn prefix_candidate_runs_equal_full_runs_in_any_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let loaded = loader::load(&plain_model(dir.path())).unwrap();
     let set = set(&loaded);
-    let eval = PrefixEvaluator::new(&loaded.model, &set, 2, true);
+    let mut eval = Evaluator::cpu(&loaded.model, &set, 2, true).unwrap();
     let n_vocab = loaded.model.config.n_vocab;
-    let (base, _) = eval.full(&ShareMap::identity(N_LAYERS)).unwrap();
+    let base = eval.full(&ShareMap::identity(N_LAYERS)).unwrap();
     let reference = KlReference::new(&base.logits, n_vocab);
+    let per_text = set.seq_len * loaded.model.config.n_embd;
     let objectives = |run: &MapRun| {
         (
-            eval.mean_cosine(&base.hidden, &run.hidden),
+            calibrate::mean_text_cosine(&base.hidden, &run.hidden, per_text),
             reference.mean_kld(&run.logits, 2),
         )
     };
     // The current map already shares 4 <- 2, so candidates exercise chain
     // resolution (sharing 2 moves its reader 4) and starts below the changed layer.
-    let (current, _) = eval
+    let current = eval
         .full(&ShareMap::identity(N_LAYERS).with_shared(4, 2).unwrap())
         .unwrap();
     // Increasing, decreasing and repeated layers, with near and far sources: with a
@@ -167,7 +167,7 @@ fn prefix_candidate_runs_equal_full_runs_in_any_sequence() {
         let got = eval.candidate(&current, i, j).unwrap();
         let want_map = current.map.with_shared(i, j).unwrap();
         assert_eq!(got.map, want_map);
-        let (want, _) = eval.full(&want_map).unwrap();
+        let want = eval.full(&want_map).unwrap();
         if got.start > 0 {
             mid_network += 1;
         }
@@ -202,7 +202,7 @@ fn prefix_candidate_runs_equal_full_runs_in_any_sequence() {
     // A candidate of an accepted candidate (the next greedy step) as well.
     let accepted = eval.candidate(&current, 5, 4).unwrap();
     let next = eval.candidate(&accepted, 3, 2).unwrap();
-    let (want, _) = eval.full(&next.map).unwrap();
+    let want = eval.full(&next.map).unwrap();
     assert!(next.start > 0);
     let (gc, gk) = objectives(&next);
     let (wc, wk) = objectives(&want);
@@ -214,9 +214,9 @@ fn kl_divergence_of_identical_runs_is_zero() {
     let dir = tempfile::tempdir().unwrap();
     let loaded = loader::load(&plain_model(dir.path())).unwrap();
     let set = set(&loaded);
-    let eval = PrefixEvaluator::new(&loaded.model, &set, 2, true);
-    let (a, _) = eval.full(&ShareMap::identity(N_LAYERS)).unwrap();
-    let (b, _) = eval.full(&ShareMap::identity(N_LAYERS)).unwrap();
+    let mut eval = Evaluator::cpu(&loaded.model, &set, 2, true).unwrap();
+    let a = eval.full(&ShareMap::identity(N_LAYERS)).unwrap();
+    let b = eval.full(&ShareMap::identity(N_LAYERS)).unwrap();
     let reference = KlReference::new(&a.logits, loaded.model.config.n_vocab);
     assert_eq!(reference.rows(), set.tokens.len());
     for k in reference.row_klds(&b.logits, 2) {
@@ -568,13 +568,13 @@ fn timing_breakdown_on_the_default_model() {
     let loaded = loader::load(&support::default_model_path()).unwrap();
     let set = calibrate::prepare(&loaded.tokenizer, &Corpus::default_corpus(), 30, 64).unwrap();
     let n = loaded.model.config.n_layers;
-    let with_logits = PrefixEvaluator::new(&loaded.model, &set, 2, true);
-    let without = PrefixEvaluator::new(&loaded.model, &set, 2, false);
+    let mut with_logits = Evaluator::cpu(&loaded.model, &set, 2, true).unwrap();
+    let mut without = Evaluator::cpu(&loaded.model, &set, 2, false).unwrap();
     let t = Instant::now();
-    let (base, _) = with_logits.full(&ShareMap::identity(n)).unwrap();
+    let base = with_logits.full(&ShareMap::identity(n)).unwrap();
     eprintln!("full run with logits: {:.2} s", t.elapsed().as_secs_f64());
     let t = Instant::now();
-    let (_, _) = without.full(&ShareMap::identity(n)).unwrap();
+    let _ = without.full(&ShareMap::identity(n)).unwrap();
     eprintln!(
         "full run without logits: {:.2} s",
         t.elapsed().as_secs_f64()

@@ -19,16 +19,17 @@
 
 mod support;
 
+use kvsharer::backend::ggml::Session;
 use kvsharer::backend::ggml::{dequantize, quantize};
-use kvsharer::backend::graph::Logits;
 use kvsharer::backend::wgpu::{
     AttentionPath, GpuError, GpuOptions, GpuSession, KernelHarness, GPU_WEIGHT_TYPES,
 };
 use kvsharer::gguf::GgmlType;
 use kvsharer::loader;
 use kvsharer::model::Model;
+use kvsharer::runtime::RunOptions;
+use kvsharer::runtime::{Logits, RunState};
 use kvsharer::sample::argmax;
-use kvsharer::session::{Session, SessionOptions};
 use kvsharer::share::ShareMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -483,7 +484,7 @@ fn tiny_models_match_f32_reference_for_every_gpu_weight_type() {
         };
         let ours = run_gpu(false);
         let ours_rounded = run_gpu(true);
-        let cpu_opts = SessionOptions {
+        let cpu_opts = RunOptions {
             n_ctx: 64,
             n_threads: 2,
             ..Default::default()
@@ -606,7 +607,7 @@ fn gpu_logits<'m>(
 
 /// ggml's CPU backend fed the same way, prefill in batches of `n_batch`.
 fn cpu_logits(model: &Model, map: &ShareMap, toks: &[u32], n_batch: usize) -> Vec<f32> {
-    let opts = SessionOptions {
+    let opts = RunOptions {
         n_ctx: 128,
         n_threads: 2,
         n_batch,
@@ -718,12 +719,7 @@ fn whole_model_vs_dequantized(test: &str, map: impl Fn(usize) -> ShareMap) {
     let f32_path = dir.path().join("f32.gguf");
     dequantized_copy(&path, &f32_path);
     let f32_model = loader::load(&f32_path).unwrap();
-    let theirs = cpu_logits(
-        &f32_model.model,
-        &map,
-        &toks,
-        SessionOptions::default().n_batch,
-    );
+    let theirs = cpu_logits(&f32_model.model, &map, &toks, RunOptions::default().n_batch);
     let n_vocab = model.config.n_vocab;
     assert_eq!(ours.len(), theirs.len());
     let (max, mean, mismatches) = compare_logits(&ours, &theirs, n_vocab);

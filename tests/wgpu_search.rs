@@ -1,4 +1,4 @@
-//! The sharing search on the wgpu backend (`backend::wgpu::GpuEvaluator`) against
+//! The sharing search on the wgpu backend (`share::evaluator::Evaluator` on a wgpu run state) against
 //! the same search on the CPU (`share::search::run`, ggml), on tiny planted models:
 //! same distance scores, same pairs tried, same map, and objective values that agree
 //! within the stated tolerances. Plus `calibrate`/`share --backend wgpu|auto` end to
@@ -15,10 +15,12 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kvsharer::backend::wgpu::{AdapterPolicy, GpuError, GpuEvaluator};
+use kvsharer::backend::wgpu::GpuError;
 use kvsharer::gguf::GgufFile;
 use kvsharer::loader::{self, LoadedModel};
+use kvsharer::runtime::BackendChoice;
 use kvsharer::share::calibrate::{self, CalibrationOptions, Corpus, PairOrder, SearchResult};
+use kvsharer::share::evaluator::Evaluator;
 use kvsharer::share::report;
 use kvsharer::share::search::{self, Objective, Strategy, StrategyOptions};
 use kvsharer::share::ShareMap;
@@ -72,9 +74,10 @@ fn gpu_search(
 ) -> Option<SearchResult> {
     let corpus = Corpus::default_corpus();
     let set = calibrate::prepare(&loaded.tokenizer, &corpus, opts.samples, opts.tokens).unwrap();
-    let mut eval = match GpuEvaluator::new(&loaded.model, &set, AdapterPolicy::Any) {
-        Ok(e) => e,
-        Err(GpuError::NoAdapter) => {
+    let opened = Evaluator::open(BackendChoice::Wgpu, &loaded.model, &set, 2, false);
+    let mut eval = match opened {
+        Ok((e, _)) => e,
+        Err(e) if e.to_string() == GpuError::NoAdapter.to_string() => {
             say(&format!(
                 "{test}: SKIPPED: no wgpu adapter on this machine ({})",
                 GpuError::NoAdapter
@@ -83,7 +86,7 @@ fn gpu_search(
         }
         Err(e) => panic!("{test}: the wgpu backend failed to start: {e}"),
     };
-    say(&format!("{test}: adapter {}", eval.adapter_description()));
+    say(&format!("{test}: {}", eval.describe()));
     Some(search::run_with(&mut eval, &set, &corpus, opts, strat, |_| {}).unwrap())
 }
 
@@ -360,8 +363,8 @@ fn calibrate_and_share_run_the_search_on_wgpu() {
 /// do is refused with a clear error.
 #[test]
 fn set_map_equals_a_fresh_session_and_refuses_missing_slots() {
-    use kvsharer::backend::graph::Logits;
     use kvsharer::backend::wgpu::{GpuOptions, GpuSession};
+    use kvsharer::runtime::{Logits, RunState};
     let test = "set_map_equals_a_fresh_session_and_refuses_missing_slots";
     let dir = tempfile::tempdir().unwrap();
     let loaded = loader::load(&planted_model(dir.path())).unwrap();
@@ -402,13 +405,13 @@ fn set_map_equals_a_fresh_session_and_refuses_missing_slots() {
     // K/V of layer 2 under `shared` is layer 1's slot.
     s.set_map(&shared).unwrap();
     s.eval(&tokens, Logits::None).unwrap();
-    let (k1, v1) = s.read_kv(1, tokens.len()).unwrap();
-    let (k2, v2) = s.read_kv(2, tokens.len()).unwrap();
+    let (k1, v1) = s.read_kv(1, 0..tokens.len()).unwrap();
+    let (k2, v2) = s.read_kv(2, 0..tokens.len()).unwrap();
     assert_eq!((&k1, &v1), (&k2, &v2));
     assert_eq!(k1.len(), tokens.len() * model.config.n_embd_kv());
     assert!(k1.iter().any(|&x| x != 0.0));
     for (layer, rows) in [(N_LAYERS, 1), (0, tokens.len() + 1)] {
-        let e = s.read_kv(layer, rows).unwrap_err().to_string();
+        let e = s.read_kv(layer, 0..rows).unwrap_err().to_string();
         assert!(e.contains("layer") || e.contains("cells"), "{e}");
     }
 

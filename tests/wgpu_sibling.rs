@@ -9,9 +9,9 @@
 
 mod support;
 
-use kvsharer::backend::graph::Logits;
 use kvsharer::backend::wgpu::{AdapterPolicy, GpuError, GpuOptions, GpuSession};
 use kvsharer::loader;
+use kvsharer::runtime::{Logits, RunState};
 use kvsharer::share::ShareMap;
 use support::{say, write_tiny_model, TinySpec};
 
@@ -121,7 +121,7 @@ fn sibling_sessions_match_fresh_sessions_bit_for_bit_and_leave_the_parent_alone(
         let first = parent.eval(&tokens[..SPLIT], Logits::All).unwrap();
         assert_eq!(bits(&first), bits(p_first), "{case}: parent before");
 
-        let mut sibling = parent.sibling(sibling_map, &opts()).unwrap();
+        let mut sibling = parent.sibling_with(sibling_map, &opts()).unwrap();
         assert!(sibling.shares_device_with(&parent), "{case}");
         assert!(!sibling.shares_device_with(&probe), "{case}");
         assert_eq!(sibling.weight_buffers_shared_with(&probe), 0, "{case}");
@@ -195,19 +195,19 @@ fn sibling_sessions_reject_bad_requests_like_new_sessions() {
     };
     let wrong = ShareMap::identity(N_LAYERS + 1);
     assert!(matches!(
-        parent.sibling(&wrong, &opts()),
+        parent.sibling_with(&wrong, &opts()),
         Err(GpuError::MapMismatch { map, model }) if map == N_LAYERS + 1 && model == N_LAYERS
     ));
     let no_ctx = GpuOptions { n_ctx: 0, ..opts() };
     assert!(matches!(
-        parent.sibling(&identity, &no_ctx),
+        parent.sibling_with(&identity, &no_ctx),
         Err(GpuError::BadInput(_))
     ));
     let hardware = GpuOptions {
         policy: AdapterPolicy::HardwareOnly,
         ..opts()
     };
-    let refused = parent.sibling(&identity, &hardware);
+    let refused = parent.sibling_with(&identity, &hardware);
     if parent.is_software() {
         assert!(
             matches!(&refused, Err(GpuError::SoftwareOnly(a)) if *a == parent.adapter_description()),

@@ -7,12 +7,10 @@ use anyhow::{bail, Result};
 use clap::Args;
 use rand::{Rng, SeedableRng};
 
-use kvsharer::backend::graph::Logits;
-use kvsharer::eval::ChunkEval;
-use kvsharer::generate::TokenEval;
 use kvsharer::oracle::{self, CacheType, ContextOptions, LlamaCppModel};
+use kvsharer::runtime::Logits;
 
-use super::{describe_sharing, file_name, human_bytes, ModelArgs, Runner};
+use super::{describe_sharing, file_name, human_bytes, kv_accounting, open_state, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -82,7 +80,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 || (a.n_prompt == 0 && a.n_gen == 0) {
         bail!("nothing to measure: need -r >= 1 and -p or -n > 0");
     }
-    let mut opts = a.model.session_options()?;
+    let mut opts = a.model.run_options()?;
     let needed = a.depth + a.n_prompt.max(a.n_gen);
     opts.n_ctx = opts.n_ctx.max(needed);
     let (path, loaded) = a.model.load()?;
@@ -95,7 +93,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let prompt_tokens = random_tokens(a.n_prompt);
     let gen_tokens = random_tokens(a.n_gen);
 
-    let mut session = Runner::new(a.model.backend, &loaded.model, &map, &opts)?;
+    let mut session = open_state(a.model.backend, &loaded.model, &map, &opts)?;
     if !a.no_llama_cpp {
         let rebuild = "in a build with --features cuda or vulkan";
         match (a.llama_ngl, oracle::supports_gpu_offload()) {
@@ -137,7 +135,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         file_name(&path),
         opts.n_threads,
         a.depth,
-        describe_sharing(&map, session.kv_bytes(), session.kv_accounting().1)
+        describe_sharing(&map, session.kv_bytes(), kv_accounting(session.as_ref()).1)
     );
     let pp_name = format!("pp{}{}", a.n_prompt, depth_suffix(a.depth));
     let tg_name = format!("tg{}{}", a.n_gen, depth_suffix(a.depth));

@@ -15,7 +15,9 @@ use kvsharer::share::calibrate::{CalibrationOptions, Corpus, PairOrder, SearchRe
 use kvsharer::share::search::{self, Objective, Strategy, StrategyOptions};
 use kvsharer::share::{report, ShareMap};
 
-use super::{Backend, ModelArgs};
+use super::ModelArgs;
+use kvsharer::runtime::BackendChoice;
+use kvsharer::share::evaluator::Evaluator;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum OrderArg {
@@ -241,7 +243,7 @@ pub fn run_search(
     loaded: &LoadedModel,
     s: &SearchArgs,
     threads: usize,
-    backend: Backend,
+    backend: BackendChoice,
 ) -> Result<SearchResult> {
     let n_layers = loaded.model.config.n_layers;
     let target = s.target(n_layers)?;
@@ -289,10 +291,11 @@ pub fn run_search(
     result
 }
 
-/// `search::run` on the CPU, or `search::run_with` on a wgpu adapter. Prints the
-/// adapter, or why `auto` stayed on the CPU (`bar` keeps the notes readable).
+/// The search on the chosen backend's run state (`search::run_with` over one
+/// `Evaluator`). Prints the backend, or why `auto` stayed on the CPU (`bar` keeps
+/// the notes readable).
 fn search_on(
-    backend: Backend,
+    backend: BackendChoice,
     loaded: &LoadedModel,
     corpus: &Corpus,
     opts: &CalibrationOptions,
@@ -300,60 +303,26 @@ fn search_on(
     bar: &ProgressBar,
     progress: impl FnMut(&search::SearchProgress),
 ) -> Result<SearchResult> {
-    if backend.ggml_device().is_some() {
-        bail!(
-            "--backend {name}: the sharing search runs on the CPU backend (ggml) or on wgpu, not on ggml's {name} backend (hint: drop --backend or use --backend wgpu; the map it finds works with `run --backend {name} --kv-share`)",
-            name = backend.name()
-        );
-    }
-    #[cfg(feature = "wgpu")]
-    {
-        use kvsharer::backend::wgpu::GpuEvaluator;
-        if let Some(policy) = backend.wgpu_policy() {
-            // Bad settings are refused before an adapter is opened.
-            search::check_options(opts, strategy, loaded.model.config.n_layers)?;
-            let set = kvsharer::share::calibrate::prepare(
-                &loaded.tokenizer,
-                corpus,
-                opts.samples,
-                opts.tokens,
-            )?;
-            match GpuEvaluator::new(&loaded.model, &set, policy) {
-                Ok(mut eval) => {
-                    bar.suspend(|| {
-                        eprintln!(
-                            "backend: wgpu on {} (sharing search)",
-                            eval.adapter_description()
-                        )
-                    });
-                    return Ok(search::run_with(
-                        &mut eval, &set, corpus, opts, strategy, progress,
-                    )?);
-                }
-                Err(e) if backend == Backend::Auto => bar.suspend(|| {
-                    eprintln!(
-                        "note: --backend auto: no usable GPU ({e}); the sharing search runs on the CPU backend (ggml)"
-                    )
-                }),
-                Err(e) => return Err(anyhow::Error::new(e).context("--backend wgpu")),
-            }
+    // Bad settings are refused before a device is opened.
+    search::check_options(opts, strategy, loaded.model.config.n_layers)?;
+    let set =
+        kvsharer::share::calibrate::prepare(&loaded.tokenizer, corpus, opts.samples, opts.tokens)?;
+    let (eval, fallback) = Evaluator::open(backend, &loaded.model, &set, opts.threads, false)
+        .with_context(|| format!("--backend {backend}"))?;
+    let mut eval = match strategy.strategy {
+        search::Strategy::Paper => eval.without_prefix(),
+        _ => eval,
+    };
+    bar.suspend(|| {
+        if let Some(why) = &fallback {
+            eprintln!("note: --backend auto: {why}");
         }
-    }
-    #[cfg(not(feature = "wgpu"))]
-    {
-        // Only the GPU path prints notes while the bar is up.
-        let _ = bar;
-        if backend == Backend::Wgpu {
-            bail!("--backend wgpu: this kvsharer was built without the `wgpu` cargo feature");
+        if backend != BackendChoice::Cpu {
+            eprintln!("backend: {} (sharing search)", eval.describe());
         }
-    }
-    Ok(search::run(
-        &loaded.model,
-        &loaded.tokenizer,
-        corpus,
-        opts,
-        strategy,
-        progress,
+    });
+    Ok(search::run_with(
+        &mut eval, &set, corpus, opts, strategy, progress,
     )?)
 }
 
@@ -504,7 +473,7 @@ pub fn on_the_fly_map(loaded: &LoadedModel, spec: &str, threads: usize) -> Resul
     );
     // `run --backend wgpu --kv-share` still calibrates on the CPU: the map is cached
     // per model and settings, whatever backend then uses it.
-    let r = run_search(loaded, &search, threads, Backend::Cpu)?;
+    let r = run_search(loaded, &search, threads, BackendChoice::Cpu)?;
     eprintln!(
         "kv-share: {} | map {} | calibration cosine {:.4} | {:.1} s",
         r.outcome,

@@ -17,13 +17,13 @@ use rustyline::history::DefaultHistory;
 use rustyline::{Config, Editor, EventHandler, KeyEvent};
 
 use kvsharer::chat::ChatTemplate;
-use kvsharer::eval::ChunkEval;
 use kvsharer::generate::StopReason;
-use kvsharer::generate::TokenEval;
 use kvsharer::loader::LoadedModel;
 use kvsharer::sample::{Sampler, SamplingParams};
 
-use super::{describe_sharing, file_name, human_bytes, ModelArgs, Runner, SamplingArgs};
+use super::{
+    describe_sharing, file_name, human_bytes, kv_accounting, open_state, ModelArgs, SamplingArgs,
+};
 use engine::ChatEngine;
 use input::{parse_input, ChatHelper, ClearLineOnInterrupt, Input, SlashCommand};
 
@@ -49,7 +49,7 @@ const PROMPT: &str = "> ";
 pub fn run(a: ChatArgs) -> Result<()> {
     let n_predict = usize::try_from(a.n_predict).ok();
     let params = a.sampling.params()?;
-    let opts = a.model.session_options()?;
+    let opts = a.model.run_options()?;
     if opts.window.is_some() {
         anyhow::bail!(
             "--kv-window is for run/perplexity/bench; chat manages its context by dropping the oldest turns (hint: use -c to bound memory)"
@@ -58,14 +58,14 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let (path, loaded) = a.model.load()?;
     let map = a.model.share_map(&loaded)?;
     let template = chat_template(&loaded)?;
-    let session = Runner::new(a.model.backend, &loaded.model, &map, &opts)?;
+    let session = open_state(a.model.backend, &loaded.model, &map, &opts)?;
     eprintln!(
         "kvsharer chat: {} | {} layers | backend {} | ctx {} | {}",
         file_name(&path),
         loaded.model.config.n_layers,
-        session.describe(opts.n_threads),
+        session.describe(),
         opts.n_ctx,
-        describe_sharing(&map, session.kv_bytes(), session.kv_accounting().1)
+        describe_sharing(&map, session.kv_bytes(), kv_accounting(session.as_ref()).1)
     );
     let settings = Settings {
         model: path,
@@ -299,7 +299,7 @@ fn print_stats(engine: &ChatEngine<'_>) {
         None => println!("last reply: none yet"),
     }
     let allocated = session.kv_bytes();
-    let unshared = session.kv_accounting().1;
+    let unshared = kv_accounting(session).1;
     let saved = unshared.saturating_sub(allocated);
     println!(
         "KV cache: {} allocated ({allocated} bytes) for {} of {} layers; sharing saves {} ({saved} bytes, {:.1}%)",

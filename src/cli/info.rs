@@ -7,8 +7,8 @@ use anyhow::Result;
 use clap::Args;
 
 use kvsharer::gguf::{GgmlType, GgufFile};
-use kvsharer::kv;
 use kvsharer::model::{read_stored_map, LlamaConfig};
+use kvsharer::runtime;
 use kvsharer::share::{self, ShareMap};
 
 use super::human_bytes;
@@ -90,7 +90,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
     let map = stored
         .clone()
         .unwrap_or_else(|| ShareMap::identity(cfg.n_layers));
-    let unshared = kv::bytes_per_token(
+    let unshared = runtime::kv_bytes_per_token(
         &cfg,
         &ShareMap::identity(cfg.n_layers),
         GgmlType::F16,
@@ -105,7 +105,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
     match stored {
         None => println!("sharing map:   none (create one with `kvsharer share`)"),
         Some(m) => {
-            let shared = kv::bytes_per_token(&cfg, &map, GgmlType::F16, GgmlType::F16);
+            let shared = runtime::kv_bytes_per_token(&cfg, &map, GgmlType::F16, GgmlType::F16);
             println!(
                 "sharing map:   {} of {} layers shared: {}",
                 m.shared_count(),

@@ -11,18 +11,15 @@ pub mod run;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
-use kvsharer::backend::ggml::DeviceKind;
-use kvsharer::backend::graph::Logits;
-use kvsharer::eval::ChunkEval;
-use kvsharer::generate::TokenEval;
 use kvsharer::gguf::GgmlType;
-use kvsharer::kv;
 use kvsharer::loader::{self, LoadedModel};
 use kvsharer::model::Model;
+use kvsharer::runtime::{
+    self, default_threads, parse_cache_type, BackendChoice, KvWindow, RunOptions, RunState,
+};
 use kvsharer::sample::SamplingParams;
-use kvsharer::session::{default_threads, KvWindow, Session, SessionOptions};
 use kvsharer::share::ShareMap;
 
 #[derive(Parser, Debug)]
@@ -110,304 +107,62 @@ pub struct ModelArgs {
     /// Compute backend: cpu (ggml), wgpu (WGSL on the GPU; any adapter, software
     /// ones included), auto (wgpu on a real GPU, else cpu), or ggml's own GPU
     /// backends cuda, vulkan, metal (each needs a build with --features NAME)
-    #[arg(long = "backend", value_enum, default_value_t = Backend::Cpu)]
-    pub backend: Backend,
+    #[arg(long = "backend", default_value = "cpu", value_parser = backend_parser())]
+    pub backend: BackendChoice,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    Cpu,
-    Wgpu,
-    Auto,
-    Cuda,
-    Vulkan,
-    Metal,
+/// Opens the run state `args` ask for on their backend, printing the backend in use
+/// (for any choice but the default CPU) or why `auto` fell back to the CPU.
+pub fn open_state<'m>(
+    backend: BackendChoice,
+    model: &'m Model,
+    map: &ShareMap,
+    opts: &RunOptions,
+) -> Result<Box<dyn RunState<'m> + 'm>> {
+    let opened =
+        runtime::open(backend, model, map, opts).with_context(|| format!("--backend {backend}"))?;
+    if let Some(why) = &opened.fallback {
+        eprintln!("note: --backend auto: {why}");
+    }
+    if backend != BackendChoice::Cpu {
+        eprintln!("backend: {}", opened.state.describe());
+    }
+    Ok(opened.state)
 }
 
-impl Backend {
-    /// The ggml device this choice runs the graph on directly, for the ggml GPU
-    /// backends (`cpu`, `wgpu` and `auto` are decided in `Runner::new`).
-    pub fn ggml_device(self) -> Option<DeviceKind> {
-        match self {
-            Backend::Cuda => Some(DeviceKind::Cuda),
-            Backend::Vulkan => Some(DeviceKind::Vulkan),
-            Backend::Metal => Some(DeviceKind::Metal),
-            Backend::Cpu | Backend::Wgpu | Backend::Auto => None,
+/// The flag to change for a library error, where one is known (the library's
+/// errors name no flags).
+pub fn hint(err: &anyhow::Error) -> Option<String> {
+    use kvsharer::runtime::{Capability, RuntimeError};
+    let runtime = err.chain().find_map(|e| e.downcast_ref::<RuntimeError>())?;
+    Some(match runtime {
+        RuntimeError::ContextFull { .. } => "raise -c/--ctx-size, or shorten the input".into(),
+        RuntimeError::Unsupported { capability, .. } => match capability {
+            Capability::CacheType(_) => "use --backend cpu, or drop --cache-type-k/-v".into(),
+            Capability::Window => "use --backend cpu, or drop --kv-window".into(),
+            _ => "use --backend cpu".into(),
+        },
+        RuntimeError::NotBuilt { feature, .. } => {
+            format!("rebuild with `cargo build --release --features {feature}`")
         }
-    }
-
-    /// Which wgpu adapters this choice accepts: any for `wgpu`, a real GPU for
-    /// `auto` (else the CPU); `None` for the ggml backends.
-    #[cfg(feature = "wgpu")]
-    pub fn wgpu_policy(self) -> Option<kvsharer::backend::wgpu::AdapterPolicy> {
-        use kvsharer::backend::wgpu::AdapterPolicy;
-        match self {
-            Backend::Wgpu => Some(AdapterPolicy::Any),
-            Backend::Auto => Some(AdapterPolicy::HardwareOnly),
-            Backend::Cpu | Backend::Cuda | Backend::Vulkan | Backend::Metal => None,
+        RuntimeError::UnknownCacheType(_) => {
+            "--cache-type-k/-v take f16, q8_0, q4_0 (or f32)".into()
         }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Cpu => "cpu",
-            Backend::Wgpu => "wgpu",
-            Backend::Auto => "auto",
-            Backend::Cuda => "cuda",
-            Backend::Vulkan => "vulkan",
-            Backend::Metal => "metal",
-        }
-    }
+        _ => return None,
+    })
 }
 
-/// Whether the wgpu backend can run `opts` (it keeps a plain f16 cache and no
-/// window); an error for `--backend wgpu` where it cannot, false for `auto`.
-#[cfg(feature = "wgpu")]
-fn wgpu_takes(backend: Backend, opts: &SessionOptions) -> Result<bool> {
-    let cpu_only =
-        (opts.type_k, opts.type_v) != (GgmlType::F16, GgmlType::F16) || opts.window.is_some();
-    if cpu_only && backend == Backend::Wgpu {
-        bail!("--backend wgpu keeps a plain f16 KV cache; drop --cache-type-k/-v and --kv-window, or use --backend cpu");
-    }
-    Ok(!cpu_only)
+/// KV bytes per token of context, and what the unshared model would allocate.
+pub fn kv_accounting(state: &dyn RunState<'_>) -> (usize, usize) {
+    let (per_token, unshared_per_token) = state.kv_bytes_per_token();
+    (per_token, unshared_per_token * state.n_ctx())
 }
 
-#[cfg(feature = "wgpu")]
-fn gpu_options(
-    opts: &SessionOptions,
-    policy: kvsharer::backend::wgpu::AdapterPolicy,
-) -> kvsharer::backend::wgpu::GpuOptions {
-    kvsharer::backend::wgpu::GpuOptions {
-        n_ctx: opts.n_ctx,
-        n_batch: opts.n_batch,
-        policy,
-        ..Default::default()
-    }
-}
-
-/// The run state of the chosen backend.
-// One per process: the variants' sizes do not matter.
-#[allow(clippy::large_enum_variant)]
-pub enum Runner<'m> {
-    /// The ggml graph, on the CPU or on a ggml GPU backend (CUDA, Vulkan, Metal).
-    Ggml(Session<'m>),
-    #[cfg(feature = "wgpu")]
-    Gpu(kvsharer::backend::wgpu::GpuSession<'m>),
-}
-
-impl<'m> Runner<'m> {
-    /// Opens `backend` for `model`; prints the GPU adapter or ggml device in use, or
-    /// why `auto` fell back to the CPU.
-    pub fn new(
-        backend: Backend,
-        model: &'m Model,
-        map: &ShareMap,
-        opts: &SessionOptions,
-    ) -> Result<Self> {
-        if let Some(device) = backend.ggml_device() {
-            let session = Session::on_device(device, model, map, opts)
-                .with_context(|| format!("--backend {}", backend.name()))?;
-            eprintln!(
-                "backend: {} (ggml) on {}",
-                backend.name(),
-                session.backend().device_name()
-            );
-            return Ok(Runner::Ggml(session));
-        }
-        #[cfg(feature = "wgpu")]
-        {
-            use kvsharer::backend::wgpu::GpuSession;
-            if let Some(policy) = backend.wgpu_policy() {
-                if !wgpu_takes(backend, opts)? {
-                    eprintln!(
-                        "note: --backend auto: a quantized KV cache or a window was requested, using the CPU backend"
-                    );
-                } else {
-                    let gpu_opts = gpu_options(opts, policy);
-                    match GpuSession::new(model, map, &gpu_opts) {
-                        Ok(s) => {
-                            eprintln!("backend: wgpu on {}", s.adapter_description());
-                            return Ok(Runner::Gpu(s));
-                        }
-                        Err(e) if backend == Backend::Auto => {
-                            eprintln!("note: --backend auto: no usable GPU ({e}); using the CPU backend (ggml)");
-                        }
-                        Err(e) => return Err(anyhow::Error::new(e).context("--backend wgpu")),
-                    }
-                }
-            }
-        }
-        #[cfg(not(feature = "wgpu"))]
-        if backend == Backend::Wgpu {
-            bail!("--backend wgpu: this kvsharer was built without the `wgpu` cargo feature");
-        }
-        if backend != Backend::Cpu {
-            eprintln!("backend: cpu (ggml)");
-        }
-        Ok(Runner::Ggml(Session::new(model, map, opts)?))
-    }
-
-    /// A second runner for the same model on the backend this one runs on (from
-    /// `Runner::new` with the same `backend`), for `map` and `opts`. On wgpu it
-    /// shares this runner's device, kernels and weights (`GpuSession::sibling`);
-    /// on ggml it is a new session on the same device kind. Prints nothing more,
-    /// unless `--backend auto` has to put the second runner on the CPU (a
-    /// quantized cache or a window).
-    pub fn sibling(&self, backend: Backend, map: &ShareMap, opts: &SessionOptions) -> Result<Self> {
-        match self {
-            Runner::Ggml(s) => {
-                let session = Session::on_device(s.backend().kind(), self.model(), map, opts)
-                    .with_context(|| format!("--backend {}", backend.name()))?;
-                Ok(Runner::Ggml(session))
-            }
-            #[cfg(feature = "wgpu")]
-            Runner::Gpu(s) => {
-                use kvsharer::backend::wgpu::AdapterPolicy;
-                if !wgpu_takes(backend, opts)? {
-                    eprintln!(
-                        "note: --backend auto: a quantized KV cache or a window was requested, using the CPU backend for the second session"
-                    );
-                    return Ok(Runner::Ggml(Session::new(self.model(), map, opts)?));
-                }
-                let policy = backend.wgpu_policy().unwrap_or(AdapterPolicy::Any);
-                let sibling = s
-                    .sibling(map, &gpu_options(opts, policy))
-                    .with_context(|| format!("--backend {}", backend.name()))?;
-                Ok(Runner::Gpu(sibling))
-            }
-        }
-    }
-
-    /// True when the forward pass runs on a GPU (wgpu, or a ggml GPU backend).
-    pub fn on_gpu(&self) -> bool {
-        match self {
-            Runner::Ggml(s) => !s.backend().is_cpu(),
-            #[cfg(feature = "wgpu")]
-            Runner::Gpu(_) => true,
-        }
-    }
-
-    pub fn map(&self) -> &ShareMap {
-        match self {
-            Runner::Ggml(s) => s.map(),
-            #[cfg(feature = "wgpu")]
-            Runner::Gpu(s) => s.map(),
-        }
-    }
-
-    /// Keeps the first `n` tokens of the cache.
-    pub fn truncate(&mut self, n: usize) {
-        match self {
-            Runner::Ggml(s) => s.truncate(n),
-            #[cfg(feature = "wgpu")]
-            Runner::Gpu(s) => s.truncate(n),
-        }
-    }
-
-    /// llama.cpp's context shift: drops cached tokens `[keep, keep + discard)` and
-    /// moves the rest down. Returns false, changing nothing, where the backend cannot
-    /// shift (the GPU); the caller then re-evaluates instead.
-    pub fn context_shift(&mut self, keep: usize, discard: usize) -> Result<bool> {
-        match self {
-            Runner::Ggml(s) => {
-                s.context_shift(keep, discard)?;
-                Ok(true)
-            }
-            #[cfg(feature = "wgpu")]
-            Runner::Gpu(_) => Ok(false),
-        }
-    }
-
-    /// The backend in words, for status lines.
-    pub fn describe(&self, threads: usize) -> String {
-        match self {
-            Runner::Ggml(s) if s.backend().is_cpu() => format!("cpu (ggml) | {threads} threads"),
-            Runner::Ggml(s) => format!(
-                "{} (ggml) on {}",
-                s.backend().kind(),
-                s.backend().device_name()
-            ),
-            #[cfg(feature = "wgpu")]
-            Runner::Gpu(s) => format!("wgpu on {}", s.adapter_description()),
-        }
-    }
-
-    pub fn model(&self) -> &'m Model {
-        match self {
-            Runner::Ggml(s) => s.model(),
-            #[cfg(feature = "wgpu")]
-            Runner::Gpu(s) => s.model(),
-        }
-    }
-
-    /// KV bytes per token of context, and what the unshared model would allocate.
-    pub fn kv_accounting(&self) -> (usize, usize) {
-        match self {
-            Runner::Ggml(s) => (s.cache().bytes_per_token(), s.cache().bytes_unshared()),
-            #[cfg(feature = "wgpu")]
-            Runner::Gpu(s) => {
-                let c = &s.model().config;
-                let per_layer_token = c.n_embd_kv() * 2 * 2;
-                (
-                    s.n_slots() * per_layer_token,
-                    c.n_layers * per_layer_token * s.n_ctx(),
-                )
-            }
-        }
-    }
-}
-
-impl ChunkEval for Runner<'_> {
-    fn reset(&mut self) {
-        match self {
-            Runner::Ggml(s) => s.reset(),
-            #[cfg(feature = "wgpu")]
-            Runner::Gpu(s) => s.reset(),
-        }
-    }
-    fn n_vocab(&self) -> usize {
-        self.model().config.n_vocab
-    }
-    /// Bytes of KV storage this run state allocated.
-    fn kv_bytes(&self) -> usize {
-        match self {
-            Runner::Ggml(s) => s.kv_bytes(),
-            #[cfg(feature = "wgpu")]
-            Runner::Gpu(s) => s.kv_bytes(),
-        }
-    }
-}
-
-impl TokenEval for Runner<'_> {
-    type Error = anyhow::Error;
-    fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
-        Ok(match self {
-            Runner::Ggml(s) => s.eval(tokens, logits)?,
-            #[cfg(feature = "wgpu")]
-            Runner::Gpu(s) => s.eval(tokens, logits)?,
-        })
-    }
-    fn n_past(&self) -> usize {
-        match self {
-            Runner::Ggml(s) => s.n_past(),
-            #[cfg(feature = "wgpu")]
-            Runner::Gpu(s) => s.n_past(),
-        }
-    }
-    fn n_ctx(&self) -> usize {
-        match self {
-            Runner::Ggml(s) => s.n_ctx(),
-            #[cfg(feature = "wgpu")]
-            Runner::Gpu(s) => s.n_ctx(),
-        }
-    }
-    fn evicts(&self) -> bool {
-        match self {
-            Runner::Ggml(s) => s.window().is_some(),
-            #[cfg(feature = "wgpu")]
-            Runner::Gpu(_) => false,
-        }
-    }
+/// `--backend`'s values, listed in `--help` and checked by clap.
+fn backend_parser() -> impl clap::builder::TypedValueParser<Value = BackendChoice> {
+    use clap::builder::{PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new(BackendChoice::ALL.map(BackendChoice::name))
+        .try_map(|s| s.parse::<BackendChoice>())
 }
 
 impl ModelArgs {
@@ -431,8 +186,8 @@ impl ModelArgs {
 
     pub fn cache_types(&self) -> Result<(GgmlType, GgmlType)> {
         Ok((
-            kv::parse_cache_type(&self.cache_type_k)?,
-            kv::parse_cache_type(&self.cache_type_v)?,
+            parse_cache_type(&self.cache_type_k)?,
+            parse_cache_type(&self.cache_type_v)?,
         ))
     }
 
@@ -447,12 +202,12 @@ impl ModelArgs {
         }
     }
 
-    pub fn session_options(&self) -> Result<SessionOptions> {
+    pub fn run_options(&self) -> Result<RunOptions> {
         if self.ctx_size == 0 {
             bail!("--ctx-size must be at least 1");
         }
         let (type_k, type_v) = self.cache_types()?;
-        Ok(SessionOptions {
+        Ok(RunOptions {
             n_ctx: self.ctx_size,
             n_batch: self.batch_size.max(1),
             n_threads: self.threads(),

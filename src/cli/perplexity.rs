@@ -9,16 +9,15 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use kvsharer::eval::ChunkEval;
 use kvsharer::eval::{
     self, ComparisonProgress, ComparisonReport, Estimate, PerplexityOptions, PerplexityProgress,
     PerplexityReport, Quantiles,
 };
 use kvsharer::gguf::GgmlType;
-use kvsharer::session::SessionOptions;
+use kvsharer::runtime::{BackendChoice, RunOptions, RuntimeError};
 use kvsharer::share::ShareMap;
 
-use super::{describe_sharing, file_name, human_bytes, ModelArgs, Runner};
+use super::{describe_sharing, file_name, human_bytes, kv_accounting, open_state, ModelArgs};
 
 #[derive(Args, Debug)]
 #[command(mut_arg("ctx_size", |a| a
@@ -51,7 +50,7 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
     if text.ends_with('\n') {
         text.pop();
     }
-    let sopts = a.model.session_options()?;
+    let sopts = a.model.run_options()?;
     let opts = PerplexityOptions {
         n_ctx: sopts.n_ctx,
         max_chunks: a.chunks,
@@ -73,7 +72,7 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
     );
     let started = Instant::now();
     // The reference is always the plain model: unshared, f16 cache, no window.
-    let reference_opts = SessionOptions {
+    let reference_opts = RunOptions {
         type_k: GgmlType::F16,
         type_v: GgmlType::F16,
         window: None,
@@ -84,13 +83,13 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         && sopts.type_v == GgmlType::F16
         && sopts.window.is_none();
     if is_reference {
-        let mut session = Runner::new(a.model.backend, &loaded.model, &map, &sopts)?;
+        let mut session = open_state(a.model.backend, &loaded.model, &map, &sopts)?;
         eprintln!(
             "{}",
-            describe_sharing(&map, session.kv_bytes(), session.kv_accounting().1)
+            describe_sharing(&map, session.kv_bytes(), kv_accounting(session.as_ref()).1)
         );
         let mut display = RunningDisplay::new(started);
-        let report = eval::perplexity(&mut session, &loaded.tokenizer, &tokens, &opts, |p| {
+        let report = eval::perplexity(session.as_mut(), &loaded.tokenizer, &tokens, &opts, |p| {
             display.perplexity(p)
         })?;
         display.finish();
@@ -102,10 +101,21 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         }
     } else {
         let identity = ShareMap::identity(map.n_layers());
-        let mut base = Runner::new(a.model.backend, &loaded.model, &identity, &reference_opts)?;
+        let mut base = open_state(a.model.backend, &loaded.model, &identity, &reference_opts)?;
         // The same device, kernels and weights as the reference: only the KV cache
         // and activations are the test run's own.
-        let mut shared = base.sibling(a.model.backend, &map, &sopts)?;
+        let mut shared = match base.sibling(&map, &sopts) {
+            Ok(s) => s,
+            Err(e @ RuntimeError::Unsupported { .. }) if a.model.backend == BackendChoice::Auto => {
+                eprintln!(
+                    "note: --backend auto: {e}; the second session runs on the CPU backend (ggml)"
+                );
+                open_state(BackendChoice::Cpu, &loaded.model, &map, &sopts)?
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("--backend {}", a.model.backend)))
+            }
+        };
         eprintln!(
             "{}",
             describe_sharing(&map, shared.kv_bytes(), base.kv_bytes())
@@ -118,8 +128,8 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         );
         let mut display = RunningDisplay::new(started);
         let report = eval::compare(
-            &mut base,
-            &mut shared,
+            base.as_mut(),
+            shared.as_mut(),
             &loaded.tokenizer,
             &tokens,
             &opts,
@@ -302,7 +312,7 @@ fn print_json(
     model: &std::path::Path,
     text: &std::path::Path,
     map: &ShareMap,
-    sopts: &kvsharer::session::SessionOptions,
+    sopts: &RunOptions,
     perplexity: Option<&PerplexityReport>,
     comparison: Option<&ComparisonReport>,
 ) -> Result<()> {

@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::{describe_sharing, file_name, ModelArgs, Runner, SamplingArgs};
-use kvsharer::eval::ChunkEval;
+use super::{describe_sharing, file_name, kv_accounting, open_state, ModelArgs, SamplingArgs};
 use kvsharer::generate::{generate, GenerateOptions, StopReason};
 use kvsharer::sample::Sampler;
 
@@ -65,7 +64,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         n => Some(n as usize),
     };
     let params = a.sampling.params()?;
-    let opts = a.model.session_options()?;
+    let opts = a.model.run_options()?;
     let (path, loaded) = a.model.load()?;
     let map = a.model.share_map(&loaded)?;
     let tok = &loaded.tokenizer;
@@ -83,8 +82,8 @@ pub fn run(a: RunArgs) -> Result<()> {
             opts.n_ctx
         );
     }
-    let mut session = Runner::new(a.model.backend, &loaded.model, &map, &opts)?;
-    let (per_token, unshared) = session.kv_accounting();
+    let mut session = open_state(a.model.backend, &loaded.model, &map, &opts)?;
+    let (per_token, unshared) = kv_accounting(session.as_ref());
     eprintln!(
         "kvsharer: {} | {} layers | ctx {} | {} threads | {}",
         file_name(&path),
@@ -103,7 +102,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let mut history = Vec::new();
     let mut write_err = None;
     let stats = generate(
-        &mut session,
+        session.as_mut(),
         tok,
         &mut sampler,
         &prompt_ids,

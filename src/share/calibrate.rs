@@ -11,11 +11,10 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::backend::graph::{ForwardRequest, Logits};
-use crate::kv::KvPart;
 use crate::model::Model;
-use crate::session::{Session, SessionError, SessionOptions};
-use crate::share::search::{MapEvaluator, MapRun, Objective, Strategy};
+use crate::runtime::RuntimeError;
+use crate::share::evaluator::Evaluator;
+use crate::share::search::{Objective, Strategy};
 use crate::share::{ShareMap, ShareMapError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -36,16 +35,11 @@ pub enum CalibrateError {
     #[error("search strategy: {0}")]
     Strategy(String),
     #[error(transparent)]
-    Session(#[from] SessionError),
+    Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Map(#[from] ShareMapError),
-    #[error(transparent)]
-    Kv(#[from] crate::kv::KvError),
-    #[cfg(feature = "wgpu")]
-    #[error(transparent)]
-    Gpu(#[from] crate::backend::wgpu::GpuError),
 }
 
 /// Calibration texts: one per non-empty line, as the paper's code reads them.
@@ -123,7 +117,7 @@ impl Default for CalibrationOptions {
             target: 0,
             threshold: 0.5,
             order: PairOrder::Dissimilar,
-            threads: crate::session::default_threads(),
+            threads: crate::runtime::default_threads(),
         }
     }
 }
@@ -183,108 +177,6 @@ pub fn prepare(
     })
 }
 
-/// Runs the calibration set through the model with one map; owns one session so
-/// successive evaluations reuse its cache and graph memory.
-pub struct Evaluator<'m> {
-    model: &'m Model,
-    set: &'m CalibrationSet,
-    threads: usize,
-}
-
-/// What one packed run yields.
-pub struct RunOutput {
-    /// Final hidden states (after the output norm), `[n_samples * seq_len][n_embd]`.
-    pub hidden: Vec<f32>,
-    /// Next-token logits of every position when asked for.
-    pub logits: Vec<f32>,
-}
-
-impl<'m> Evaluator<'m> {
-    pub fn new(model: &'m Model, set: &'m CalibrationSet, threads: usize) -> Self {
-        Evaluator {
-            model,
-            set,
-            threads,
-        }
-    }
-
-    fn session(&self, map: &ShareMap) -> Result<Session<'m>, CalibrateError> {
-        let opts = SessionOptions {
-            n_ctx: self.set.tokens.len(),
-            n_batch: 2048,
-            n_threads: self.threads,
-            ..SessionOptions::default()
-        };
-        Ok(Session::new(self.model, map, &opts)?)
-    }
-
-    pub fn run(&self, map: &ShareMap, logits: bool) -> Result<RunOutput, CalibrateError> {
-        Ok(self.run_with_session(map, logits)?.0)
-    }
-
-    fn run_with_session(
-        &self,
-        map: &ShareMap,
-        logits: bool,
-    ) -> Result<(RunOutput, Session<'m>), CalibrateError> {
-        let mut s = self.session(map)?;
-        let out = s.eval_packed(
-            &self.set.tokens,
-            self.set.seq_len,
-            ForwardRequest {
-                logits: if logits { Logits::All } else { Logits::None },
-                hidden: true,
-                layer_inputs: false,
-            },
-        )?;
-        Ok((
-            RunOutput {
-                hidden: out.hidden.unwrap_or_default(),
-                logits: out.logits,
-            },
-            s,
-        ))
-    }
-
-    /// Mean over texts of the cosine similarity of each text's flattened final
-    /// hidden states under `map` versus `base`.
-    pub fn mean_cosine(&self, base_hidden: &[f32], hidden: &[f32]) -> f32 {
-        mean_text_cosine(
-            base_hidden,
-            hidden,
-            self.set.seq_len * self.model.config.n_embd,
-        )
-    }
-}
-
-/// The paper's searches on the CPU: one packed run per map, nothing cached.
-impl MapEvaluator for Evaluator<'_> {
-    fn model(&self) -> &Model {
-        self.model
-    }
-
-    fn capture(&mut self, logits: bool) -> Result<(MapRun, Capture), CalibrateError> {
-        let identity = ShareMap::identity(self.model.config.n_layers);
-        let (out, session) = self.run_with_session(&identity, logits)?;
-        let cap = capture_from_session(&session, self.set, out.hidden.clone())?;
-        Ok((map_run(identity, out), cap))
-    }
-
-    fn run_map(&mut self, map: &ShareMap, logits: bool) -> Result<MapRun, CalibrateError> {
-        Ok(map_run(map.clone(), self.run(map, logits)?))
-    }
-}
-
-fn map_run(map: ShareMap, out: RunOutput) -> MapRun {
-    MapRun {
-        map,
-        layer_inputs: Vec::new(),
-        hidden: out.hidden,
-        logits: out.logits,
-        start: 0,
-    }
-}
-
 /// Mean over texts of the cosine similarity of each text's flattened final hidden
 /// states (`per_text` values each) in `hidden` versus `base_hidden`.
 pub fn mean_text_cosine(base_hidden: &[f32], hidden: &[f32], per_text: usize) -> f32 {
@@ -323,44 +215,8 @@ pub fn capture(
     set: &CalibrationSet,
     threads: usize,
 ) -> Result<Capture, CalibrateError> {
-    let eval = Evaluator::new(model, set, threads);
-    let (out, session) =
-        eval.run_with_session(&ShareMap::identity(model.config.n_layers), false)?;
-    capture_from_session(&session, set, out.hidden)
-}
-
-/// Step 2 on a session that has just run the unshared model over the packed set
-/// (other strategies run that pass themselves, asking for more outputs).
-pub fn capture_from_session(
-    session: &Session<'_>,
-    set: &CalibrationSet,
-    base_hidden: Vec<f32>,
-) -> Result<Capture, CalibrateError> {
-    let config = &session.model().config;
-    let n_layers = config.n_layers;
-    let width = set.seq_len * config.n_embd_kv();
-    let mut keys = Vec::with_capacity(n_layers);
-    let mut values = Vec::with_capacity(n_layers);
-    for layer in 0..n_layers {
-        for (part, dest) in [(KvPart::Keys, &mut keys), (KvPart::Values, &mut values)] {
-            let all = session
-                .cache()
-                .read_rows_f32(layer, part, 0..set.tokens.len())?;
-            let mut mean = vec![0f32; width];
-            for text in all.chunks(width) {
-                for (m, &x) in mean.iter_mut().zip(text) {
-                    *m += x;
-                }
-            }
-            mean.iter_mut().for_each(|m| *m /= set.n_samples as f32);
-            dest.push(mean);
-        }
-    }
-    Ok(Capture {
-        keys,
-        values,
-        base_hidden,
-    })
+    let mut eval = Evaluator::cpu(model, set, threads, false)?.without_prefix();
+    Ok(eval.capture(false)?.1)
 }
 
 /// Step 3: `score[i][j]` for `i > j` = (dK + dV) / 2, where dK is the mean over
@@ -496,13 +352,13 @@ pub fn search(
 ) -> Result<SearchResult, CalibrateError> {
     opts.check(model.config.n_layers)?;
     let set = prepare(tokenizer, corpus, opts.samples, opts.tokens)?;
-    let mut eval = Evaluator::new(model, &set, opts.threads);
+    let mut eval = Evaluator::cpu(model, &set, opts.threads, false)?.without_prefix();
     search_with(&mut eval, &set, &corpus.sha256, opts, progress)
 }
 
 /// The paper's search with any backend's evaluator; `set` is what `eval` runs.
 pub fn search_with(
-    eval: &mut dyn MapEvaluator,
+    eval: &mut Evaluator<'_>,
     set: &CalibrationSet,
     corpus_sha256: &str,
     opts: &CalibrationOptions,

@@ -1,6 +1,7 @@
 //! KV cache sharing: the map (`ShareMap`) and, in `calibrate`, the search that finds it.
 
 pub mod calibrate;
+pub mod evaluator;
 pub mod map;
 pub mod report;
 pub mod search;

@@ -16,26 +16,24 @@
 //! that read `i`), so the residual stream entering every layer below `i` is the one
 //! the current map already produced. Each accepted map keeps its per-layer inputs,
 //! and a candidate runs from `start_layer` (at most `j`) with that stream as input
-//! (`Session::eval_packed_from`). Every candidate gets its own session: a session's
-//! cache layout is fixed by its map, so candidates cannot share one, and a fresh cache
-//! also means no candidate can ever read K/V another candidate left behind. The price
-//! is that the layers between the source `j` and `i` run again to fill the slots the
-//! candidate reads (see `start_layer`).
+//! (`RunState::forward_packed` with a start). Every candidate gets a cache laid out
+//! afresh for its map (`RunState::set_map`), so no candidate can ever read K/V another
+//! candidate left behind. The price is that the layers between the source `j` and
+//! `i` run again to fill the slots the candidate reads (see `start_layer`).
 //!
-//! That is the CPU. Every search is written against `MapEvaluator`, so another
-//! backend may run candidates more simply: the wgpu one runs each in full, text by
-//! text (`backend::wgpu::GpuEvaluator`).
+//! That is where the backend packs texts (ggml). Every search runs on
+//! `evaluator::Evaluator` over any `RunState`; where texts cannot be packed (wgpu)
+//! candidates run in full, text by text.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::graph::{ForwardRequest, Logits};
 use crate::model::Model;
-use crate::session::{Session, SessionOptions};
 use crate::share::calibrate::{
-    self, capture_from_session, distance_matrix, mean_text_cosine, prepare, CalibrateError,
-    CalibrationOptions, CalibrationSet, Capture, Corpus, PairTrial, SearchResult,
+    self, distance_matrix, mean_text_cosine, prepare, CalibrateError, CalibrationOptions,
+    CalibrationSet, Corpus, PairTrial, SearchResult,
 };
+use crate::share::evaluator::Evaluator;
 use crate::share::ShareMap;
 use crate::tokenizer::Tokenizer;
 
@@ -249,181 +247,6 @@ pub struct MapRun {
     pub start: usize,
 }
 
-/// What the searches need from a backend: the calibration set run under a sharing
-/// map. Every search (`calibrate::search_with`, `run_with`) is written against this
-/// alone, so a backend that can run a map over the texts and read its caches back
-/// can run every strategy. Implemented by the CPU's `calibrate::Evaluator` (one
-/// packed run per map), `PrefixEvaluator` (CPU, candidates from a cached prefix) and
-/// the wgpu backend's `GpuEvaluator` (one text at a time, full runs).
-pub trait MapEvaluator {
-    fn model(&self) -> &Model;
-
-    /// Runs the unshared model and captures every layer's K/V averaged over texts
-    /// (steps 1 and 2); `logits`: whether the run also returns every position's
-    /// logits.
-    fn capture(&mut self, logits: bool) -> Result<(MapRun, Capture), CalibrateError>;
-
-    /// Runs `map` over the whole set from the token embeddings.
-    fn run_map(&mut self, map: &ShareMap, logits: bool) -> Result<MapRun, CalibrateError>;
-
-    /// Runs `current.map` with `layer` reading `source`'s cache. A backend may reuse
-    /// what `current` cached; by default the candidate runs in full.
-    fn run_candidate(
-        &mut self,
-        current: &MapRun,
-        layer: usize,
-        source: usize,
-        logits: bool,
-    ) -> Result<MapRun, CalibrateError> {
-        self.run_map(&current.map.with_shared(layer, source)?, logits)
-    }
-}
-
-/// Runs maps over the packed calibration set, full or from a cached prefix.
-pub struct PrefixEvaluator<'m> {
-    model: &'m Model,
-    set: &'m CalibrationSet,
-    threads: usize,
-    logits: bool,
-}
-
-impl<'m> PrefixEvaluator<'m> {
-    /// `logits`: whether runs return every position's logits (the `kld` objective).
-    pub fn new(model: &'m Model, set: &'m CalibrationSet, threads: usize, logits: bool) -> Self {
-        PrefixEvaluator {
-            model,
-            set,
-            threads,
-            logits,
-        }
-    }
-
-    fn session(&self, map: &ShareMap) -> Result<Session<'m>, CalibrateError> {
-        let opts = SessionOptions {
-            n_ctx: self.set.tokens.len(),
-            n_batch: self.set.tokens.len().max(2048),
-            n_threads: self.threads,
-            ..SessionOptions::default()
-        };
-        Ok(Session::new(self.model, map, &opts)?)
-    }
-
-    fn request(&self, logits: bool) -> ForwardRequest {
-        ForwardRequest {
-            logits: if logits { Logits::All } else { Logits::None },
-            hidden: true,
-            layer_inputs: true,
-        }
-    }
-
-    /// Runs `map` from the token embeddings; returns the session too, whose cache
-    /// holds every owning layer's K/V of this run.
-    pub fn full(&self, map: &ShareMap) -> Result<(MapRun, Session<'m>), CalibrateError> {
-        self.full_with(map, self.logits)
-    }
-
-    fn full_with(
-        &self,
-        map: &ShareMap,
-        logits: bool,
-    ) -> Result<(MapRun, Session<'m>), CalibrateError> {
-        let mut session = self.session(map)?;
-        let out = session.eval_packed(&self.set.tokens, self.set.seq_len, self.request(logits))?;
-        let run = MapRun {
-            map: map.clone(),
-            layer_inputs: out
-                .layer_inputs
-                .into_iter()
-                .map(|(_, x)| Arc::new(x))
-                .collect(),
-            hidden: out.hidden.unwrap_or_default(),
-            logits: out.logits,
-            start: 0,
-        };
-        Ok((run, session))
-    }
-
-    /// Runs `current.map` with `layer` reading `source`'s cache, recomputing only
-    /// from `start_layer` on; the layer inputs below it are `current`'s.
-    pub fn candidate(
-        &self,
-        current: &MapRun,
-        layer: usize,
-        source: usize,
-    ) -> Result<MapRun, CalibrateError> {
-        self.candidate_with(current, layer, source, self.logits)
-    }
-
-    fn candidate_with(
-        &self,
-        current: &MapRun,
-        layer: usize,
-        source: usize,
-        logits: bool,
-    ) -> Result<MapRun, CalibrateError> {
-        let map = current.map.with_shared(layer, source)?;
-        let start = start_layer(&map, layer);
-        if start == 0 {
-            let (run, _) = self.full_with(&map, logits)?;
-            return Ok(run);
-        }
-        let mut session = self.session(&map)?;
-        let out = session.eval_packed_from(
-            &self.set.tokens,
-            self.set.seq_len,
-            Some((start, current.layer_inputs[start].as_slice())),
-            self.request(logits),
-        )?;
-        let mut layer_inputs = current.layer_inputs[..start].to_vec();
-        layer_inputs.extend(out.layer_inputs.into_iter().map(|(_, x)| Arc::new(x)));
-        Ok(MapRun {
-            map,
-            layer_inputs,
-            hidden: out.hidden.unwrap_or_default(),
-            logits: out.logits,
-            start,
-        })
-    }
-
-    /// Mean over texts of the cosine of each text's flattened final hidden states.
-    pub fn mean_cosine(&self, base_hidden: &[f32], hidden: &[f32]) -> f32 {
-        mean_text_cosine(
-            base_hidden,
-            hidden,
-            self.set.seq_len * self.model.config.n_embd,
-        )
-    }
-}
-
-/// The stepwise searches on the CPU: candidates run from the current map's cached
-/// layer inputs.
-impl MapEvaluator for PrefixEvaluator<'_> {
-    fn model(&self) -> &Model {
-        self.model
-    }
-
-    fn capture(&mut self, logits: bool) -> Result<(MapRun, Capture), CalibrateError> {
-        let identity = ShareMap::identity(self.model.config.n_layers);
-        let (run, session) = self.full_with(&identity, logits)?;
-        let cap = capture_from_session(&session, self.set, run.hidden.clone())?;
-        Ok((run, cap))
-    }
-
-    fn run_map(&mut self, map: &ShareMap, logits: bool) -> Result<MapRun, CalibrateError> {
-        Ok(self.full_with(map, logits)?.0)
-    }
-
-    fn run_candidate(
-        &mut self,
-        current: &MapRun,
-        layer: usize,
-        source: usize,
-        logits: bool,
-    ) -> Result<MapRun, CalibrateError> {
-        self.candidate_with(current, layer, source, logits)
-    }
-}
-
 /// Both objectives of one map.
 #[derive(Clone, Copy, Debug)]
 struct Scores {
@@ -462,11 +285,11 @@ pub fn run(
     let set = prepare(tokenizer, corpus, opts.samples, opts.tokens)?;
     match strat.strategy {
         Strategy::Paper => {
-            let mut eval = calibrate::Evaluator::new(model, &set, opts.threads);
+            let mut eval = Evaluator::cpu(model, &set, opts.threads, false)?.without_prefix();
             run_with(&mut eval, &set, corpus, opts, strat, progress)
         }
         Strategy::Greedy | Strategy::Beam => {
-            let mut eval = PrefixEvaluator::new(model, &set, opts.threads, false);
+            let mut eval = Evaluator::cpu(model, &set, opts.threads, false)?;
             run_with(&mut eval, &set, corpus, opts, strat, progress)
         }
     }
@@ -476,7 +299,7 @@ pub fn run(
 /// `corpus`) is what `eval` runs. `paper` is `calibrate::search_with`, followed by
 /// one measurement of the KL divergence of the map it found.
 pub fn run_with(
-    eval: &mut dyn MapEvaluator,
+    eval: &mut Evaluator<'_>,
     set: &CalibrationSet,
     corpus: &Corpus,
     opts: &CalibrationOptions,
@@ -541,13 +364,13 @@ pub fn measure_kld(
     threads: usize,
     map: &ShareMap,
 ) -> Result<f32, CalibrateError> {
-    let mut eval = PrefixEvaluator::new(model, set, threads, true);
+    let mut eval = Evaluator::cpu(model, set, threads, true)?;
     measure_kld_with(&mut eval, threads, map)
 }
 
 /// `measure_kld` with any backend's evaluator.
 pub fn measure_kld_with(
-    eval: &mut dyn MapEvaluator,
+    eval: &mut Evaluator<'_>,
     threads: usize,
     map: &ShareMap,
 ) -> Result<f32, CalibrateError> {
@@ -598,7 +421,7 @@ struct BeamEntry {
 }
 
 fn stepwise(
-    eval: &mut dyn MapEvaluator,
+    eval: &mut Evaluator<'_>,
     set: &CalibrationSet,
     corpus: &Corpus,
     opts: &CalibrationOptions,

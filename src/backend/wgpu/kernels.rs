@@ -703,10 +703,9 @@ impl KernelHarness {
     ) -> Result<Vec<f32>, GpuError> {
         let row_bytes = Self::weight_check(ty, table, n_rows, k)?;
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= n_rows) {
-            return Err(GpuError::BadToken {
-                id: bad,
-                n_vocab: n_rows,
-            });
+            return Err(GpuError::BadInput(format!(
+                "row id {bad} is outside the table's {n_rows} rows"
+            )));
         }
         let w = storage_with(&self.ctx, "table", table);
         let tok = storage_with(&self.ctx, "ids", bytemuck::cast_slice(ids));
@@ -947,7 +946,7 @@ impl KernelHarness {
     /// Index of the largest value (lowest index on ties; NaN never wins).
     pub fn argmax(&self, x: &[f32]) -> Result<u32, GpuError> {
         if x.is_empty() {
-            return Err(GpuError::Empty);
+            return Err(GpuError::BadInput("argmax of an empty vector".into()));
         }
         let xb = storage_with(&self.ctx, "x", f32_bytes(x));
         let r = storage(&self.ctx, "r", 4);

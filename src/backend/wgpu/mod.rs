@@ -4,21 +4,18 @@
 //! dequantizes blocks as it reads them (`shaders/quant.wgsl`), so GPU memory holds
 //! the file's bytes and nothing more. `GpuSession` is the run state (KV slots for
 //! the owning layers of a `ShareMap`, activations, pipelines and bind groups built
-//! once); its `eval` mirrors `session::Session::eval`. `GpuSession::sibling` opens a
+//! once); it is a `runtime::RunState` like the ggml `Session`. `GpuSession::sibling_with` opens a
 //! second run state on a session's device, kernels and weights (perplexity's
-//! base/test comparison). `GpuEvaluator` runs the
-//! sharing search's calibration passes on it. `KernelHarness` runs single kernels on
-//! host data, for the parity tests.
+//! base/test comparison). `KernelHarness` runs single kernels on host data, for the
+//! parity tests.
 
-mod calibration;
 mod device;
 mod kernels;
 mod session;
 
-pub use calibration::GpuEvaluator;
 pub use device::{AdapterPolicy, GpuContext};
 pub use kernels::{AttentionPath, KernelHarness};
-pub use session::{GpuOptions, GpuSession};
+pub use session::{GpuOptions, GpuSession, CAPABILITIES};
 
 use crate::gguf::GgmlType;
 
@@ -64,12 +61,6 @@ pub enum GpuError {
     MissingTensor(String),
     #[error("sharing map has {map} layers but the model has {model}")]
     MapMismatch { map: usize, model: usize },
-    #[error("the context is full: {needed} tokens needed but the context holds {n_ctx} (hint: raise -c/--ctx-size)")]
-    ContextFull { needed: usize, n_ctx: usize },
-    #[error("token id {id} is outside the vocabulary ({n_vocab} tokens)")]
-    BadToken { id: u32, n_vocab: usize },
-    #[error("nothing to evaluate: the token list is empty")]
-    Empty,
     #[error("kernel input: {0}")]
     BadInput(String),
     #[error("GPU error during {during}: {message}")]
@@ -77,4 +68,10 @@ pub enum GpuError {
         during: &'static str,
         message: String,
     },
+}
+
+impl From<GpuError> for crate::runtime::error::RuntimeError {
+    fn from(e: GpuError) -> Self {
+        crate::runtime::error::RuntimeError::backend(e)
+    }
 }

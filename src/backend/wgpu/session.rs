@@ -13,9 +13,13 @@ use super::kernels::{
     tiled_grid, uniform, Kernels, MAX_HEAD_DIM, SPLIT_LEN,
 };
 use super::{GpuError, GPU_WEIGHT_TYPES};
-use crate::backend::graph::Logits;
 use crate::gguf::GgmlType;
 use crate::model::Model;
+use crate::runtime::chunks;
+use crate::runtime::error::RuntimeError;
+use crate::runtime::options::{Capabilities, RunOptions};
+use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits};
+use crate::runtime::state::RunState;
 use crate::share::ShareMap;
 
 #[derive(Clone, Debug)]
@@ -33,6 +37,28 @@ pub struct GpuOptions {
     /// f32 activations, closer to exact arithmetic.
     pub ggml_activation_rounding: bool,
 }
+
+impl GpuOptions {
+    /// The GPU options for what a caller asks of any run state.
+    pub fn from_run(opts: &RunOptions, policy: AdapterPolicy) -> Self {
+        GpuOptions {
+            n_ctx: opts.n_ctx,
+            n_batch: opts.n_batch,
+            policy,
+            ..Default::default()
+        }
+    }
+}
+
+/// What the WGSL forward pass can do: a plain f16 cache, no window, no context
+/// shift, one text per pass.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    backend: "wgpu",
+    cache_types: &[GgmlType::F16],
+    window: false,
+    context_shift: false,
+    packed: false,
+};
 
 impl Default for GpuOptions {
     fn default() -> Self {
@@ -147,6 +173,18 @@ impl<'m> GpuSession<'m> {
         Self::build(model, map, opts, ctx, WeightSet::default(), None)
     }
 
+    /// A session for `RunOptions` on an adapter `policy` accepts; options beyond
+    /// `CAPABILITIES` are refused before any adapter is opened.
+    pub fn open(
+        model: &'m Model,
+        map: &ShareMap,
+        opts: &RunOptions,
+        policy: AdapterPolicy,
+    ) -> Result<Self, RuntimeError> {
+        CAPABILITIES.check(opts)?;
+        Ok(Self::new(model, map, &GpuOptions::from_run(opts, policy))?)
+    }
+
     /// A second session over the same model on this session's device: it shares
     /// the device and queue, the compiled kernels and the uploaded weights, and
     /// has its own KV slots, activations and recorded forward pass for `map` and
@@ -154,7 +192,11 @@ impl<'m> GpuSession<'m> {
     /// are uploaded for the sibling only where `map` needs them. `opts.policy` is
     /// only checked: a sibling of a software adapter's session refuses
     /// `HardwareOnly`. Running either session leaves the other's state untouched.
-    pub fn sibling(&self, map: &ShareMap, opts: &GpuOptions) -> Result<GpuSession<'m>, GpuError> {
+    pub fn sibling_with(
+        &self,
+        map: &ShareMap,
+        opts: &GpuOptions,
+    ) -> Result<GpuSession<'m>, GpuError> {
         check_request(self.model, map, opts)?;
         if opts.policy == AdapterPolicy::HardwareOnly && self.parts.ctx.is_software() {
             return Err(GpuError::SoftwareOnly(self.parts.ctx.adapter_description()));
@@ -399,14 +441,6 @@ impl<'m> GpuSession<'m> {
         })
     }
 
-    pub fn model(&self) -> &'m Model {
-        self.model
-    }
-
-    pub fn map(&self) -> &ShareMap {
-        &self.map
-    }
-
     pub fn adapter_description(&self) -> String {
         self.parts.ctx.adapter_description()
     }
@@ -415,22 +449,9 @@ impl<'m> GpuSession<'m> {
         self.parts.ctx.is_software()
     }
 
-    pub fn n_past(&self) -> usize {
-        self.n_past
-    }
-
-    pub fn n_ctx(&self) -> usize {
-        self.n_ctx
-    }
-
     /// Tokens per forward pass.
     pub fn n_batch(&self) -> usize {
         self.n_batch
-    }
-
-    /// Bytes of KV storage on the GPU (f16 slots of the owning layers only).
-    pub fn kv_bytes(&self) -> usize {
-        self.kv_bytes
     }
 
     /// KV slots allocated: one per owning layer.
@@ -461,17 +482,13 @@ impl<'m> GpuSession<'m> {
         self.parts.ctx.same_device(&other.parts.ctx)
     }
 
-    pub fn reset(&mut self) {
-        self.n_past = 0;
-    }
-
     /// Records the forward pass of another sharing map over the same weights and
     /// slots, and empties the context (the cells' meaning changes with the map).
     /// Every layer that owns its cache in `map` must have owned it in the map the
     /// session was built with (its slot and K/V weights exist only then): a session
     /// built with the identity map takes any map. Used by the sharing search, which
     /// measures many maps; KV memory stays what the first map allocated.
-    pub fn set_map(&mut self, map: &ShareMap) -> Result<(), GpuError> {
+    fn record_map(&mut self, map: &ShareMap) -> Result<(), GpuError> {
         if map.n_layers() != self.model.config.n_layers {
             return Err(GpuError::MapMismatch {
                 map: map.n_layers(),
@@ -490,7 +507,7 @@ impl<'m> GpuSession<'m> {
         &mut self,
         tokens: &[u32],
         logits: Logits,
-    ) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
+    ) -> Result<(Vec<f32>, Vec<f32>), RuntimeError> {
         self.eval_reading(tokens, logits, true)
     }
 
@@ -501,23 +518,13 @@ impl<'m> GpuSession<'m> {
         tokens: &[u32],
         logits: Logits,
         hidden: bool,
-    ) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
+    ) -> Result<(Vec<f32>, Vec<f32>), RuntimeError> {
         self.check(tokens)?;
         let (n_vocab, n_embd) = (self.model.config.n_vocab, self.model.config.n_embd);
         let mut out = Vec::new();
         let mut states = Vec::new();
-        let chunks: Vec<&[u32]> = tokens.chunks(self.n_batch).collect();
-        for (i, chunk) in chunks.iter().enumerate() {
-            let last = i + 1 == chunks.len();
-            let want = match logits {
-                Logits::Last if !last => Logits::None,
-                other => other,
-            };
-            let rows = match want {
-                Logits::All => chunk.len(),
-                Logits::Last => 1,
-                Logits::None => 0,
-            };
+        for (chunk, want) in chunks::plan(tokens, self.n_batch, logits) {
+            let rows = want.rows(chunk.len());
             let bytes = self.pass(chunk, want, false, (rows * n_vocab * 4) as u64)?;
             out.extend(bytes.chunks_exact(4).map(le_f32));
             if !hidden {
@@ -546,7 +553,7 @@ impl<'m> GpuSession<'m> {
 
     /// The keys (post-RoPE) and values that `layer` attends over, at cache cells
     /// `0..rows`, as f32 `[rows][n_embd_kv]` each (the cache holds f16).
-    pub fn read_kv(&self, layer: usize, rows: usize) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
+    fn read_kv_rows(&self, layer: usize, rows: usize) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
         let n_layers = self.model.config.n_layers;
         if layer >= n_layers {
             return Err(GpuError::BadInput(format!(
@@ -594,25 +601,13 @@ impl<'m> GpuSession<'m> {
         Ok((k, v))
     }
 
-    /// Drops everything after the first `n` tokens (later cells are never read).
-    pub fn truncate(&mut self, n: usize) {
-        self.n_past = self.n_past.min(n);
-    }
-
-    /// Appends `tokens` and returns logits: the last token's, every token's, or none.
-    pub fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, GpuError> {
-        Ok(self.eval_reading(tokens, logits, false)?.0)
-    }
-
     /// Appends `tokens` and returns the id of the last token's largest logit,
     /// computed on the GPU (greedy decoding reads back 4 bytes, not the vocabulary).
-    pub fn eval_argmax(&mut self, tokens: &[u32]) -> Result<u32, GpuError> {
+    pub fn eval_argmax(&mut self, tokens: &[u32]) -> Result<u32, RuntimeError> {
         self.check(tokens)?;
-        let chunks: Vec<&[u32]> = tokens.chunks(self.n_batch).collect();
         let mut id = 0;
-        for (i, chunk) in chunks.iter().enumerate() {
-            let last = i + 1 == chunks.len();
-            let want = if last { Logits::Last } else { Logits::None };
+        for (chunk, want) in chunks::plan(tokens, self.n_batch, Logits::Last) {
+            let last = want == Logits::Last;
             let bytes = self.pass(chunk, want, last, if last { 4 } else { 0 })?;
             if last {
                 id = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
@@ -621,22 +616,8 @@ impl<'m> GpuSession<'m> {
         Ok(id)
     }
 
-    fn check(&self, tokens: &[u32]) -> Result<(), GpuError> {
-        if tokens.is_empty() {
-            return Err(GpuError::Empty);
-        }
-        let needed = self.n_past + tokens.len();
-        if needed > self.n_ctx {
-            return Err(GpuError::ContextFull {
-                needed,
-                n_ctx: self.n_ctx,
-            });
-        }
-        let n_vocab = self.model.config.n_vocab;
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
-            return Err(GpuError::BadToken { id, n_vocab });
-        }
-        Ok(())
+    fn check(&self, tokens: &[u32]) -> Result<(), RuntimeError> {
+        chunks::check_tokens(tokens, self.n_past, self.n_ctx, self.model.config.n_vocab)
     }
 
     /// One forward pass of at most n_batch tokens at position n_past: one command
@@ -1110,27 +1091,103 @@ fn le_f32(b: &[u8]) -> f32 {
     f32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-impl crate::generate::TokenEval for GpuSession<'_> {
-    type Error = GpuError;
-    fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, GpuError> {
-        GpuSession::eval(self, tokens, logits)
+impl<'m> RunState<'m> for GpuSession<'m> {
+    fn model(&self) -> &'m Model {
+        self.model
     }
+
+    fn map(&self) -> &ShareMap {
+        &self.map
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    fn describe(&self) -> String {
+        format!("wgpu on {}", self.adapter_description())
+    }
+
+    fn on_gpu(&self) -> bool {
+        true
+    }
+
     fn n_past(&self) -> usize {
         self.n_past
     }
+
     fn n_ctx(&self) -> usize {
         self.n_ctx
     }
-}
 
-impl crate::eval::ChunkEval for GpuSession<'_> {
     fn reset(&mut self) {
-        GpuSession::reset(self)
+        self.n_past = 0;
     }
-    fn n_vocab(&self) -> usize {
-        self.model().config.n_vocab
+
+    /// Later cells are never read.
+    fn truncate(&mut self, n: usize) {
+        self.n_past = self.n_past.min(n);
     }
+
+    /// Logits and final hidden states; the WGSL pass keeps no per-layer inputs.
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        req: ForwardRequest,
+    ) -> Result<ForwardOutput, RuntimeError> {
+        let (logits, hidden) = self.eval_reading(tokens, req.logits, req.hidden)?;
+        Ok(ForwardOutput {
+            logit_rows: logits.len() / self.model.config.n_vocab.max(1),
+            logits,
+            hidden: req.hidden.then_some(hidden),
+            layer_inputs: Vec::new(),
+        })
+    }
+
     fn kv_bytes(&self) -> usize {
-        GpuSession::kv_bytes(self)
+        self.kv_bytes
+    }
+
+    fn kv_bytes_per_token(&self) -> (usize, usize) {
+        let per_layer = 2 * GgmlType::F16
+            .row_bytes(self.model.config.n_embd_kv() as u64)
+            .unwrap_or(0) as usize;
+        (
+            self.n_slots() * per_layer,
+            self.model.config.n_layers * per_layer,
+        )
+    }
+
+    fn read_kv(
+        &self,
+        layer: usize,
+        rows: std::ops::Range<usize>,
+    ) -> Result<(Vec<f32>, Vec<f32>), RuntimeError> {
+        let width = self.model.config.n_embd_kv();
+        let (mut k, mut v) = self.read_kv_rows(layer, rows.end)?;
+        let skip = rows.start.min(rows.end) * width;
+        k.drain(..skip);
+        v.drain(..skip);
+        Ok((k, v))
+    }
+
+    fn set_map(&mut self, map: &ShareMap) -> Result<(), RuntimeError> {
+        Ok(self.record_map(map)?)
+    }
+
+    fn sibling(
+        &self,
+        map: &ShareMap,
+        opts: &RunOptions,
+    ) -> Result<Box<dyn RunState<'m> + 'm>, RuntimeError> {
+        CAPABILITIES.check(opts)?;
+        let policy = if self.is_software() {
+            AdapterPolicy::Any
+        } else {
+            AdapterPolicy::HardwareOnly
+        };
+        Ok(Box::new(
+            self.sibling_with(map, &GpuOptions::from_run(opts, policy))?,
+        ))
     }
 }

@@ -4,15 +4,14 @@
 
 use std::ops::ControlFlow;
 
-use kvsharer::backend::graph::Logits;
 use kvsharer::chat::{ChatError, ChatTemplate, Message, Role};
-use kvsharer::eval::ChunkEval;
-use kvsharer::generate::{generate, GenerateOptions, GenerationStats, TokenEval};
+use kvsharer::generate::{generate, GenerateOptions, GenerationStats};
+use kvsharer::runtime::Logits;
 use kvsharer::sample::Sampler;
 use kvsharer::tokenizer::{Tokenizer, TokenizerError};
 
 use super::conversation::{fit_to_budget, plan_cache_sync, CachePlan};
-use crate::cli::Runner;
+use kvsharer::runtime::RunState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TurnError {
@@ -22,6 +21,8 @@ pub enum TurnError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Backend(#[from] anyhow::Error),
+    #[error(transparent)]
+    Runtime(#[from] kvsharer::runtime::RuntimeError),
     #[error(
         "the message does not fit: with only the system prompt kept the conversation is {tokens} tokens \
          and the context holds {n_ctx} (hint: shorten the message or raise -c/--ctx-size)"
@@ -39,7 +40,7 @@ pub struct PreparedTurn {
 }
 
 pub struct ChatEngine<'m> {
-    session: Runner<'m>,
+    session: Box<dyn RunState<'m> + 'm>,
     tokenizer: &'m Tokenizer,
     template: ChatTemplate,
     sampler: Sampler,
@@ -56,7 +57,7 @@ pub struct ChatEngine<'m> {
 
 impl<'m> ChatEngine<'m> {
     pub fn new(
-        session: Runner<'m>,
+        session: Box<dyn RunState<'m> + 'm>,
         tokenizer: &'m Tokenizer,
         template: ChatTemplate,
         sampler: Sampler,
@@ -81,8 +82,8 @@ impl<'m> ChatEngine<'m> {
         Ok(engine)
     }
 
-    pub fn session(&self) -> &Runner<'m> {
-        &self.session
+    pub fn session(&self) -> &dyn RunState<'m> {
+        self.session.as_ref()
     }
 
     pub fn messages(&self) -> &[Message] {
@@ -192,7 +193,7 @@ impl<'m> ChatEngine<'m> {
             ignore_eos: false,
         };
         let stats = generate(
-            &mut self.session,
+            self.session.as_mut(),
             tokenizer,
             &mut self.sampler,
             &prompt,
@@ -318,7 +319,8 @@ impl<'m> ChatEngine<'m> {
         let start = plan.keep + plan.discard;
         self.session.truncate(start + plan.retain);
         self.cached.truncate(start + plan.retain);
-        if self.session.context_shift(plan.keep, plan.discard)? {
+        if self.session.capabilities().context_shift {
+            self.session.context_shift(plan.keep, plan.discard)?;
             self.cached.drain(plan.keep..start);
         } else {
             self.session.truncate(plan.keep);
@@ -343,9 +345,10 @@ impl<'m> ChatEngine<'m> {
 mod tests {
     use std::path::PathBuf;
 
+    use kvsharer::backend::ggml::Session;
     use kvsharer::loader::{self, LoadedModel};
+    use kvsharer::runtime::RunOptions;
     use kvsharer::sample::SamplingParams;
-    use kvsharer::session::{Session, SessionOptions};
     use kvsharer::share::ShareMap;
 
     use super::*;
@@ -359,12 +362,12 @@ mod tests {
         loader::load(&path).expect("model loads")
     }
 
-    fn options() -> SessionOptions {
-        SessionOptions {
+    fn options() -> RunOptions {
+        RunOptions {
             n_ctx: 256,
             n_batch: 64,
             n_threads: 2,
-            ..SessionOptions::default()
+            ..RunOptions::default()
         }
     }
 
@@ -399,7 +402,7 @@ mod tests {
         let new = enc("<|im_start|>user\nAnd a fruit?<|im_end|>\n<|im_start|>assistant\n");
 
         let template = ChatTemplate::new(None, "", "").unwrap();
-        let session = Runner::Ggml(Session::new(&loaded.model, &map, &options()).unwrap());
+        let session = Box::new(Session::new(&loaded.model, &map, &options()).unwrap());
         let sampler = Sampler::new(SamplingParams::default());
         let mut engine = ChatEngine::new(session, tok, template, sampler, None, None).unwrap();
         let before = [system.as_slice(), &dropped, &kept].concat();

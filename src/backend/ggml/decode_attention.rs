@@ -186,7 +186,7 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::ggml::{dequantize, quantize};
+    use crate::backend::ggml::ffi::{dequantize, quantize};
     use half::f16;
 
     /// Plain f64 softmax attention for one query head over f32 rows; `bias[t]` is

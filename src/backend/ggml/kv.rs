@@ -4,9 +4,10 @@
 
 use std::ops::Range;
 
-use crate::backend::ggml::{dequantize, row_size, GgmlBackend, GgmlError, Tensor, TensorArena};
+use super::ffi::{dequantize, row_size, GgmlBackend, GgmlError, Tensor, TensorArena};
 use crate::gguf::GgmlType;
 use crate::model::LlamaConfig;
+use crate::runtime::options::CACHE_TYPES;
 use crate::share::ShareMap;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,22 +28,6 @@ pub enum KvError {
     },
     #[error("context size must be at least 1")]
     EmptyContext,
-}
-
-/// Element types a cache slot may use, as llama.cpp's `--cache-type-k/-v` spell them.
-pub const CACHE_TYPES: &[(&str, GgmlType)] = &[
-    ("f16", GgmlType::F16),
-    ("f32", GgmlType::F32),
-    ("q8_0", GgmlType::Q8_0),
-    ("q4_0", GgmlType::Q4_0),
-];
-
-pub fn parse_cache_type(name: &str) -> Result<GgmlType, KvError> {
-    CACHE_TYPES
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, t)| *t)
-        .ok_or_else(|| KvError::UnsupportedType(name.to_string()))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,15 +192,4 @@ impl KvCache {
     pub fn clear(&self) {
         self.arena.clear();
     }
-}
-
-/// KV bytes per token for a config, a map and cache types, without allocating.
-pub fn bytes_per_token(
-    config: &LlamaConfig,
-    map: &ShareMap,
-    type_k: GgmlType,
-    type_v: GgmlType,
-) -> usize {
-    let n = config.n_embd_kv() as i64;
-    map.owner_count() * (row_size(type_k, n) + row_size(type_v, n))
 }

@@ -6,41 +6,12 @@
 //! RMSNorm -> Q/K/V -> RoPE (NORM) -> cache write -> flash attention (f16 cache,
 //! f32 accumulation) -> Wo -> residual -> RMSNorm -> SwiGLU FFN -> residual.
 
-use crate::backend::decode_attention;
-use crate::backend::ggml::{GgmlBackend, GgmlError, GraphAllocator, GraphCtx, RopeParams, Tensor};
+use super::ffi::{GgmlBackend, GgmlError, GraphAllocator, GraphCtx, RopeParams, Tensor};
+use crate::backend::ggml::decode_attention;
+use crate::backend::ggml::kv::KvCache;
 use crate::gguf::GgmlType;
-use crate::kv::KvCache;
 use crate::model::{Model, PlacedWeights};
-
-/// Which rows of logits a forward pass returns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Logits {
-    /// Only the last token's (generation).
-    Last,
-    /// Every token's (perplexity, parity tests).
-    All,
-    /// None (prefill of a prompt whose logits are not needed, calibration capture).
-    None,
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct ForwardRequest {
-    pub logits: Logits,
-    /// Also return the final hidden states (after the output norm) of every token.
-    pub hidden: bool,
-    /// Also return the residual stream entering every layer that runs (all tokens).
-    pub layer_inputs: bool,
-}
-
-impl ForwardRequest {
-    pub fn logits(logits: Logits) -> Self {
-        ForwardRequest {
-            logits,
-            hidden: false,
-            layer_inputs: false,
-        }
-    }
-}
+use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits};
 
 /// Where a forward pass starts: at the token embeddings, or at layer `layer` with
 /// a given residual stream (`[n_tokens][n_embd]`, as captured by `layer_inputs`).
@@ -76,17 +47,6 @@ impl Layout {
             Layout::Packed { seq_len } => row - row % seq_len,
         }
     }
-}
-
-#[derive(Debug, Default)]
-pub struct ForwardOutput {
-    /// Row-major `[rows][n_vocab]`.
-    pub logits: Vec<f32>,
-    pub logit_rows: usize,
-    /// Row-major `[n_tokens][n_embd]` when requested.
-    pub hidden: Option<Vec<f32>>,
-    /// `(layer, [n_tokens][n_embd])` for every layer that ran, when requested.
-    pub layer_inputs: Vec<(usize, Vec<f32>)>,
 }
 
 /// Mask rows are padded to this many cache cells, as llama.cpp does for flash
@@ -232,7 +192,7 @@ fn build(
     let rope_freqs = w.rope_freqs.map(|i| weights.get(i));
     let kq_scale = 1.0 / (c.head_dim as f32).sqrt();
     // One new token over a quantized cache on the CPU: kvsharer's grouped kernel
-    // (see `backend::decode_attention` for why; a custom op runs only on ggml's CPU
+    // (see `backend::ggml::decode_attention` for why; a custom op runs only on ggml's CPU
     // backend); everything else: ggml's flash attention.
     let use_decode_kernel = n == 1
         && shape.on_cpu

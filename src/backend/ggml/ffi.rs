@@ -16,7 +16,7 @@ use std::ptr::NonNull;
 
 use llama_cpp_sys_2 as sys;
 
-use crate::backend::decode_attention;
+use crate::backend::ggml::decode_attention;
 use crate::gguf::GgmlType;
 
 #[derive(Debug, thiserror::Error)]
@@ -971,7 +971,7 @@ impl GraphCtx {
 impl GraphCtx {
     /// Attention of one token (`q`: `[head_dim, n_head, 1]` f32, after RoPE) over the
     /// first `mask.ne[0]` cells of a quantized cache slot pair, by kvsharer's own
-    /// kernel (`backend::decode_attention`). Result: `[head_dim, n_head, 1]`, as
+    /// kernel (`backend::ggml::decode_attention`). Result: `[head_dim, n_head, 1]`, as
     /// `flash_attn` gives. Only for the types in `DECODE_CACHE_TYPES`.
     pub fn decode_attention<'a>(
         &'a self,

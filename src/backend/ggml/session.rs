@@ -1,0 +1,418 @@
+//! The ggml run state for one conversation or evaluation (llama2.c's `RunState`):
+//! the KV cache sized for the owning layers of a `ShareMap`, the position, and the
+//! graph memory.
+
+use std::ops::Range;
+
+use super::ffi::{DeviceKind, GgmlBackend, GgmlError, GraphAllocator};
+use super::forward::{self, GraphCache, Layout, Start};
+use super::kv::{KvCache, KvError, KvPart};
+use crate::gguf::GgmlType;
+use crate::model::{Model, ModelError, PlacedWeights};
+use crate::runtime::chunks;
+use crate::runtime::error::RuntimeError;
+use crate::runtime::options::{Capabilities, KvWindow, RunOptions};
+use crate::runtime::request::{ForwardOutput, ForwardRequest, PackedBatch};
+use crate::runtime::state::RunState;
+use crate::share::ShareMap;
+
+/// Why a ggml session could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Ggml(#[from] GgmlError),
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("KV window: {0}")]
+    Window(String),
+}
+
+impl From<GgmlError> for RuntimeError {
+    fn from(e: GgmlError) -> Self {
+        RuntimeError::backend(e)
+    }
+}
+
+impl From<KvError> for RuntimeError {
+    fn from(e: KvError) -> Self {
+        RuntimeError::backend(e)
+    }
+}
+
+impl From<SessionError> for RuntimeError {
+    fn from(e: SessionError) -> Self {
+        RuntimeError::backend(e)
+    }
+}
+
+/// Every type of `runtime::options::CACHE_TYPES`: ggml stores and reads them all.
+const GGML_CACHE_TYPES: &[GgmlType] =
+    &[GgmlType::F16, GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_0];
+
+// Fields drop in order: graphs and buffers go before the backend that made them.
+pub struct Session<'m> {
+    model: &'m Model,
+    graphs: GraphCache,
+    alloc: GraphAllocator,
+    cache: KvCache,
+    weights: PlacedWeights<'m>,
+    n_past: usize,
+    n_batch: usize,
+    window: Option<KvWindow>,
+    evicted: usize,
+    /// What the session was opened with (a sibling or a new map reuses it).
+    opts: RunOptions,
+    backend: GgmlBackend,
+}
+
+impl<'m> Session<'m> {
+    /// A session on ggml's CPU backend.
+    pub fn new(model: &'m Model, map: &ShareMap, opts: &RunOptions) -> Result<Self, SessionError> {
+        Self::on_device(DeviceKind::Cpu, model, map, opts)
+    }
+
+    /// A session on a ggml backend device: the CPU reads the weights in place from
+    /// the mapped file; a GPU device gets them copied into its memory (shared with
+    /// other sessions of the model on that device), and holds the KV cache and graph
+    /// memory in its own buffers.
+    pub fn on_device(
+        device: DeviceKind,
+        model: &'m Model,
+        map: &ShareMap,
+        opts: &RunOptions,
+    ) -> Result<Self, SessionError> {
+        let backend = GgmlBackend::on_device(device, opts.n_threads)?;
+        let cache = Self::cache_for(model, map, opts, &backend)?;
+        let weights = model.weights_for(&backend)?;
+        let alloc = GraphAllocator::new(&backend)?;
+        Ok(Session {
+            model,
+            graphs: GraphCache::default(),
+            alloc,
+            cache,
+            weights,
+            n_past: 0,
+            n_batch: opts.n_batch.max(1),
+            window: opts.window,
+            evicted: 0,
+            opts: opts.clone(),
+            backend,
+        })
+    }
+
+    fn cache_for(
+        model: &Model,
+        map: &ShareMap,
+        opts: &RunOptions,
+        backend: &GgmlBackend,
+    ) -> Result<KvCache, SessionError> {
+        let n_cells = match opts.window {
+            Some(w) if w.recent == 0 => {
+                return Err(SessionError::Window(
+                    "the window must keep at least 1 recent token".into(),
+                ))
+            }
+            Some(w) => w.cells(),
+            None => opts.n_ctx,
+        };
+        Ok(KvCache::new(
+            &model.config,
+            map,
+            n_cells,
+            opts.type_k,
+            opts.type_v,
+            backend,
+        )?)
+    }
+
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    pub fn set_threads(&mut self, n: usize) {
+        self.backend.set_threads(n);
+    }
+
+    /// The ggml backend this session runs on (`is_cpu`, `device_name`).
+    pub fn backend(&self) -> &GgmlBackend {
+        &self.backend
+    }
+
+    /// Tokens evicted by the window so far.
+    pub fn evicted(&self) -> usize {
+        self.evicted
+    }
+
+    /// Evaluates `tokens` as independent texts of `seq_len` tokens each, packed into
+    /// one cache from row 0 (each attends only to itself, positions restart at 0).
+    /// Replaces whatever the session held.
+    pub fn eval_packed(
+        &mut self,
+        tokens: &[u32],
+        seq_len: usize,
+        req: ForwardRequest,
+    ) -> Result<ForwardOutput, RuntimeError> {
+        self.forward_packed(
+            PackedBatch {
+                tokens,
+                seq_len,
+                start: None,
+            },
+            req,
+        )
+    }
+
+    /// Runs `tokens` in passes of `chunk_len` from the current position.
+    fn eval_layout(
+        &mut self,
+        tokens: &[u32],
+        layout: Layout,
+        chunk_len: usize,
+        start: Start<'_>,
+        req: ForwardRequest,
+    ) -> Result<ForwardOutput, RuntimeError> {
+        chunks::check_tokens(
+            tokens,
+            self.n_past,
+            self.cache.n_ctx(),
+            self.model.config.n_vocab,
+        )?;
+        let mut out = ForwardOutput::default();
+        for (chunk, logits) in chunks::plan(tokens, chunk_len, req.logits) {
+            if self.window.is_some() {
+                // Windows shift the cache between blocks; keep their graphs fresh.
+                self.graphs = GraphCache::default();
+            }
+            let r = forward::forward(
+                self.model,
+                &self.weights,
+                &self.cache,
+                &self.backend,
+                &mut self.alloc,
+                &mut self.graphs,
+                chunk,
+                self.n_past,
+                layout,
+                start,
+                ForwardRequest { logits, ..req },
+            )?;
+            self.n_past += chunk.len();
+            out.append(r);
+        }
+        Ok(out)
+    }
+}
+
+impl<'m> RunState<'m> for Session<'m> {
+    fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    fn map(&self) -> &ShareMap {
+        self.cache.map()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            backend: self.backend.kind().name(),
+            cache_types: GGML_CACHE_TYPES,
+            window: true,
+            context_shift: true,
+            packed: true,
+        }
+    }
+
+    fn describe(&self) -> String {
+        if self.backend.is_cpu() {
+            format!("cpu (ggml) | {} threads", self.backend.threads())
+        } else {
+            format!(
+                "{} (ggml) on {}",
+                self.backend.kind(),
+                self.backend.device_name()
+            )
+        }
+    }
+
+    fn on_gpu(&self) -> bool {
+        !self.backend.is_cpu()
+    }
+
+    fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    fn n_ctx(&self) -> usize {
+        self.cache.n_ctx()
+    }
+
+    fn window(&self) -> Option<KvWindow> {
+        self.window
+    }
+
+    fn reset(&mut self) {
+        self.n_past = 0;
+        self.evicted = 0;
+    }
+
+    /// Cells past `n_past` are masked out, so their stale contents are never read.
+    fn truncate(&mut self, n: usize) {
+        self.n_past = self.n_past.min(n);
+    }
+
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        req: ForwardRequest,
+    ) -> Result<ForwardOutput, RuntimeError> {
+        let Some(w) = self.window else {
+            return self.eval_layout(tokens, Layout::Single, self.n_batch, Start::Tokens, req);
+        };
+        // With a window, evaluate in blocks of at most half the recent part, evicting
+        // just enough before each block that it fits: every token then sees the sink
+        // and at least half a window of recent context.
+        if tokens.is_empty() {
+            return Err(RuntimeError::Empty);
+        }
+        let block = (w.recent / 2).clamp(1, self.n_batch);
+        let mut out = ForwardOutput::default();
+        for (b, logits) in chunks::plan(tokens, block, req.logits) {
+            let overflow = (self.n_past + b.len()).saturating_sub(w.cells());
+            if overflow > 0 {
+                self.context_shift(w.sink, overflow)?;
+                self.evicted += overflow;
+            }
+            let r = self.eval_layout(
+                b,
+                Layout::Single,
+                block,
+                Start::Tokens,
+                ForwardRequest { logits, ..req },
+            )?;
+            out.append(r);
+        }
+        Ok(out)
+    }
+
+    /// Frees room in a full context the way llama.cpp's context shift does. Works
+    /// on every slot, so shared layers keep following their sources.
+    fn context_shift(&mut self, n_keep: usize, n_discard: usize) -> Result<(), RuntimeError> {
+        let n_keep = n_keep.min(self.n_past);
+        let n_discard = n_discard.min(self.n_past - n_keep);
+        if n_discard == 0 {
+            return Ok(());
+        }
+        let moved = n_keep + n_discard..self.n_past;
+        self.cache.move_rows(moved.clone(), n_keep);
+        let new_rows = n_keep..n_keep + moved.len();
+        forward::shift_keys(
+            self.model,
+            &self.weights,
+            &self.cache,
+            &self.backend,
+            &mut self.alloc,
+            new_rows,
+            -(n_discard as i32),
+        )?;
+        // The shift graph took over the allocator's memory, so a kept graph's
+        // tensors would point into freed buffers.
+        self.graphs = GraphCache::default();
+        self.n_past -= n_discard;
+        Ok(())
+    }
+
+    fn kv_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    fn kv_bytes_per_token(&self) -> (usize, usize) {
+        (
+            self.cache.bytes_per_token(),
+            self.cache.bytes_unshared() / self.cache.n_ctx(),
+        )
+    }
+
+    fn read_kv(
+        &self,
+        layer: usize,
+        rows: Range<usize>,
+    ) -> Result<(Vec<f32>, Vec<f32>), RuntimeError> {
+        if layer >= self.model.config.n_layers {
+            return Err(RuntimeError::InvalidRequest(format!(
+                "layer {layer} does not exist (the model has {})",
+                self.model.config.n_layers
+            )));
+        }
+        Ok((
+            self.cache
+                .read_rows_f32(layer, KvPart::Keys, rows.clone())?,
+            self.cache.read_rows_f32(layer, KvPart::Values, rows)?,
+        ))
+    }
+
+    fn set_map(&mut self, map: &ShareMap) -> Result<(), RuntimeError> {
+        if map != self.cache.map() {
+            // The cache holds slots for the owning layers only: lay it out anew.
+            self.cache = Self::cache_for(self.model, map, &self.opts, &self.backend)?;
+            self.graphs = GraphCache::default();
+        }
+        self.reset();
+        Ok(())
+    }
+
+    /// The whole batch runs in passes of whole texts; a mid-network start runs as
+    /// one graph (its input is the whole batch's residual stream).
+    fn forward_packed(
+        &mut self,
+        batch: PackedBatch<'_>,
+        req: ForwardRequest,
+    ) -> Result<ForwardOutput, RuntimeError> {
+        let PackedBatch {
+            tokens,
+            seq_len,
+            start,
+        } = batch;
+        if seq_len == 0 || !tokens.len().is_multiple_of(seq_len) {
+            return Err(RuntimeError::InvalidRequest(format!(
+                "{} tokens are not whole texts of {seq_len} tokens",
+                tokens.len()
+            )));
+        }
+        self.n_past = 0;
+        let start = match start {
+            None => Start::Tokens,
+            Some((layer, input)) => {
+                let n_embd = self.model.config.n_embd;
+                if layer >= self.model.config.n_layers || input.len() != tokens.len() * n_embd {
+                    return Err(RuntimeError::InvalidRequest(format!(
+                        "a packed start at layer {layer} needs {} input values, got {}",
+                        tokens.len() * n_embd,
+                        input.len()
+                    )));
+                }
+                Start::Layer { layer, input }
+            }
+        };
+        let chunk = match start {
+            Start::Tokens => (self.n_batch / seq_len).max(1) * seq_len,
+            Start::Layer { .. } => tokens.len(),
+        };
+        self.eval_layout(tokens, Layout::Packed { seq_len }, chunk, start, req)
+    }
+
+    fn sibling(
+        &self,
+        map: &ShareMap,
+        opts: &RunOptions,
+    ) -> Result<Box<dyn RunState<'m> + 'm>, RuntimeError> {
+        self.capabilities().check(opts)?;
+        Ok(Box::new(Session::on_device(
+            self.backend.kind(),
+            self.model,
+            map,
+            opts,
+        )?))
+    }
+}

@@ -1,0 +1,125 @@
+//! What a caller asks of a run state (`RunOptions`), and what a backend can give
+//! (`Capabilities`), checked against each other by the backend itself.
+
+use super::error::{Capability, RuntimeError};
+use crate::gguf::GgmlType;
+use crate::model::LlamaConfig;
+use crate::share::ShareMap;
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub n_ctx: usize,
+    /// Prompt tokens per forward pass during prefill (llama.cpp's `--batch-size`).
+    pub n_batch: usize,
+    pub n_threads: usize,
+    pub type_k: GgmlType,
+    pub type_v: GgmlType,
+    /// StreamingLLM-style eviction; when set, the cache holds exactly
+    /// `sink + recent` cells whatever `n_ctx` says.
+    pub window: Option<KvWindow>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            n_ctx: 4096,
+            n_batch: 512,
+            n_threads: default_threads(),
+            type_k: GgmlType::F16,
+            type_v: GgmlType::F16,
+            window: None,
+        }
+    }
+}
+
+/// Keep the first `sink` tokens and the `recent` most recent ones in every owning
+/// layer's slot (shared layers follow their sources). Older tokens are evicted as
+/// new ones arrive, and the kept ones are re-positioned (keys re-rotated), so
+/// memory is bounded and positions stay inside what the model was trained on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvWindow {
+    pub sink: usize,
+    pub recent: usize,
+}
+
+impl KvWindow {
+    pub fn cells(&self) -> usize {
+        self.sink + self.recent
+    }
+}
+
+/// Physical cores are what ggml scales with; without a reliable count, use all
+/// logical CPUs up to 8.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get().min(8))
+}
+
+/// Element types a cache slot may use, as llama.cpp's `--cache-type-k/-v` spell them.
+pub const CACHE_TYPES: &[(&str, GgmlType)] = &[
+    ("f16", GgmlType::F16),
+    ("f32", GgmlType::F32),
+    ("q8_0", GgmlType::Q8_0),
+    ("q4_0", GgmlType::Q4_0),
+];
+
+/// A cache type by its llama.cpp name (`f16`, `q8_0`, ...).
+pub fn parse_cache_type(name: &str) -> Result<GgmlType, RuntimeError> {
+    CACHE_TYPES
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, t)| *t)
+        .ok_or_else(|| RuntimeError::UnknownCacheType(name.to_string()))
+}
+
+/// KV bytes per token of context for `map` with the given cache types, without
+/// allocating anything: every owning layer holds one key row and one value row.
+pub fn kv_bytes_per_token(
+    config: &LlamaConfig,
+    map: &ShareMap,
+    type_k: GgmlType,
+    type_v: GgmlType,
+) -> usize {
+    let n = config.n_embd_kv() as u64;
+    let row = |t: GgmlType| t.row_bytes(n).unwrap_or(0) as usize;
+    map.owner_count() * (row(type_k) + row(type_v))
+}
+
+/// What a backend can do beyond plain f16 evaluation. Each backend states its own;
+/// `check` refuses options it cannot honour, naming the capability.
+#[derive(Clone, Copy, Debug)]
+pub struct Capabilities {
+    /// The backend's name in errors and status lines (`cpu`, `wgpu`, `vulkan`, ...).
+    pub backend: &'static str,
+    /// Types a KV cache slot may hold.
+    pub cache_types: &'static [GgmlType],
+    /// StreamingLLM windows (`RunOptions::window`).
+    pub window: bool,
+    /// llama.cpp's context shift (`RunState::context_shift`).
+    pub context_shift: bool,
+    /// Many texts in one packed pass, optionally from a cached layer input
+    /// (`RunState::forward_packed`); the search falls back to one text at a time.
+    pub packed: bool,
+}
+
+impl Capabilities {
+    /// Refuses `opts` where they ask for something this backend lacks.
+    pub fn check(&self, opts: &RunOptions) -> Result<(), RuntimeError> {
+        for ty in [opts.type_k, opts.type_v] {
+            if !self.cache_types.contains(&ty) {
+                return Err(self.lacks(Capability::CacheType(ty)));
+            }
+        }
+        if opts.window.is_some() && !self.window {
+            return Err(self.lacks(Capability::Window));
+        }
+        Ok(())
+    }
+
+    /// The error for `capability`, named for this backend.
+    pub fn lacks(&self, capability: Capability) -> RuntimeError {
+        RuntimeError::Unsupported {
+            backend: self.backend,
+            capability,
+        }
+    }
+}

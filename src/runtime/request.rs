@@ -1,0 +1,87 @@
+//! What a forward pass is asked for and what it returns: the vocabulary every
+//! backend and every product shares.
+
+/// Which rows of logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's (perplexity, parity tests).
+    All,
+    /// None (prefill of a prompt whose logits are not needed, calibration capture).
+    None,
+}
+
+impl Logits {
+    /// Rows of logits a pass over `n_tokens` tokens returns.
+    pub fn rows(self, n_tokens: usize) -> usize {
+        match self {
+            Logits::All => n_tokens,
+            Logits::Last => n_tokens.min(1),
+            Logits::None => 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardRequest {
+    pub logits: Logits,
+    /// Also return the final hidden states (after the output norm) of every token.
+    pub hidden: bool,
+    /// Also return the residual stream entering every layer that runs (all tokens).
+    pub layer_inputs: bool,
+}
+
+impl ForwardRequest {
+    pub fn logits(logits: Logits) -> Self {
+        ForwardRequest {
+            logits,
+            hidden: false,
+            layer_inputs: false,
+        }
+    }
+}
+
+/// What a forward pass returns (the parts its `ForwardRequest` asked for).
+#[derive(Default, Debug)]
+pub struct ForwardOutput {
+    /// Row-major `[rows][n_vocab]`.
+    pub logits: Vec<f32>,
+    pub logit_rows: usize,
+    /// Row-major `[n_tokens][n_embd]` when requested.
+    pub hidden: Option<Vec<f32>>,
+    /// `(layer, [n_tokens][n_embd])` for every layer that ran, when requested.
+    pub layer_inputs: Vec<(usize, Vec<f32>)>,
+}
+
+impl ForwardOutput {
+    /// Appends the output of the next chunk of the same tokens.
+    pub fn append(&mut self, next: ForwardOutput) {
+        self.logits.extend_from_slice(&next.logits);
+        self.logit_rows += next.logit_rows;
+        if let Some(h) = next.hidden {
+            self.hidden
+                .get_or_insert_with(Vec::new)
+                .extend_from_slice(&h);
+        }
+        if self.layer_inputs.is_empty() {
+            self.layer_inputs = next.layer_inputs;
+        } else {
+            for ((_, acc), (_, part)) in self.layer_inputs.iter_mut().zip(next.layer_inputs) {
+                acc.extend_from_slice(&part);
+            }
+        }
+    }
+}
+
+/// Many equal-length texts evaluated as one batch (calibration): `tokens` holds
+/// `tokens.len() / seq_len` texts, each attending only to itself with positions
+/// from 0. `start`, when set, is `(layer, residual stream entering it)`: the layers
+/// below do not run and their cache slots keep what an earlier packed run of the
+/// same texts left there (the search's cached prefix).
+#[derive(Clone, Copy, Debug)]
+pub struct PackedBatch<'a> {
+    pub tokens: &'a [u32],
+    pub seq_len: usize,
+    pub start: Option<(usize, &'a [f32])>,
+}
