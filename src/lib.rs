@@ -12,6 +12,7 @@ pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
+pub mod kvplan;
 pub mod loader;
 pub mod model;
 pub mod oracle;

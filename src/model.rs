@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use crate::backend::ggml::{GgmlBackend, GgmlError, Tensor, TensorArena, WeightPlacement};
 use crate::gguf::{GgmlType, GgufError, GgufFile};
-use crate::share::{ShareMap, ShareMapError};
+use crate::kvplan::{self, PlanError, ShareMap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -33,10 +33,8 @@ pub enum ModelError {
         ty: &'static str,
         supported: String,
     },
-    #[error("stored KV sharing map is invalid: {0}")]
-    StoredMap(ShareMapError),
-    #[error("stored KV sharing map: {0}")]
-    StoredMapFormat(String),
+    #[error(transparent)]
+    StoredMap(#[from] PlanError),
 }
 
 /// Architectures whose GGUF layout and graph are the Llama one.
@@ -267,7 +265,7 @@ impl Model {
         let config = LlamaConfig::from_gguf(&file)?;
         let (placements, weights) = plan_weights(&file, &config)?;
         let arena = TensorArena::from_mapped(file.bytes(), &placements)?;
-        let stored_map = read_stored_map(&file, config.n_layers)?;
+        let stored_map = kvplan::from_gguf(&file, config.n_layers)?;
         Ok(Model {
             config,
             weights,
@@ -405,25 +403,4 @@ fn plan_weights<'f>(
         layers,
     };
     Ok((placements, weights))
-}
-
-/// The `kvsharer.kv_source_layer` map stored in the file, checked against the model.
-pub fn read_stored_map(file: &GgufFile, n_layers: usize) -> Result<Option<ShareMap>, ModelError> {
-    let Some(value) = file.get(crate::share::KEY_SOURCE_LAYER) else {
-        return Ok(None);
-    };
-    let sources = value
-        .as_array()
-        .and_then(|a| a.to_u32_vec())
-        .ok_or_else(|| {
-            ModelError::StoredMapFormat(format!(
-                "{} must be an array of u32, found {}",
-                crate::share::KEY_SOURCE_LAYER,
-                value.type_name()
-            ))
-        })?;
-    let sources = sources.into_iter().map(|s| s as usize).collect();
-    ShareMap::for_model(sources, n_layers)
-        .map(Some)
-        .map_err(ModelError::StoredMap)
 }

@@ -10,7 +10,8 @@ use kvsharer::loader;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
 use kvsharer::share::calibrate::{self, CalibrationOptions, Corpus, PairOrder};
-use kvsharer::share::{report, ShareMap};
+use kvsharer::kvplan::{self, ShareMap};
+use kvsharer::share::report;
 use sha2::{Digest, Sha256};
 use support::{write_planted_model, TinySpec};
 
@@ -254,7 +255,7 @@ fn identity_map_gives_bit_identical_logits_to_no_map() {
     let plain = loader::load(&src).unwrap();
     kvsharer::gguf::write_with_metadata(
         plain.model.file(),
-        &report::map_metadata(&ShareMap::identity(6)),
+        &kvplan::to_metadata(&ShareMap::identity(6)),
         &[],
         &out,
     )

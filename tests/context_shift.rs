@@ -12,7 +12,7 @@ use kvsharer::gguf::GgmlType;
 use kvsharer::loader;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 
 const KEEP: usize = 4;
 const DISCARD: usize = 10;

@@ -17,7 +17,7 @@ use kvsharer::gguf::GgmlType;
 use kvsharer::loader;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 use support::{max_abs_diff, reference_forward_with, write_tiny_model, RefPrecision, TinySpec};
 
 /// Max |ours - reference| over all positions, and the distance between the

@@ -13,7 +13,7 @@ use kvsharer::gguf::{Array, GgufFile, Value};
 use kvsharer::loader;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

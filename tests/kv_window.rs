@@ -8,7 +8,7 @@ use kvsharer::backend::ggml::Session;
 use kvsharer::loader;
 use kvsharer::runtime::{KvWindow, RunOptions};
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 
 fn tiny() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();

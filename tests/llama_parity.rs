@@ -13,7 +13,7 @@ use kvsharer::oracle::{ContextOptions, LlamaCppModel};
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
 use kvsharer::sample::argmax;
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 
 const TOLERANCE: f32 = 0.05;
 

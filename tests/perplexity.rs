@@ -14,7 +14,7 @@ use kvsharer::gguf::{write_with_metadata, Array, Value};
 use kvsharer::loader::{self, LoadedModel};
 use kvsharer::oracle::{ContextOptions, LlamaCppModel};
 use kvsharer::runtime::RunOptions;
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 
 const N_CTX: usize = 128;
 const CHUNKS: usize = 4;
@@ -342,7 +342,7 @@ fn cli_compares_a_stored_map_against_the_unshared_model() {
     write_with_metadata(
         m.model.file(),
         &[(
-            kvsharer::share::KEY_SOURCE_LAYER.to_string(),
+            kvsharer::kvplan::KEY_SOURCE_LAYER.to_string(),
             Value::Array(Array::U32(source.clone())),
         )],
         &[],

@@ -14,7 +14,7 @@ use kvsharer::gguf::GgmlType;
 use kvsharer::loader;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 use support::{max_abs_diff, reference_forward, write_tiny_model, TinySpec};
 
 const N: usize = 40;

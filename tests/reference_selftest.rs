@@ -7,7 +7,7 @@ mod support;
 use std::path::Path;
 
 use kvsharer::gguf::{GgmlType, GgufFile};
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 use support::*;
 
 fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {

@@ -13,7 +13,7 @@ use kvsharer::share::calibrate::{self, CalibrationOptions, CalibrationSet, Corpu
 use kvsharer::share::evaluator::Evaluator;
 use kvsharer::share::report;
 use kvsharer::share::search::{self, KlReference, MapRun, Objective, Strategy, StrategyOptions};
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 use support::{max_abs_diff, random_weights, write_planted_model, write_weights, TinySpec};
 
 const N_LAYERS: usize = 6;

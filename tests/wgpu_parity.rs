@@ -30,7 +30,7 @@ use kvsharer::model::Model;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
 use kvsharer::sample::argmax;
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::{

@@ -23,7 +23,7 @@ use kvsharer::share::calibrate::{self, CalibrationOptions, Corpus, PairOrder, Se
 use kvsharer::share::evaluator::Evaluator;
 use kvsharer::share::report;
 use kvsharer::share::search::{self, Objective, Strategy, StrategyOptions};
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 use support::{say, write_planted_model, TinySpec};
 
 const N_LAYERS: usize = 6;

@@ -12,7 +12,7 @@ mod support;
 use kvsharer::backend::wgpu::{AdapterPolicy, GpuError, GpuOptions, GpuSession};
 use kvsharer::loader;
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 use support::{say, write_tiny_model, TinySpec};
 
 const N_LAYERS: usize = 4;

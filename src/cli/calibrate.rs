@@ -13,7 +13,8 @@ use kvsharer::gguf::{self, GgufFile};
 use kvsharer::loader::LoadedModel;
 use kvsharer::share::calibrate::{CalibrationOptions, Corpus, PairOrder, SearchResult};
 use kvsharer::share::search::{self, Objective, Strategy, StrategyOptions};
-use kvsharer::share::{report, ShareMap};
+use kvsharer::kvplan::{self, ShareMap};
+use kvsharer::share::report;
 
 use super::ModelArgs;
 use kvsharer::runtime::BackendChoice;
@@ -367,14 +368,14 @@ pub fn share(a: ShareArgs) -> Result<()> {
         let target = a.search.target(n_layers)?;
         let map = kvsharer::share::calibrate::random_map(n_layers, target, a.search.seed)?;
         eprintln!("random map (seed {}): {map}", a.search.seed);
-        report::map_metadata(&map)
+        kvplan::to_metadata(&map)
     } else {
         match &a.search.map {
             Some(report_path) => {
                 let map =
                     report::read_report_map(report_path, n_layers).map_err(anyhow::Error::msg)?;
                 eprintln!("using the map from {}: {map}", report_path.display());
-                report::map_metadata(&map)
+                kvplan::to_metadata(&map)
             }
             None => {
                 let r = run_search(&loaded, &a.search, a.model.threads(), a.model.backend)?;

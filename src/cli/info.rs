@@ -7,9 +7,9 @@ use anyhow::Result;
 use clap::Args;
 
 use kvsharer::gguf::{GgmlType, GgufFile};
-use kvsharer::model::{read_stored_map, LlamaConfig};
+use kvsharer::model::LlamaConfig;
 use kvsharer::runtime;
-use kvsharer::share::{self, ShareMap};
+use kvsharer::kvplan::{self, ShareMap};
 
 use super::human_bytes;
 
@@ -86,7 +86,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
         .collect();
     println!("quant types:   {}", types.join(", "));
 
-    let stored = read_stored_map(&file, cfg.n_layers)?;
+    let stored = kvplan::from_gguf(&file, cfg.n_layers)?;
     let map = stored
         .clone()
         .unwrap_or_else(|| ShareMap::identity(cfg.n_layers));
@@ -134,13 +134,13 @@ pub fn run(a: InfoArgs) -> Result<()> {
             };
             println!(
                 "calibration:   strategy {}, threshold {}, mean cosine {}, mean KLD {}, {} samples x {} tokens, corpus sha256 {}",
-                get(share::KEY_STRATEGY),
-                get(share::KEY_THRESHOLD),
-                get(share::KEY_MEAN_COSINE),
-                get(share::KEY_MEAN_KLD),
-                get(share::KEY_SAMPLE_COUNT),
-                get(share::KEY_TOKENS_PER_SAMPLE),
-                get(share::KEY_CORPUS_SHA256)
+                get(kvplan::KEY_STRATEGY),
+                get(kvplan::KEY_THRESHOLD),
+                get(kvplan::KEY_MEAN_COSINE),
+                get(kvplan::KEY_MEAN_KLD),
+                get(kvplan::KEY_SAMPLE_COUNT),
+                get(kvplan::KEY_TOKENS_PER_SAMPLE),
+                get(kvplan::KEY_CORPUS_SHA256)
             );
         }
     }

@@ -20,7 +20,7 @@ use kvsharer::runtime::{
     self, default_threads, parse_cache_type, BackendChoice, KvWindow, RunOptions, RunState,
 };
 use kvsharer::sample::SamplingParams;
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 
 #[derive(Parser, Debug)]
 #[command(

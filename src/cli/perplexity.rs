@@ -15,7 +15,7 @@ use kvsharer::eval::{
 };
 use kvsharer::gguf::GgmlType;
 use kvsharer::runtime::{BackendChoice, RunOptions, RuntimeError};
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 
 use super::{describe_sharing, file_name, human_bytes, kv_accounting, open_state, ModelArgs};
 

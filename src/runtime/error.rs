@@ -52,7 +52,7 @@ pub enum RuntimeError {
     #[error("{0}")]
     InvalidRequest(String),
     #[error(transparent)]
-    Map(#[from] crate::share::ShareMapError),
+    Map(#[from] crate::kvplan::ShareMapError),
     #[error(transparent)]
     Backend(BackendError),
 }

@@ -6,7 +6,7 @@ use super::options::RunOptions;
 use super::state::RunState;
 use crate::backend::ggml::{DeviceKind, Session};
 use crate::model::Model;
-use crate::share::ShareMap;
+use crate::kvplan::ShareMap;
 
 /// The backend a user asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,7 +4,7 @@
 use super::error::{Capability, RuntimeError};
 use crate::gguf::GgmlType;
 use crate::model::LlamaConfig;
-use crate::share::ShareMap;
+use crate::kvplan::ShareMap;
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {

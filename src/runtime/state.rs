@@ -9,7 +9,7 @@ use super::error::{Capability, RuntimeError};
 use super::options::{Capabilities, KvWindow, RunOptions};
 use super::request::{ForwardOutput, ForwardRequest, Logits, PackedBatch};
 use crate::model::Model;
-use crate::share::ShareMap;
+use crate::kvplan::ShareMap;
 
 pub trait RunState<'m> {
     fn model(&self) -> &'m Model;

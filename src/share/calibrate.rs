@@ -15,7 +15,7 @@ use crate::model::Model;
 use crate::runtime::RuntimeError;
 use crate::share::evaluator::Evaluator;
 use crate::share::search::{Objective, Strategy};
-use crate::share::{ShareMap, ShareMapError};
+use crate::kvplan::{ShareMap, ShareMapError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// The project's own calibration corpus (original prose, one text per line).

@@ -18,7 +18,7 @@ use crate::runtime::{
 };
 use crate::share::calibrate::{mean_text_cosine, CalibrateError, CalibrationSet, Capture};
 use crate::share::search::{start_layer, MapRun};
-use crate::share::ShareMap;
+use crate::kvplan::ShareMap;
 
 pub struct Evaluator<'m> {
     state: Box<dyn RunState<'m> + 'm>,

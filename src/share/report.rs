@@ -5,17 +5,16 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::gguf::{Array, Value};
+use crate::gguf::Value;
 use crate::share::calibrate::SearchResult;
-use crate::share::{
-    ShareMap, FORMAT_VERSION, KEY_CORPUS_SHA256, KEY_MEAN_COSINE, KEY_MEAN_KLD, KEY_SAMPLE_COUNT,
-    KEY_SHARED_COUNT, KEY_SOURCE_LAYER, KEY_STRATEGY, KEY_THRESHOLD, KEY_TOKENS_PER_SAMPLE,
-    KEY_VERSION,
+use crate::kvplan::{
+    self, ShareMap, KEY_CORPUS_SHA256, KEY_MEAN_COSINE, KEY_MEAN_KLD, KEY_SAMPLE_COUNT,
+    KEY_STRATEGY, KEY_THRESHOLD, KEY_TOKENS_PER_SAMPLE,
 };
 
 /// The `kvsharer.*` metadata for a search result (see `shared/KVSHARER.md`).
 pub fn metadata(r: &SearchResult) -> Vec<(String, Value)> {
-    let mut kv = map_metadata(&r.map);
+    let mut kv = kvplan::to_metadata(&r.map);
     kv.extend([
         (KEY_THRESHOLD.to_string(), Value::F32(r.threshold)),
         (KEY_MEAN_COSINE.to_string(), Value::F32(r.mean_cosine)),
@@ -50,23 +49,6 @@ pub fn objectives_line(r: &SearchResult) -> String {
         r.objective.name(),
         r.mean_cosine
     )
-}
-
-/// The keys that describe the map itself.
-pub fn map_metadata(map: &ShareMap) -> Vec<(String, Value)> {
-    vec![
-        (KEY_VERSION.to_string(), Value::U32(FORMAT_VERSION)),
-        (
-            KEY_SOURCE_LAYER.to_string(),
-            Value::Array(Array::U32(
-                map.sources().iter().map(|&s| s as u32).collect(),
-            )),
-        ),
-        (
-            KEY_SHARED_COUNT.to_string(),
-            Value::U32(map.shared_count() as u32),
-        ),
-    ]
 }
 
 /// Every pair tried, one line each.

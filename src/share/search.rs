@@ -34,7 +34,7 @@ use crate::share::calibrate::{
     CalibrationSet, Corpus, PairTrial, SearchResult,
 };
 use crate::share::evaluator::Evaluator;
-use crate::share::ShareMap;
+use crate::kvplan::ShareMap;
 use crate::tokenizer::Tokenizer;
 
 /// Which search finds the map.

@@ -6,7 +6,7 @@
 //! filled its cache for these positions" true by construction.
 
 use half::f16;
-use kvsharer::share::ShareMap;
+use kvsharer::kvplan::ShareMap;
 
 use super::tiny_model::{RefWeights, TinySpec};
 

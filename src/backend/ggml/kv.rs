@@ -8,7 +8,7 @@ use super::ffi::{dequantize, row_size, GgmlBackend, GgmlError, Tensor, TensorAre
 use crate::gguf::GgmlType;
 use crate::model::LlamaConfig;
 use crate::runtime::options::CACHE_TYPES;
-use crate::share::ShareMap;
+use crate::kvplan::ShareMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {

@@ -14,7 +14,7 @@ use crate::runtime::error::RuntimeError;
 use crate::runtime::options::{Capabilities, KvWindow, RunOptions};
 use crate::runtime::request::{ForwardOutput, ForwardRequest, PackedBatch};
 use crate::runtime::state::RunState;
-use crate::share::ShareMap;
+use crate::kvplan::ShareMap;
 
 /// Why a ggml session could not be opened.
 #[derive(Debug, thiserror::Error)]

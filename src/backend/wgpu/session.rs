@@ -20,7 +20,7 @@ use crate::runtime::error::RuntimeError;
 use crate::runtime::options::{Capabilities, RunOptions};
 use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits};
 use crate::runtime::state::RunState;
-use crate::share::ShareMap;
+use crate::kvplan::ShareMap;
 
 #[derive(Clone, Debug)]
 pub struct GpuOptions {

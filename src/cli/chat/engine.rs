@@ -349,7 +349,7 @@ mod tests {
     use kvsharer::loader::{self, LoadedModel};
     use kvsharer::runtime::RunOptions;
     use kvsharer::sample::SamplingParams;
-    use kvsharer::share::ShareMap;
+    use kvsharer::kvplan::ShareMap;
 
     use super::*;
 
