@@ -13,6 +13,7 @@ pub mod generate;
 pub mod gguf;
 pub mod kv;
 pub mod loader;
+pub mod math;
 pub mod model;
 pub mod oracle;
 pub mod sample;
