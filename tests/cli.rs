@@ -175,6 +175,25 @@ fn errors_say_their_cause_once() {
 }
 
 #[test]
+fn zero_threads_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let m = m.to_str().unwrap();
+    for args in [
+        &["run", "-m", m, "-t", "0", "-p", "hi"][..],
+        &["run", "-m", m, "--threads=0", "-p", "hi"],
+        &["calibrate", "-m", m, "-t", "0", "--layers", "1"],
+        &["bench", "-m", m, "-t", "0"],
+    ] {
+        let e = expect_clean_failure(&kvsharer(args));
+        assert!(e.contains("--threads must be at least 1"), "{args:?}: {e}");
+    }
+    // One thread is fine.
+    let o = kvsharer(&["run", "-m", m, "-t", "1", "-p", "hi", "-n", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
 fn prompt_longer_than_the_context_and_bad_sampling() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny(dir.path());

@@ -377,8 +377,9 @@ fn print_result(r: &SearchResult, n_layers: usize) {
 }
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
+    let threads = a.model.threads()?;
     let (_, loaded) = a.model.load()?;
-    let r = run_search(&loaded, &a.search, a.model.threads(), a.model.backend)?;
+    let r = run_search(&loaded, &a.search, threads, a.model.backend)?;
     print_result(&r, loaded.model.config.n_layers);
     println!("{}", serde_json::to_string(&r.map.sources())?);
     if let Some(dir) = &a.search.report {
@@ -390,6 +391,7 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
 }
 
 pub fn share(a: ShareArgs) -> Result<()> {
+    let threads = a.model.threads()?;
     let path = a.model.model_path()?;
     check_output(&path, &a.output)?;
     let (_, loaded) = a.model.load()?;
@@ -408,7 +410,7 @@ pub fn share(a: ShareArgs) -> Result<()> {
                 report::map_metadata(&map)
             }
             None => {
-                let r = run_search(&loaded, &a.search, a.model.threads(), a.model.backend)?;
+                let r = run_search(&loaded, &a.search, threads, a.model.backend)?;
                 print_result(&r, n_layers);
                 if let Some(dir) = &a.search.report {
                     report::write_report_dir(&r, dir).with_context(|| {
