@@ -17,6 +17,9 @@
 use std::io;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use jiff::fmt::strtime;
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
 use minijinja::{Environment, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
@@ -275,146 +278,41 @@ fn strftime_now(format: String) -> Result<String, minijinja::Error> {
     })
 }
 
-const MONTH_NAMES: [&str; 12] = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
-/// Indexed by days since a Sunday.
-const WEEKDAY_NAMES: [&str; 7] = [
-    "Sunday",
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-];
+/// The `strftime` directives [`format_utc`] takes, with C/Python's meaning (the
+/// calendar and the formatting are `jiff`'s).
+const DIRECTIVES: &str = "YymdeHIMSpBbhAajwuFTRZznt%";
 
-/// Proleptic Gregorian calendar date of a UTC instant.
-#[derive(Debug, PartialEq, Eq)]
-struct UtcDateTime {
-    year: i64,
-    /// 1..=12
-    month: u32,
-    /// 1..=31
-    day: u32,
-    hour: u32,
-    minute: u32,
-    second: u32,
-    /// Days since Sunday, 0..=6.
-    weekday: u32,
-    /// 1..=366
-    day_of_year: u32,
-}
-
-fn is_leap_year(year: i64) -> bool {
-    (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
-}
-
-impl UtcDateTime {
-    fn from_unix(secs: i64) -> Self {
-        let days = secs.div_euclid(86_400);
-        let second_of_day = secs.rem_euclid(86_400) as u32;
-        // 1970-01-01 was a Thursday.
-        let weekday = (days + 4).rem_euclid(7) as u32;
-
-        // Count in 400-year eras starting on 0000-03-01, so the leap day is the last
-        // day of each shifted year and month lengths follow a fixed pattern.
-        let shifted = days + 719_468; // days from 0000-03-01 to 1970-01-01
-        let era = shifted.div_euclid(146_097);
-        let day_of_era = shifted.rem_euclid(146_097);
-        let year_of_era =
-            (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-        let day_of_shifted_year =
-            day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-        let shifted_month = (5 * day_of_shifted_year + 2) / 153; // 0 = March
-        let day = (day_of_shifted_year - (153 * shifted_month + 2) / 5 + 1) as u32;
-        let month = if shifted_month < 10 {
-            shifted_month + 3
-        } else {
-            shifted_month - 9
-        } as u32;
-        let year = year_of_era + era * 400 + i64::from(month <= 2);
-
-        const DAYS_BEFORE_MONTH: [u32; 12] =
-            [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
-        let leap_shift = u32::from(month > 2 && is_leap_year(year));
-        let day_of_year = DAYS_BEFORE_MONTH[(month - 1) as usize] + day + leap_shift;
-
-        UtcDateTime {
-            year,
-            month,
-            day,
-            hour: second_of_day / 3600,
-            minute: second_of_day / 60 % 60,
-            second: second_of_day % 60,
-            weekday,
-            day_of_year,
-        }
-    }
-}
-
-/// C/Python `strftime` for the common directives; an unknown directive is returned
-/// as the error so the template author sees which one.
+/// C/Python `strftime` of a UTC instant for the common directives ([`DIRECTIVES`]);
+/// an unknown directive is returned as the error so the template author sees which
+/// one. A lone `%` at the end is kept as it is. Instants beyond jiff's range (years
+/// -9999 to 9999) are clamped to it.
 fn format_utc(format: &str, unix_secs: i64) -> Result<String, char> {
-    let t = UtcDateTime::from_unix(unix_secs);
-    let month_name = MONTH_NAMES[(t.month - 1) as usize];
-    let weekday_name = WEEKDAY_NAMES[t.weekday as usize];
-    let hour12 = match t.hour % 12 {
-        0 => 12,
-        h => h,
-    };
-    let mut out = String::with_capacity(format.len() + 16);
     let mut chars = format.chars();
     while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
+        if c == '%' {
+            match chars.next() {
+                Some(d) if DIRECTIVES.contains(d) => {}
+                Some(d) => return Err(d),
+                None => {}
+            }
         }
-        let Some(directive) = chars.next() else {
-            out.push('%');
-            break;
-        };
-        let piece = match directive {
-            'Y' => t.year.to_string(),
-            'y' => format!("{:02}", t.year.rem_euclid(100)),
-            'm' => format!("{:02}", t.month),
-            'd' => format!("{:02}", t.day),
-            'e' => format!("{:2}", t.day),
-            'H' => format!("{:02}", t.hour),
-            'I' => format!("{hour12:02}"),
-            'M' => format!("{:02}", t.minute),
-            'S' => format!("{:02}", t.second),
-            'p' => (if t.hour < 12 { "AM" } else { "PM" }).to_owned(),
-            'B' => month_name.to_owned(),
-            'b' | 'h' => month_name[..3].to_owned(),
-            'A' => weekday_name.to_owned(),
-            'a' => weekday_name[..3].to_owned(),
-            'j' => format!("{:03}", t.day_of_year),
-            'w' => t.weekday.to_string(),
-            'u' => (if t.weekday == 0 { 7 } else { t.weekday }).to_string(),
-            'F' => format!("{}-{:02}-{:02}", t.year, t.month, t.day),
-            'T' => format!("{:02}:{:02}:{:02}", t.hour, t.minute, t.second),
-            'R' => format!("{:02}:{:02}", t.hour, t.minute),
-            'Z' => "UTC".to_owned(),
-            'z' => "+0000".to_owned(),
-            'n' => "\n".to_owned(),
-            't' => "\t".to_owned(),
-            '%' => "%".to_owned(),
-            other => return Err(other),
-        };
-        out.push_str(&piece);
     }
+    let instant = Timestamp::from_second(unix_secs).unwrap_or(if unix_secs < 0 {
+        Timestamp::MIN
+    } else {
+        Timestamp::MAX
+    });
+    let time = instant.to_zoned_datetime(TimeZone::UTC);
+    // Only a trailing lone `%` is left for jiff to refuse: format without it.
+    let trailing = format.len() - format.trim_end_matches('%').len();
+    let (body, lone) = if trailing % 2 == 1 {
+        (&format[..format.len() - 1], "%")
+    } else {
+        (format, "")
+    };
+    let mut out = strtime::format(body, &time)
+        .expect("jiff formats every directive in DIRECTIVES for a UTC time");
+    out.push_str(lone);
     Ok(out)
 }
 
@@ -816,6 +714,52 @@ mod tests {
             "01 Jan 1970, 100%"
         );
         assert_eq!(format_utc("%k", 0), Err('k'));
+    }
+
+    /// The directives the test above leaves out, at fixed instants (expected strings
+    /// from Python, as above); unknown directives and flags are refused, a trailing
+    /// lone `%` is kept.
+    #[test]
+    fn utc_formatting_of_the_other_directives_matches_python_strftime() {
+        let fmt = "%F %T %R %h %Z %z|%n|%t|%e %I %p %%";
+        let cases = [
+            (
+                0,
+                "1970-01-01 00:00:00 00:00 Jan UTC +0000|\n|\t| 1 12 AM %",
+            ),
+            (
+                946_684_799,
+                "1999-12-31 23:59:59 23:59 Dec UTC +0000|\n|\t|31 11 PM %",
+            ),
+            (
+                1_234_567_890,
+                "2009-02-13 23:31:30 23:31 Feb UTC +0000|\n|\t|13 11 PM %",
+            ),
+            (
+                1_735_689_600,
+                "2025-01-01 00:00:00 00:00 Jan UTC +0000|\n|\t| 1 12 AM %",
+            ),
+            (
+                4_102_444_799,
+                "2099-12-31 23:59:59 23:59 Dec UTC +0000|\n|\t|31 11 PM %",
+            ),
+            (
+                -86_400,
+                "1969-12-31 00:00:00 00:00 Dec UTC +0000|\n|\t|31 12 AM %",
+            ),
+        ];
+        for (secs, expected) in cases {
+            assert_eq!(format_utc(fmt, secs).unwrap(), expected, "t = {secs}");
+        }
+        // Out of range: clamped, not a panic.
+        assert_eq!(format_utc("%Y", i64::MAX).unwrap(), "9999");
+        assert_eq!(format_utc("%Y", i64::MIN).unwrap(), "-9999");
+        assert_eq!(format_utc("%Y%", 0).unwrap(), "1970%");
+        assert_eq!(format_utc("100%%%", 0).unwrap(), "100%%");
+        assert_eq!(format_utc("", 0).unwrap(), "");
+        assert_eq!(format_utc("%-d", 0), Err('-'));
+        assert_eq!(format_utc("%s", 0), Err('s'));
+        assert_eq!(format_utc("%P", 0), Err('P'));
     }
 
     #[test]

@@ -15,6 +15,10 @@
 use crate::runtime::{Logits, RunState, RuntimeError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
+/// The row functions perplexity uses, defined in [`crate::math`] (re-exported here
+/// under their old paths).
+pub use crate::math::{argmax, kl_divergence, log_softmax, log_sum_exp};
+
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
     #[error(
@@ -204,63 +208,10 @@ pub fn covariance_of_means(sum_a: f64, sum_b: f64, sum_ab: f64, count: usize) ->
     (sum_ab / n - (sum_a / n) * (sum_b / n)) / (n - 1.0)
 }
 
-/// `ln(sum(exp(logits)))`, shifted by the maximum so that no term overflows.
-/// An empty row gives negative infinity.
-pub fn log_sum_exp(logits: &[f32]) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    if max == f64::NEG_INFINITY || max.is_nan() {
-        return max;
-    }
-    let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
-    max + sum.ln()
-}
-
-/// Natural-log probabilities of a row of logits, in f64.
-pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let lse = log_sum_exp(logits);
-    logits.iter().map(|&x| x as f64 - lse).collect()
-}
-
-/// `-ln P(target)` under the distribution of `logits`; NaN for a target outside
-/// the row.
+/// `-ln P(target)` under the distribution of `logits` ([`crate::math::log_prob`]);
+/// NaN for a target outside the row.
 pub fn token_nll(logits: &[f32], target: u32) -> f64 {
-    match logits.get(target as usize) {
-        Some(&x) => log_sum_exp(logits) - x as f64,
-        None => f64::NAN,
-    }
-}
-
-/// Index of the largest logit, the first one on ties (as llama.cpp picks it).
-pub fn argmax(logits: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in logits.iter().enumerate().skip(1) {
-        if x > logits[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-/// `KL(P || Q) = sum_i p_i (ln p_i - ln q_i)` for the distributions of two rows of
-/// logits over the same vocabulary. Every term is summed (llama.cpp skips those with
-/// `ln p_i <= -16` because its base probabilities are stored quantized; here they
-/// are exact). Identical rows give exactly 0.
-pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
-    let lse_p = log_sum_exp(p_logits);
-    let lse_q = log_sum_exp(q_logits);
-    p_logits
-        .iter()
-        .zip(q_logits)
-        .map(|(&p, &q)| {
-            let log_p = p as f64 - lse_p;
-            let log_q = q as f64 - lse_q;
-            if log_p == f64::NEG_INFINITY {
-                0.0
-            } else {
-                log_p.exp() * (log_p - log_q)
-            }
-        })
-        .sum()
+    -crate::math::log_prob(logits, target as usize)
 }
 
 /// Running sums of negative log-likelihoods, as llama-perplexity keeps them.
@@ -807,56 +758,7 @@ pub fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The textbook formula, with no shift: overflows for large logits.
-    fn naive_log_softmax(logits: &[f32]) -> Vec<f64> {
-        let sum: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
-        logits
-            .iter()
-            .map(|&x| ((x as f64).exp() / sum).ln())
-            .collect()
-    }
-
-    fn pseudo_random_logits(n: usize, seed: u32) -> Vec<f32> {
-        // A small LCG: the values only need to be spread out and repeatable.
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                ((s >> 8) as f32 / (1u32 << 24) as f32) * 40.0 - 20.0
-            })
-            .map(|x| (x * 64.0).round() / 64.0)
-            .collect()
-    }
-
-    #[test]
-    fn log_softmax_matches_naive_and_survives_extreme_logits() {
-        let moderate = pseudo_random_logits(1000, 7);
-        let naive = naive_log_softmax(&moderate);
-        for (a, b) in log_softmax(&moderate).iter().zip(&naive) {
-            assert!((a - b).abs() < 1e-10, "{a} vs {b}");
-        }
-        // The same distribution shifted far up or down: the naive formula overflows
-        // (inf/inf) or underflows (0/0), the shifted one must not notice the shift.
-        // Values are multiples of 1/64 within +-2^15, so the shift is exact in f32.
-        for shift in [8192.0f32, -8192.0] {
-            let shifted: Vec<f32> = moderate.iter().map(|&x| x + shift).collect();
-            assert!(naive_log_softmax(&shifted).iter().any(|v| !v.is_finite()));
-            let ours = log_softmax(&shifted);
-            for (a, b) in ours.iter().zip(&naive) {
-                assert!((a - b).abs() < 1e-9, "shift {shift}: {a} vs {b}");
-            }
-        }
-        // A known answer far beyond exp's range: p = (1, e) / (1 + e).
-        let ls = log_softmax(&[1000.0f32, 1001.0]);
-        let lse = (1.0 + std::f64::consts::E).ln();
-        assert!((ls[0] + lse).abs() < 1e-12, "{ls:?}");
-        assert!((ls[1] - (1.0 - lse)).abs() < 1e-12, "{ls:?}");
-        // Saturated extremes stay finite where they should.
-        let ls = log_softmax(&[f32::MAX, f32::MIN]);
-        assert_eq!(ls[0], 0.0);
-        assert!(ls[1].is_finite() && ls[1] < -6e38, "{ls:?}");
-    }
+    use crate::math::pseudo_random_logits;
 
     #[test]
     fn token_nll_is_minus_log_softmax_at_the_target() {
@@ -866,38 +768,6 @@ mod tests {
             assert!((token_nll(&logits, t) + ls[t as usize]).abs() < 1e-12);
         }
         assert!(token_nll(&logits, 50).is_nan());
-    }
-
-    #[test]
-    fn kl_of_identical_distributions_is_zero() {
-        let logits = pseudo_random_logits(49152, 11);
-        assert_eq!(kl_divergence(&logits, &logits), 0.0);
-        // Shift invariance: the same distribution written with different logits.
-        let shifted: Vec<f32> = logits.iter().map(|&x| x + 512.0).collect();
-        assert!(kl_divergence(&logits, &shifted).abs() < 1e-12);
-    }
-
-    #[test]
-    fn kl_known_value_on_three_tokens() {
-        // P = (1/2, 1/4, 1/4), Q = (1/4, 1/2, 1/4), written as logits with offsets.
-        // KL(P||Q) = 1/2 ln 2 + 1/4 ln(1/2) + 0 = (ln 2) / 4.
-        let p = [0.5f32.ln() + 3.0, 0.25f32.ln() + 3.0, 0.25f32.ln() + 3.0];
-        let q = [0.25f32.ln() - 1.0, 0.5f32.ln() - 1.0, 0.25f32.ln() - 1.0];
-        let expected = std::f64::consts::LN_2 / 4.0;
-        assert!((kl_divergence(&p, &q) - expected).abs() < 1e-7);
-        // KL(Q||P) = 1/4 ln(1/2) + 1/2 ln 2 = the same here by symmetry of the example.
-        assert!((kl_divergence(&q, &p) - expected).abs() < 1e-7);
-        // A zero-probability token in P contributes nothing.
-        let p0 = [0.0f32, f32::NEG_INFINITY, 0.0];
-        let q0 = [0.0f32, 0.0, 0.0];
-        // P = (1/2, 0, 1/2), Q uniform: KL = ln(3/2).
-        assert!((kl_divergence(&p0, &q0) - 1.5f64.ln()).abs() < 1e-12);
-    }
-
-    #[test]
-    fn argmax_takes_the_first_maximum() {
-        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
-        assert_eq!(argmax(&[5.0]), 0);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod generate;
 pub mod gguf;
 pub mod kvplan;
 pub mod loader;
+pub mod math;
 pub mod model;
 pub mod oracle;
 pub mod runtime;

@@ -10,6 +10,9 @@ use crate::tokenizer::{Tokenizer, TokenizerError, TokenizerSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The file could not be opened or read; the error names its path already.
+    #[error(transparent)]
+    Open(GgufError),
     #[error("{path}: {source}")]
     Model {
         path: String,
@@ -45,9 +48,12 @@ pub struct LoadedModel {
 
 pub fn load(path: &Path) -> Result<LoadedModel, LoadError> {
     let p = path.display().to_string();
-    let file = GgufFile::open(path).map_err(|e| LoadError::Model {
-        path: p.clone(),
-        source: ModelError::Gguf(e),
+    let file = GgufFile::open(path).map_err(|e| match e {
+        GgufError::Open { .. } => LoadError::Open(e),
+        e => LoadError::Model {
+            path: p.clone(),
+            source: ModelError::Gguf(e),
+        },
     })?;
     let file = Arc::new(file);
     let model = Model::from_file(file.clone()).map_err(|e| LoadError::Model {

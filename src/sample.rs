@@ -10,6 +10,8 @@ use std::cmp::Ordering;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::math;
+
 /// Seed used by [`SamplingParams::default`]. llama.cpp defaults to a random seed;
 /// we default to a fixed one so that runs are reproducible unless a seed is given.
 pub const DEFAULT_SEED: u64 = 0x6b76_7368_6172_6572;
@@ -196,7 +198,8 @@ impl Sampler {
 
         let top_p = self.params.top_p;
         if top_p < 1.0 {
-            let probs = softmax(kept.iter().map(|&(_, l)| l), 1.0);
+            let logits: Vec<f32> = kept.iter().map(|&(_, l)| l).collect();
+            let probs = math::softmax(&logits);
             let mut cumulative = 0.0;
             let mut keep = kept.len();
             for (i, p) in probs.iter().enumerate() {
@@ -220,10 +223,8 @@ impl Sampler {
             kept.truncate(keep.max(1));
         }
 
-        let probs = softmax(
-            kept.iter().map(|&(_, l)| l),
-            f64::from(self.params.temperature),
-        );
+        let logits: Vec<f32> = kept.iter().map(|&(_, l)| l).collect();
+        let probs = math::softmax_with_temperature(&logits, f64::from(self.params.temperature));
         kept.iter()
             .zip(probs)
             .map(|(&(id, _), prob)| Candidate { id, prob })
@@ -272,46 +273,16 @@ pub fn apply_repeat_penalty(logits: &mut [f32], history: &[u32], penalty: f32, l
     }
 }
 
-/// Index of the largest logit, the first one on ties. NaN entries are skipped;
+/// [`math::argmax`] as a token id: the first largest logit; NaN entries never win;
 /// an empty or all-NaN slice gives 0.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &l) in logits.iter().enumerate() {
-        if l.is_nan() {
-            continue;
-        }
-        match best {
-            Some((_, b)) if l <= b => {}
-            _ => best = Some((i, l)),
-        }
-    }
-    best.map_or(0, |(i, _)| i as u32)
+    math::argmax(logits) as u32
 }
 
 /// Descending by logit, ascending by id on ties: a total order, so the kept set
 /// never depends on the sort algorithm.
 fn by_logit_desc(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
-}
-
-/// softmax(logits / temperature) in f64. A +inf logit takes all the mass
-/// (shared equally among +inf entries) instead of producing NaN.
-fn softmax(logits: impl Iterator<Item = f32> + Clone, temperature: f64) -> Vec<f64> {
-    let max = logits.clone().fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f64> = if max == f32::INFINITY {
-        logits
-            .map(|l| if l == f32::INFINITY { 1.0 } else { 0.0 })
-            .collect()
-    } else if max == f32::NEG_INFINITY {
-        logits.map(|_| 1.0).collect()
-    } else {
-        let max = f64::from(max);
-        logits
-            .map(|l| ((f64::from(l) - max) / temperature).exp())
-            .collect()
-    };
-    let total: f64 = weights.iter().sum();
-    weights.into_iter().map(|w| w / total).collect()
 }
 
 #[cfg(test)]

@@ -6,11 +6,11 @@ use std::collections::BTreeSet;
 
 use kvsharer::backend::ggml::Session;
 use kvsharer::gguf::GgufFile;
+use kvsharer::kvplan::{self, ShareMap};
 use kvsharer::loader;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
 use kvsharer::share::calibrate::{self, CalibrationOptions, Corpus, PairOrder};
-use kvsharer::kvplan::{self, ShareMap};
 use kvsharer::share::report;
 use sha2::{Digest, Sha256};
 use support::{write_planted_model, TinySpec};

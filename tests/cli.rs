@@ -120,6 +120,79 @@ fn other_architecture() {
     expect_clean_failure(&kvsharer(&["info", p.to_str().unwrap()]));
 }
 
+/// Every line of stderr once: no `caused by:` line repeats what the line before it
+/// already says, and `needle` (the root cause) appears exactly once.
+fn assert_said_once(o: &Output, needle: &str) {
+    let err = stderr(o);
+    expect_clean_failure(o);
+    assert_eq!(err.matches(needle).count(), 1, "{needle:?} repeated: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    for pair in lines.windows(2) {
+        if let Some(cause) = pair[1].trim_start().strip_prefix("caused by: ") {
+            assert!(!pair[0].contains(cause), "echoed cause: {err}");
+        }
+    }
+}
+
+#[test]
+fn errors_say_their_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert_said_once(&kvsharer(&["info", d]), "is a directory");
+    assert_said_once(&kvsharer(&["run", "-m", d, "-p", "hi"]), "is a directory");
+    // ...and names the directory once.
+    assert_said_once(&kvsharer(&["run", "-m", d, "-p", "hi"]), d);
+
+    let text = dir.path().join("notes.gguf");
+    std::fs::write(&text, "these are not the weights you are looking for").unwrap();
+    let text = text.to_str().unwrap();
+    assert_said_once(&kvsharer(&["info", text]), "not a GGUF file");
+    assert_said_once(
+        &kvsharer(&["run", "-m", text, "-p", "hi"]),
+        "not a GGUF file",
+    );
+
+    let src = kvsharer::gguf::GgufFile::open(&tiny(dir.path())).unwrap();
+    let qwen = dir.path().join("qwen2.gguf");
+    kvsharer::gguf::write_with_metadata(
+        &src,
+        &[(
+            "general.architecture".into(),
+            kvsharer::gguf::Value::String("qwen2".into()),
+        )],
+        &[],
+        &qwen,
+    )
+    .unwrap();
+    let qwen = qwen.to_str().unwrap();
+    let arch = "unsupported architecture 'qwen2'";
+    assert_said_once(&kvsharer(&["info", qwen]), arch);
+    assert_said_once(&kvsharer(&["run", "-m", qwen, "-p", "hi"]), arch);
+    // A cause that adds something is still printed.
+    let o = kvsharer(&["run", "-m", tiny(dir.path()).to_str().unwrap(), "-f", d]);
+    expect_clean_failure(&o);
+    assert!(stderr(&o).contains("caused by: "), "{}", stderr(&o));
+}
+
+#[test]
+fn zero_threads_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let m = m.to_str().unwrap();
+    for args in [
+        &["run", "-m", m, "-t", "0", "-p", "hi"][..],
+        &["run", "-m", m, "--threads=0", "-p", "hi"],
+        &["calibrate", "-m", m, "-t", "0", "--layers", "1"],
+        &["bench", "-m", m, "-t", "0"],
+    ] {
+        let e = expect_clean_failure(&kvsharer(args));
+        assert!(e.contains("--threads must be at least 1"), "{args:?}: {e}");
+    }
+    // One thread is fine.
+    let o = kvsharer(&["run", "-m", m, "-t", "1", "-p", "hi", "-n", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 #[test]
 fn prompt_longer_than_the_context_and_bad_sampling() {
     let dir = tempfile::tempdir().unwrap();

@@ -9,10 +9,10 @@ mod support;
 use kvsharer::backend::ggml::kv::KvPart;
 use kvsharer::backend::ggml::Session;
 use kvsharer::gguf::GgmlType;
+use kvsharer::kvplan::ShareMap;
 use kvsharer::loader;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::kvplan::ShareMap;
 
 const KEEP: usize = 4;
 const DISCARD: usize = 10;

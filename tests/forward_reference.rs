@@ -14,10 +14,10 @@ mod support;
 
 use kvsharer::backend::ggml::Session;
 use kvsharer::gguf::GgmlType;
+use kvsharer::kvplan::ShareMap;
 use kvsharer::loader;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::kvplan::ShareMap;
 use support::{max_abs_diff, reference_forward_with, write_tiny_model, RefPrecision, TinySpec};
 
 /// Max |ours - reference| over all positions, and the distance between the

@@ -11,11 +11,11 @@ mod support;
 
 use kvsharer::backend::ggml::session::{Session, SessionError};
 use kvsharer::backend::ggml::{DeviceKind, GgmlBackend, GgmlError};
+use kvsharer::kvplan::ShareMap;
 use kvsharer::loader;
 use kvsharer::model::{Model, PlacedWeights};
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::kvplan::ShareMap;
 use support::{compare_logits, dequantized_copy, say, write_tiny_model, TinySpec};
 
 const GPU_KINDS: [DeviceKind; 3] = [DeviceKind::Cuda, DeviceKind::Vulkan, DeviceKind::Metal];

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use kvsharer::backend::ggml::Session;
 use kvsharer::gguf::{Array, GgufFile, Value};
+use kvsharer::kvplan::ShareMap;
 use kvsharer::loader;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::kvplan::ShareMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -5,10 +5,10 @@ mod support;
 
 use kvsharer::backend::ggml::kv::KvPart;
 use kvsharer::backend::ggml::Session;
+use kvsharer::kvplan::ShareMap;
 use kvsharer::loader;
 use kvsharer::runtime::{KvWindow, RunOptions};
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::kvplan::ShareMap;
 
 fn tiny() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();

@@ -8,12 +8,12 @@
 //! llama.cpp, op for op. The asserted bound is the 0.05.
 
 use kvsharer::backend::ggml::Session;
+use kvsharer::kvplan::ShareMap;
 use kvsharer::loader;
 use kvsharer::oracle::{ContextOptions, LlamaCppModel};
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
 use kvsharer::sample::argmax;
-use kvsharer::kvplan::ShareMap;
 
 const TOLERANCE: f32 = 0.05;
 

@@ -11,10 +11,10 @@ use std::sync::OnceLock;
 use kvsharer::backend::ggml::Session;
 use kvsharer::eval::{self, PerplexityOptions};
 use kvsharer::gguf::{write_with_metadata, Array, Value};
+use kvsharer::kvplan::ShareMap;
 use kvsharer::loader::{self, LoadedModel};
 use kvsharer::oracle::{ContextOptions, LlamaCppModel};
 use kvsharer::runtime::RunOptions;
-use kvsharer::kvplan::ShareMap;
 
 const N_CTX: usize = 128;
 const CHUNKS: usize = 4;

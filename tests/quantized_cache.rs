@@ -11,10 +11,10 @@ mod support;
 use kvsharer::backend::ggml::decode_attention;
 use kvsharer::backend::ggml::Session;
 use kvsharer::gguf::GgmlType;
+use kvsharer::kvplan::ShareMap;
 use kvsharer::loader;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::kvplan::ShareMap;
 use support::{max_abs_diff, reference_forward, write_tiny_model, TinySpec};
 
 const N: usize = 40;

@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kvsharer::gguf::GgufFile;
+use kvsharer::kvplan::ShareMap;
 use kvsharer::loader::{self, LoadedModel};
 use kvsharer::share::calibrate::{self, CalibrationOptions, CalibrationSet, Corpus, PairOrder};
 use kvsharer::share::evaluator::Evaluator;
 use kvsharer::share::report;
 use kvsharer::share::search::{self, KlReference, MapRun, Objective, Strategy, StrategyOptions};
-use kvsharer::kvplan::ShareMap;
 use support::{max_abs_diff, random_weights, write_planted_model, write_weights, TinySpec};
 
 const N_LAYERS: usize = 6;

@@ -25,12 +25,12 @@ use kvsharer::backend::wgpu::{
     AttentionPath, GpuError, GpuOptions, GpuSession, KernelHarness, GPU_WEIGHT_TYPES,
 };
 use kvsharer::gguf::GgmlType;
+use kvsharer::kvplan::ShareMap;
 use kvsharer::loader;
 use kvsharer::model::Model;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
 use kvsharer::sample::argmax;
-use kvsharer::kvplan::ShareMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::{

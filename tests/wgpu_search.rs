@@ -17,13 +17,13 @@ use std::process::{Command, Output};
 
 use kvsharer::backend::wgpu::GpuError;
 use kvsharer::gguf::GgufFile;
+use kvsharer::kvplan::ShareMap;
 use kvsharer::loader::{self, LoadedModel};
 use kvsharer::runtime::BackendChoice;
 use kvsharer::share::calibrate::{self, CalibrationOptions, Corpus, PairOrder, SearchResult};
 use kvsharer::share::evaluator::Evaluator;
 use kvsharer::share::report;
 use kvsharer::share::search::{self, Objective, Strategy, StrategyOptions};
-use kvsharer::kvplan::ShareMap;
 use support::{say, write_planted_model, TinySpec};
 
 const N_LAYERS: usize = 6;

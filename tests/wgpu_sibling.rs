@@ -10,9 +10,9 @@
 mod support;
 
 use kvsharer::backend::wgpu::{AdapterPolicy, GpuError, GpuOptions, GpuSession};
+use kvsharer::kvplan::ShareMap;
 use kvsharer::loader;
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::kvplan::ShareMap;
 use support::{say, write_tiny_model, TinySpec};
 
 const N_LAYERS: usize = 4;

@@ -10,11 +10,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
 use kvsharer::gguf::{self, GgufFile};
+use kvsharer::kvplan::{self, ShareMap};
 use kvsharer::loader::LoadedModel;
 use kvsharer::share::calibrate::{CalibrationOptions, Corpus, PairOrder, SearchResult};
-use kvsharer::share::search::{self, Objective, Strategy, StrategyOptions};
-use kvsharer::kvplan::{self, ShareMap};
 use kvsharer::share::report;
+use kvsharer::share::search::{self, Objective, Strategy, StrategyOptions};
 
 use super::ModelArgs;
 use kvsharer::runtime::BackendChoice;
@@ -347,8 +347,9 @@ fn print_result(r: &SearchResult, n_layers: usize) {
 }
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
+    let threads = a.model.threads()?;
     let (_, loaded) = a.model.load()?;
-    let r = run_search(&loaded, &a.search, a.model.threads(), a.model.backend)?;
+    let r = run_search(&loaded, &a.search, threads, a.model.backend)?;
     print_result(&r, loaded.model.config.n_layers);
     println!("{}", serde_json::to_string(&r.map.sources())?);
     if let Some(dir) = &a.search.report {
@@ -360,6 +361,7 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
 }
 
 pub fn share(a: ShareArgs) -> Result<()> {
+    let threads = a.model.threads()?;
     let path = a.model.model_path()?;
     check_output(&path, &a.output)?;
     let (_, loaded) = a.model.load()?;
@@ -378,7 +380,7 @@ pub fn share(a: ShareArgs) -> Result<()> {
                 kvplan::to_metadata(&map)
             }
             None => {
-                let r = run_search(&loaded, &a.search, a.model.threads(), a.model.backend)?;
+                let r = run_search(&loaded, &a.search, threads, a.model.backend)?;
                 print_result(&r, n_layers);
                 if let Some(dir) = &a.search.report {
                     report::write_report_dir(&r, dir).with_context(|| {

@@ -7,9 +7,9 @@ use anyhow::Result;
 use clap::Args;
 
 use kvsharer::gguf::{GgmlType, GgufFile};
+use kvsharer::kvplan::{self, ShareMap};
 use kvsharer::model::LlamaConfig;
 use kvsharer::runtime;
-use kvsharer::kvplan::{self, ShareMap};
 
 use super::human_bytes;
 

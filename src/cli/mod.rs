@@ -14,13 +14,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use kvsharer::gguf::GgmlType;
+use kvsharer::kvplan::ShareMap;
 use kvsharer::loader::{self, LoadedModel};
 use kvsharer::model::Model;
 use kvsharer::runtime::{
     self, default_threads, parse_cache_type, BackendChoice, KvWindow, RunOptions, RunState,
 };
 use kvsharer::sample::SamplingParams;
-use kvsharer::kvplan::ShareMap;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -180,8 +180,16 @@ impl ModelArgs {
         }
     }
 
-    pub fn threads(&self) -> usize {
-        self.threads.unwrap_or_else(default_threads).max(1)
+    /// `-t` / `--threads`, or the default; 0 is refused rather than read as 1.
+    pub fn threads(&self) -> Result<usize> {
+        match self.threads {
+            Some(0) => bail!(
+                "--threads must be at least 1 (omit -t to use the default, {} on this machine)",
+                default_threads()
+            ),
+            Some(n) => Ok(n),
+            None => Ok(default_threads()),
+        }
     }
 
     pub fn cache_types(&self) -> Result<(GgmlType, GgmlType)> {
@@ -210,7 +218,7 @@ impl ModelArgs {
         Ok(RunOptions {
             n_ctx: self.ctx_size,
             n_batch: self.batch_size.max(1),
-            n_threads: self.threads(),
+            n_threads: self.threads()?,
             type_k,
             type_v,
             window: self.window()?,
@@ -239,7 +247,7 @@ impl ModelArgs {
                      `kvsharer share -m MODEL --layers N -o OUT.gguf`)"
                 ),
             },
-            Some(spec) => calibrate::on_the_fly_map(loaded, spec, self.threads()),
+            Some(spec) => calibrate::on_the_fly_map(loaded, spec, self.threads()?),
         }
     }
 }

@@ -14,8 +14,8 @@ use kvsharer::eval::{
     PerplexityReport, Quantiles,
 };
 use kvsharer::gguf::GgmlType;
-use kvsharer::runtime::{BackendChoice, RunOptions, RuntimeError};
 use kvsharer::kvplan::ShareMap;
+use kvsharer::runtime::{BackendChoice, RunOptions, RuntimeError};
 
 use super::{describe_sharing, file_name, human_bytes, kv_accounting, open_state, ModelArgs};
 

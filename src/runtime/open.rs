@@ -5,8 +5,8 @@ use super::error::RuntimeError;
 use super::options::RunOptions;
 use super::state::RunState;
 use crate::backend::ggml::{DeviceKind, Session};
-use crate::model::Model;
 use crate::kvplan::ShareMap;
+use crate::model::Model;
 
 /// The backend a user asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,8 +3,8 @@
 
 use super::error::{Capability, RuntimeError};
 use crate::gguf::GgmlType;
-use crate::model::LlamaConfig;
 use crate::kvplan::ShareMap;
+use crate::model::LlamaConfig;
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {

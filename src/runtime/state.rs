@@ -8,8 +8,8 @@ use std::ops::Range;
 use super::error::{Capability, RuntimeError};
 use super::options::{Capabilities, KvWindow, RunOptions};
 use super::request::{ForwardOutput, ForwardRequest, Logits, PackedBatch};
-use crate::model::Model;
 use crate::kvplan::ShareMap;
+use crate::model::Model;
 
 pub trait RunState<'m> {
     fn model(&self) -> &'m Model;

@@ -11,12 +11,15 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::kvplan::{ShareMap, ShareMapError};
 use crate::model::Model;
 use crate::runtime::RuntimeError;
 use crate::share::evaluator::Evaluator;
 use crate::share::search::{Objective, Strategy};
-use crate::kvplan::{ShareMap, ShareMapError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// Cosine similarity, defined in [`crate::math`] (re-exported under its old path).
+pub use crate::math::cosine;
 
 /// The project's own calibration corpus (original prose, one text per line).
 pub const DEFAULT_CORPUS: &str = include_str!("../../data/calibration.txt");
@@ -186,19 +189,6 @@ pub fn mean_text_cosine(base_hidden: &[f32], hidden: &[f32], per_text: usize) ->
         .map(|(a, b)| cosine(a, b))
         .collect();
     (cosines.iter().sum::<f64>() / cosines.len().max(1) as f64) as f32
-}
-
-pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        dot += x as f64 * y as f64;
-        na += x as f64 * x as f64;
-        nb += y as f64 * y as f64;
-    }
-    if na == 0.0 || nb == 0.0 {
-        return 0.0;
-    }
-    dot / (na.sqrt() * nb.sqrt())
 }
 
 /// Every layer's keys and values averaged across the calibration texts, position by

@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use crate::kvplan::ShareMap;
 use crate::model::Model;
 use crate::runtime::{
     self, BackendChoice, ForwardOutput, ForwardRequest, Logits, PackedBatch, RunOptions, RunState,
@@ -18,7 +19,6 @@ use crate::runtime::{
 };
 use crate::share::calibrate::{mean_text_cosine, CalibrateError, CalibrationSet, Capture};
 use crate::share::search::{start_layer, MapRun};
-use crate::kvplan::ShareMap;
 
 pub struct Evaluator<'m> {
     state: Box<dyn RunState<'m> + 'm>,

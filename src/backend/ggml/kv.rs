@@ -6,9 +6,9 @@ use std::ops::Range;
 
 use super::ffi::{dequantize, row_size, GgmlBackend, GgmlError, Tensor, TensorArena};
 use crate::gguf::GgmlType;
+use crate::kvplan::ShareMap;
 use crate::model::LlamaConfig;
 use crate::runtime::options::CACHE_TYPES;
-use crate::kvplan::ShareMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {

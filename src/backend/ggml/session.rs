@@ -8,13 +8,13 @@ use super::ffi::{DeviceKind, GgmlBackend, GgmlError, GraphAllocator};
 use super::forward::{self, GraphCache, Layout, Start};
 use super::kv::{KvCache, KvError, KvPart};
 use crate::gguf::GgmlType;
+use crate::kvplan::ShareMap;
 use crate::model::{Model, ModelError, PlacedWeights};
 use crate::runtime::chunks;
 use crate::runtime::error::RuntimeError;
 use crate::runtime::options::{Capabilities, KvWindow, RunOptions};
 use crate::runtime::request::{ForwardOutput, ForwardRequest, PackedBatch};
 use crate::runtime::state::RunState;
-use crate::kvplan::ShareMap;
 
 /// Why a ggml session could not be opened.
 #[derive(Debug, thiserror::Error)]

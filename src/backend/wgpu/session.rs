@@ -14,13 +14,13 @@ use super::kernels::{
 };
 use super::{GpuError, GPU_WEIGHT_TYPES};
 use crate::gguf::GgmlType;
+use crate::kvplan::ShareMap;
 use crate::model::Model;
 use crate::runtime::chunks;
 use crate::runtime::error::RuntimeError;
 use crate::runtime::options::{Capabilities, RunOptions};
 use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits};
 use crate::runtime::state::RunState;
-use crate::kvplan::ShareMap;
 
 #[derive(Clone, Debug)]
 pub struct GpuOptions {

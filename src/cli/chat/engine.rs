@@ -346,10 +346,10 @@ mod tests {
     use std::path::PathBuf;
 
     use kvsharer::backend::ggml::Session;
+    use kvsharer::kvplan::ShareMap;
     use kvsharer::loader::{self, LoadedModel};
     use kvsharer::runtime::RunOptions;
     use kvsharer::sample::SamplingParams;
-    use kvsharer::kvplan::ShareMap;
 
     use super::*;
 
