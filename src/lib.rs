@@ -2,7 +2,7 @@
 //! layer-wise KV cache sharing (KVSharer, arXiv 2410.18517).
 //!
 //! Data flow: `gguf` (file) -> `model` (config + weights) -> `runtime::open` (a
-//! `RunState` on a backend: KV cache, positions) -> logits -> `sample`. `share` holds
+//! `RunState` on a backend: KV cache, positions) -> logits -> `sample`. `search` holds
 //! the sharing map and its calibration search; `generate`, `eval` (perplexity, KL
 //! divergence) and the search are written over `RunState` alone.
 
@@ -19,5 +19,5 @@ pub mod model;
 pub mod oracle;
 pub mod runtime;
 pub mod sample;
-pub mod share;
+pub mod search;
 pub mod tokenizer;

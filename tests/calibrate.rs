@@ -10,8 +10,7 @@ use kvsharer::kvplan::{self, ShareMap};
 use kvsharer::loader;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::share::calibrate::{self, CalibrationOptions, Corpus, PairOrder};
-use kvsharer::share::report;
+use kvsharer::search::{self, CalibrationOptions, Corpus, PairOrder, report};
 use sha2::{Digest, Sha256};
 use support::{write_planted_model, TinySpec};
 
@@ -45,7 +44,7 @@ fn search_finds_the_planted_harmless_layers() {
     let dir = tempfile::tempdir().unwrap();
     let loaded = loader::load(&planted_model(dir.path())).unwrap();
     let corpus = Corpus::default_corpus();
-    let r = calibrate::search(
+    let r = search::paper::search(
         &loaded.model,
         &loaded.tokenizer,
         &corpus,
@@ -75,7 +74,7 @@ fn search_finds_the_planted_harmless_layers() {
 fn search_reports_an_unmet_target_honestly() {
     let dir = tempfile::tempdir().unwrap();
     let loaded = loader::load(&planted_model(dir.path())).unwrap();
-    let r = calibrate::search(
+    let r = search::paper::search(
         &loaded.model,
         &loaded.tokenizer,
         &Corpus::default_corpus(),
@@ -94,11 +93,11 @@ fn search_reports_an_unmet_target_honestly() {
 fn similar_first_order_is_the_reverse_ranking() {
     let scores = vec![vec![0.0; 3], vec![5.0, 0.0, 0.0], vec![1.0, 9.0, 0.0]];
     assert_eq!(
-        calibrate::ranked_pairs(&scores, PairOrder::Dissimilar),
+        search::ranked_pairs(&scores, PairOrder::Dissimilar),
         vec![(2, 1), (1, 0), (2, 0)]
     );
     assert_eq!(
-        calibrate::ranked_pairs(&scores, PairOrder::Similar),
+        search::ranked_pairs(&scores, PairOrder::Similar),
         vec![(2, 0), (1, 0), (2, 1)]
     );
 }
@@ -114,10 +113,10 @@ fn captured_kv_and_distances_follow_the_definition() {
     let path = dir.path().join("m.gguf");
     let w = support::write_tiny_model(&spec, &path);
     let loaded = loader::load(&path).unwrap();
-    let set = calibrate::prepare(&loaded.tokenizer, &Corpus::default_corpus(), 3, 16).unwrap();
+    let set = search::prepare(&loaded.tokenizer, &Corpus::default_corpus(), 3, 16).unwrap();
     assert_eq!(set.seq_len, 16);
     assert_eq!(set.tokens.len(), 48);
-    let cap = calibrate::capture(&loaded.model, &set, 2).unwrap();
+    let cap = search::capture(&loaded.model, &set, 2).unwrap();
     // Average of the reference's f16-cached keys over the three texts.
     let kv = spec.kv_dim();
     let mut mean_k = vec![vec![0f32; 16 * kv]; 3];
@@ -142,7 +141,7 @@ fn captured_kv_and_distances_follow_the_definition() {
             "layer {l}: captured keys differ from the reference by {max}"
         );
     }
-    let d = calibrate::distance_matrix(&cap, spec.head_dim());
+    let d = search::distance_matrix(&cap, spec.head_dim());
     // dK(1,0) from the definition: mean over (head, position) of the L2 norm.
     let hd = spec.head_dim();
     let dist = |a: &[f32], b: &[f32]| {
@@ -169,7 +168,7 @@ fn too_little_calibration_text_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let loaded = loader::load(&planted_model(dir.path())).unwrap();
     let few = Corpus::from_text("one line only\nand another\n");
-    let e = calibrate::search(
+    let e = search::paper::search(
         &loaded.model,
         &loaded.tokenizer,
         &few,
@@ -179,7 +178,7 @@ fn too_little_calibration_text_is_a_clear_error() {
     .unwrap_err();
     assert!(e.to_string().contains("only 2 non-empty lines"), "{e}");
     let short = Corpus::from_text(&"tiny\n".repeat(10));
-    let e = calibrate::search(
+    let e = search::paper::search(
         &loaded.model,
         &loaded.tokenizer,
         &short,
@@ -188,7 +187,7 @@ fn too_little_calibration_text_is_a_clear_error() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("at least 8"), "{e}");
-    let e = calibrate::search(
+    let e = search::paper::search(
         &loaded.model,
         &loaded.tokenizer,
         &Corpus::default_corpus(),
@@ -211,7 +210,7 @@ fn stored_map_round_trips_with_identical_tensors_and_keys() {
     let dir = tempfile::tempdir().unwrap();
     let src = planted_model(dir.path());
     let loaded = loader::load(&src).unwrap();
-    let r = calibrate::search(
+    let r = search::paper::search(
         &loaded.model,
         &loaded.tokenizer,
         &Corpus::default_corpus(),
@@ -323,7 +322,7 @@ fn invalid_stored_maps_are_rejected_at_load() {
 fn report_json_round_trips_the_map_and_the_svg_marks_pairs() {
     let dir = tempfile::tempdir().unwrap();
     let loaded = loader::load(&planted_model(dir.path())).unwrap();
-    let r = calibrate::search(
+    let r = search::paper::search(
         &loaded.model,
         &loaded.tokenizer,
         &Corpus::default_corpus(),
@@ -343,7 +342,7 @@ fn a_run_started_mid_network_equals_a_full_run() {
     use kvsharer::runtime::{ForwardRequest, PackedBatch};
     let dir = tempfile::tempdir().unwrap();
     let loaded = loader::load(&planted_model(dir.path())).unwrap();
-    let set = calibrate::prepare(&loaded.tokenizer, &Corpus::default_corpus(), 4, 16).unwrap();
+    let set = search::prepare(&loaded.tokenizer, &Corpus::default_corpus(), 4, 16).unwrap();
     let opts = RunOptions {
         n_ctx: set.tokens.len(),
         n_threads: 2,
@@ -405,14 +404,14 @@ fn a_run_started_mid_network_equals_a_full_run() {
 #[test]
 fn random_maps_are_valid_seeded_and_of_the_requested_size() {
     for seed in 0..50 {
-        let m = calibrate::random_map(30, 8, seed).unwrap();
+        let m = search::random_map(30, 8, seed).unwrap();
         assert_eq!(m.shared_count(), 8);
         assert!(ShareMap::for_model(m.sources().to_vec(), 30).is_ok());
-        assert_eq!(m, calibrate::random_map(30, 8, seed).unwrap());
+        assert_eq!(m, search::random_map(30, 8, seed).unwrap());
     }
     assert_ne!(
-        calibrate::random_map(30, 8, 1).unwrap(),
-        calibrate::random_map(30, 8, 2).unwrap()
+        search::random_map(30, 8, 1).unwrap(),
+        search::random_map(30, 8, 2).unwrap()
     );
-    assert!(calibrate::random_map(4, 4, 0).is_err());
+    assert!(search::random_map(4, 4, 0).is_err());
 }

@@ -10,10 +10,7 @@ use std::process::Command;
 use kvsharer::gguf::GgufFile;
 use kvsharer::kvplan::ShareMap;
 use kvsharer::loader::{self, LoadedModel};
-use kvsharer::share::calibrate::{self, CalibrationOptions, CalibrationSet, Corpus, PairOrder};
-use kvsharer::share::evaluator::Evaluator;
-use kvsharer::share::report;
-use kvsharer::share::search::{self, KlReference, MapRun, Objective, Strategy, StrategyOptions};
+use kvsharer::search::{self, CalibrationOptions, CalibrationSet, Corpus, Evaluator, KlReference, MapRun, Objective, PairOrder, Strategy, StrategyOptions, report};
 use support::{max_abs_diff, random_weights, write_planted_model, write_weights, TinySpec};
 
 const N_LAYERS: usize = 6;
@@ -70,7 +67,7 @@ fn run(
     loaded: &LoadedModel,
     opts: &CalibrationOptions,
     strat: &StrategyOptions,
-) -> calibrate::SearchResult {
+) -> search::SearchResult {
     search::run(
         &loaded.model,
         &loaded.tokenizer,
@@ -83,7 +80,7 @@ fn run(
 }
 
 fn set(loaded: &LoadedModel) -> CalibrationSet {
-    calibrate::prepare(&loaded.tokenizer, &Corpus::default_corpus(), 6, 32).unwrap()
+    search::prepare(&loaded.tokenizer, &Corpus::default_corpus(), 6, 32).unwrap()
 }
 
 #[test]
@@ -140,7 +137,7 @@ fn prefix_candidate_runs_equal_full_runs_in_any_sequence() {
     let per_text = set.seq_len * loaded.model.config.n_embd;
     let objectives = |run: &MapRun| {
         (
-            calibrate::mean_text_cosine(&base.hidden, &run.hidden, per_text),
+            search::mean_text_cosine(&base.hidden, &run.hidden, per_text),
             reference.mean_kld(&run.logits, 2),
         )
     };
@@ -305,7 +302,7 @@ fn lazy_greedy_skips_only_pairs_whose_last_harm_could_not_win() {
             .find(|t| t.kept)
             .expect("a kept pair per step");
         let accepted_harm = kept.kld.unwrap() - current;
-        for (i, j) in search::allowed_pairs(&map) {
+        for (i, j) in search::strategy::allowed_pairs(&map) {
             if trials.iter().any(|t| (t.layer, t.source) == (i, j)) {
                 continue;
             }
@@ -387,7 +384,7 @@ fn candidates_prefilter_limits_each_step() {
         .map(|(i, j)| r.scores[i][j])
         .collect();
     all.sort_by(f32::total_cmp);
-    if !search::PREFILTER_KEEPS_SIMILAR {
+    if !search::strategy::PREFILTER_KEEPS_SIMILAR {
         all.reverse();
     }
     let mut tried: Vec<f32> = r
@@ -450,7 +447,7 @@ fn stored_map_records_strategy_and_both_objectives() {
 fn old_reports_without_strategy_fields_still_parse_as_paper() {
     let dir = tempfile::tempdir().unwrap();
     let loaded = loader::load(&planted_model(dir.path())).unwrap();
-    let r = calibrate::search(
+    let r = search::paper::search(
         &loaded.model,
         &loaded.tokenizer,
         &Corpus::default_corpus(),
@@ -473,7 +470,7 @@ fn old_reports_without_strategy_fields_still_parse_as_paper() {
         t.as_object_mut().unwrap().remove("kld");
         t.as_object_mut().unwrap().remove("step");
     }
-    let back: calibrate::SearchResult = serde_json::from_value(v).unwrap();
+    let back: search::SearchResult = serde_json::from_value(v).unwrap();
     assert_eq!(back.strategy, Strategy::Paper);
     assert_eq!(back.map, r.map);
 }
@@ -566,7 +563,7 @@ fn cli_runs_each_strategy_and_rejects_bad_strategy_flags() {
 fn timing_breakdown_on_the_default_model() {
     use std::time::Instant;
     let loaded = loader::load(&support::default_model_path()).unwrap();
-    let set = calibrate::prepare(&loaded.tokenizer, &Corpus::default_corpus(), 30, 64).unwrap();
+    let set = search::prepare(&loaded.tokenizer, &Corpus::default_corpus(), 30, 64).unwrap();
     let n = loaded.model.config.n_layers;
     let mut with_logits = Evaluator::cpu(&loaded.model, &set, 2, true).unwrap();
     let mut without = Evaluator::cpu(&loaded.model, &set, 2, false).unwrap();

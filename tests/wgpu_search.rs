@@ -20,10 +20,7 @@ use kvsharer::gguf::GgufFile;
 use kvsharer::kvplan::ShareMap;
 use kvsharer::loader::{self, LoadedModel};
 use kvsharer::runtime::BackendChoice;
-use kvsharer::share::calibrate::{self, CalibrationOptions, Corpus, PairOrder, SearchResult};
-use kvsharer::share::evaluator::Evaluator;
-use kvsharer::share::report;
-use kvsharer::share::search::{self, Objective, Strategy, StrategyOptions};
+use kvsharer::search::{self, CalibrationOptions, Corpus, Evaluator, Objective, PairOrder, SearchResult, Strategy, StrategyOptions, report};
 use support::{say, write_planted_model, TinySpec};
 
 const N_LAYERS: usize = 6;
@@ -73,7 +70,7 @@ fn gpu_search(
     strat: &StrategyOptions,
 ) -> Option<SearchResult> {
     let corpus = Corpus::default_corpus();
-    let set = calibrate::prepare(&loaded.tokenizer, &corpus, opts.samples, opts.tokens).unwrap();
+    let set = search::prepare(&loaded.tokenizer, &corpus, opts.samples, opts.tokens).unwrap();
     let opened = Evaluator::open(BackendChoice::Wgpu, &loaded.model, &set, 2, false);
     let mut eval = match opened {
         Ok((e, _)) => e,

@@ -12,13 +12,13 @@ use sha2::{Digest, Sha256};
 use kvsharer::gguf::{self, GgufFile};
 use kvsharer::kvplan::{self, ShareMap};
 use kvsharer::loader::LoadedModel;
-use kvsharer::share::calibrate::{CalibrationOptions, Corpus, PairOrder, SearchResult};
-use kvsharer::share::report;
-use kvsharer::share::search::{self, Objective, Strategy, StrategyOptions};
+use kvsharer::search::{
+    self, report, CalibrationOptions, Corpus, Evaluator, Objective, PairOrder, SearchResult,
+    Strategy, StrategyOptions,
+};
 
 use super::ModelArgs;
 use kvsharer::runtime::BackendChoice;
-use kvsharer::share::evaluator::Evaluator;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum OrderArg {
@@ -69,7 +69,7 @@ pub struct SearchArgs {
     pub strategy: StrategyArgs,
 }
 
-// ---- Search strategies (share::search) ----
+// ---- Search strategies (search::strategy) ----
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum StrategyArg {
@@ -307,7 +307,7 @@ fn search_on(
     // Bad settings are refused before a device is opened.
     search::check_options(opts, strategy, loaded.model.config.n_layers)?;
     let set =
-        kvsharer::share::calibrate::prepare(&loaded.tokenizer, corpus, opts.samples, opts.tokens)?;
+        search::prepare(&loaded.tokenizer, corpus, opts.samples, opts.tokens)?;
     let (eval, fallback) = Evaluator::open(backend, &loaded.model, &set, opts.threads, false)
         .with_context(|| format!("--backend {backend}"))?;
     let mut eval = match strategy.strategy {
@@ -368,7 +368,7 @@ pub fn share(a: ShareArgs) -> Result<()> {
     let n_layers = loaded.model.config.n_layers;
     let metadata = if a.search.random_map {
         let target = a.search.target(n_layers)?;
-        let map = kvsharer::share::calibrate::random_map(n_layers, target, a.search.seed)?;
+        let map = search::random_map(n_layers, target, a.search.seed)?;
         eprintln!("random map (seed {}): {map}", a.search.seed);
         kvplan::to_metadata(&map)
     } else {

@@ -1,8 +1,6 @@
 //! `kvsharer chat`: an interactive conversation in the terminal, rendered with the
 //! model's own chat template, keeping the KV cache between turns.
 
-mod conversation;
-mod engine;
 mod input;
 
 use std::io::Write;
@@ -24,7 +22,7 @@ use kvsharer::sample::{Sampler, SamplingParams};
 use super::{
     describe_sharing, file_name, human_bytes, kv_accounting, open_state, ModelArgs, SamplingArgs,
 };
-use engine::ChatEngine;
+use kvsharer::chat::{ChatEngine, TurnError};
 use input::{parse_input, ChatHelper, ClearLineOnInterrupt, Input, SlashCommand};
 
 #[derive(Args, Debug)]
@@ -185,7 +183,12 @@ fn chat_turn(engine: &mut ChatEngine<'_>, text: &str) -> Result<()> {
     let turn = match engine.prepare(text) {
         Ok(turn) => turn,
         Err(e) => {
-            eprintln!("error: {e}");
+            match e {
+                TurnError::TooLong { .. } => {
+                    eprintln!("error: {e} (hint: shorten the message or raise -c/--ctx-size)")
+                }
+                _ => eprintln!("error: {e}"),
+            }
             return Ok(());
         }
     };

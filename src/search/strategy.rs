@@ -31,55 +31,14 @@ use std::time::Instant;
 use crate::kvplan::ShareMap;
 use crate::math;
 use crate::model::Model;
-use crate::share::calibrate::{
-    self, distance_matrix, mean_text_cosine, prepare, CalibrateError, CalibrationOptions,
-    CalibrationSet, Corpus, PairTrial, SearchResult,
+use crate::search::calibration::{
+    distance_matrix, mean_text_cosine, prepare, CalibrateError, CalibrationOptions,
+    CalibrationSet, Corpus,
 };
-use crate::share::evaluator::Evaluator;
+use crate::search::evaluator::{start_layer, Evaluator, MapRun};
+use crate::search::paper;
+use crate::search::result::{Objective, PairTrial, SearchResult, Strategy};
 use crate::tokenizer::Tokenizer;
-
-/// Which search finds the map.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Strategy {
-    /// The paper's: distance-ordered pairs, kept while the cosine passes a threshold.
-    #[default]
-    Paper,
-    /// Best pair by the objective at every step.
-    Greedy,
-    /// The `W` best maps at every step.
-    Beam,
-}
-
-impl Strategy {
-    pub fn name(self) -> &'static str {
-        match self {
-            Strategy::Paper => "paper",
-            Strategy::Greedy => "greedy",
-            Strategy::Beam => "beam",
-        }
-    }
-}
-
-/// What a stepwise search optimises.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Objective {
-    /// Mean final-hidden cosine against the unshared model (higher is better).
-    #[default]
-    Cosine,
-    /// Mean next-token KL divergence from the unshared model (lower is better).
-    Kld,
-}
-
-impl Objective {
-    pub fn name(self) -> &'static str {
-        match self {
-            Objective::Cosine => "cosine",
-            Objective::Kld => "kld",
-        }
-    }
-}
 
 /// Which end of the paper's distance ranking the `candidates` pre-filter keeps.
 /// Measured on SmolLM2-135M (see the crate README): the pairs that hurt least are
@@ -211,38 +170,6 @@ impl KlReference {
     }
 }
 
-/// The first layer a candidate must run from so that every slot it reads is filled
-/// by this very run: `map` shares `changed` (and agrees with the map whose inputs
-/// are cached below `changed`). Starting at `s`, owners `>= s` write their slots
-/// before anyone reads them, so `s` must not exceed the source of any shared layer
-/// at or after `s`; the largest such `s <= changed` is taken.
-pub fn start_layer(map: &ShareMap, changed: usize) -> usize {
-    let mut s = changed.min(map.n_layers().saturating_sub(1));
-    loop {
-        let lowest = (s..map.n_layers())
-            .map(|k| map.source(k))
-            .min()
-            .unwrap_or(s);
-        if lowest >= s {
-            return s;
-        }
-        s = lowest;
-    }
-}
-
-/// One map's pass over the calibration set: the residual stream entering every
-/// layer (shared between maps that agree up to that layer), final hidden states and,
-/// when asked for, logits.
-#[derive(Clone)]
-pub struct MapRun {
-    pub map: ShareMap,
-    pub layer_inputs: Vec<Arc<Vec<f32>>>,
-    pub hidden: Vec<f32>,
-    pub logits: Vec<f32>,
-    /// Layer the run started at (0 for a full run).
-    pub start: usize,
-}
-
 /// Both objectives of one map.
 #[derive(Clone, Copy, Debug)]
 struct Scores {
@@ -305,7 +232,7 @@ pub fn run_with(
     check_options(opts, strat, eval.model().config.n_layers)?;
     match strat.strategy {
         Strategy::Paper => {
-            let mut r = calibrate::search_with(eval, set, &corpus.sha256, opts, |p| {
+            let mut r = paper::search_with(eval, set, &corpus.sha256, opts, |p| {
                 progress(&SearchProgress {
                     accepted: p.accepted,
                     target: p.target,

@@ -2,7 +2,7 @@
 //! and how to bring the KV cache from the tokens it holds to the tokens a conversation
 //! renders to while re-using as much as possible.
 
-use kvsharer::chat::{Message, Role};
+use super::{Message, Role};
 
 /// Removes the oldest turn (a user message and everything up to the next user
 /// message) that follows the leading system messages. The last user message, the one

@@ -10,7 +10,7 @@ use crate::kvplan::{
     self, ShareMap, KEY_CORPUS_SHA256, KEY_MEAN_COSINE, KEY_MEAN_KLD, KEY_SAMPLE_COUNT,
     KEY_STRATEGY, KEY_THRESHOLD, KEY_TOKENS_PER_SAMPLE,
 };
-use crate::share::calibrate::SearchResult;
+use crate::search::result::SearchResult;
 
 /// The `kvsharer.*` metadata for a search result (see `shared/KVSHARER.md`).
 pub fn metadata(r: &SearchResult) -> Vec<(String, Value)> {

@@ -14,6 +14,11 @@
 //! emitting them (e.g. doubling a string in a loop); fuel limits only the number
 //! of such steps.
 
+mod conversation;
+pub mod engine;
+
+pub use engine::{ChatEngine, PreparedTurn, TurnError};
+
 use std::io;
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,17 +1,17 @@
-//! The conversation state behind the REPL: messages, the tokens they render to, and a
+//! The conversation state behind `chat` (and any front-end): messages, the tokens they render to, and a
 //! session whose KV cache holds exactly those tokens between turns, so each turn only
 //! evaluates what is new.
 
 use std::ops::ControlFlow;
 
-use kvsharer::chat::{ChatError, ChatTemplate, Message, Role};
-use kvsharer::generate::{generate, GenerateOptions, GenerationStats};
-use kvsharer::runtime::Logits;
-use kvsharer::sample::Sampler;
-use kvsharer::tokenizer::{Tokenizer, TokenizerError};
+use super::{ChatError, ChatTemplate, Message, Role};
+use crate::generate::{generate, GenerateOptions, GenerationStats};
+use crate::runtime::Logits;
+use crate::sample::Sampler;
+use crate::tokenizer::{Tokenizer, TokenizerError};
 
 use super::conversation::{fit_to_budget, plan_cache_sync, CachePlan};
-use kvsharer::runtime::RunState;
+use crate::runtime::{RunState, RuntimeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TurnError {
@@ -20,12 +20,10 @@ pub enum TurnError {
     #[error("tokenizer: {0}")]
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
-    Backend(#[from] anyhow::Error),
-    #[error(transparent)]
-    Runtime(#[from] kvsharer::runtime::RuntimeError),
+    Runtime(#[from] RuntimeError),
     #[error(
         "the message does not fit: with only the system prompt kept the conversation is {tokens} tokens \
-         and the context holds {n_ctx} (hint: shorten the message or raise -c/--ctx-size)"
+         and the context holds {n_ctx}"
     )]
     TooLong { tokens: usize, n_ctx: usize },
 }
@@ -294,7 +292,7 @@ impl<'m> ChatEngine<'m> {
 
     /// Reduces the cache to the longest prefix of `target` it can provide. With
     /// `leave_one`, at least one token of `target` is left to evaluate.
-    fn sync_cache_to(&mut self, target: &[u32], leave_one: bool) -> anyhow::Result<()> {
+    fn sync_cache_to(&mut self, target: &[u32], leave_one: bool) -> Result<(), RuntimeError> {
         let plan = plan_cache_sync(&self.cached, target);
         let mut keep = plan.cached_after();
         if plan.discard > 0 {
@@ -315,7 +313,7 @@ impl<'m> ChatEngine<'m> {
     /// are re-rotated to their new positions, so nothing is re-evaluated. A backend
     /// that cannot shift keeps only the first `keep` tokens, and the retained ones are
     /// evaluated again. Returns how many cached tokens are left.
-    fn discard_cached(&mut self, plan: CachePlan) -> anyhow::Result<usize> {
+    fn discard_cached(&mut self, plan: CachePlan) -> Result<usize, RuntimeError> {
         let start = plan.keep + plan.discard;
         self.session.truncate(start + plan.retain);
         self.cached.truncate(start + plan.retain);
@@ -345,18 +343,18 @@ impl<'m> ChatEngine<'m> {
 mod tests {
     use std::path::PathBuf;
 
-    use kvsharer::backend::ggml::Session;
-    use kvsharer::kvplan::ShareMap;
-    use kvsharer::loader::{self, LoadedModel};
-    use kvsharer::runtime::RunOptions;
-    use kvsharer::sample::SamplingParams;
+    use crate::backend::ggml::Session;
+    use crate::kvplan::ShareMap;
+    use crate::loader::{self, LoadedModel};
+    use crate::runtime::RunOptions;
+    use crate::sample::SamplingParams;
 
     use super::*;
 
     fn load_model() -> LoadedModel {
         let path = match std::env::var_os("KVSHARER_TEST_MODEL") {
             Some(p) => PathBuf::from(p),
-            None => kvsharer::fetch::default_model_path()
+            None => crate::fetch::default_model_path()
                 .expect("default model (or set KVSHARER_TEST_MODEL)"),
         };
         loader::load(&path).expect("model loads")

@@ -17,8 +17,7 @@ use crate::runtime::{
     self, BackendChoice, ForwardOutput, ForwardRequest, Logits, PackedBatch, RunOptions, RunState,
     RuntimeError,
 };
-use crate::share::calibrate::{mean_text_cosine, CalibrateError, CalibrationSet, Capture};
-use crate::share::search::{start_layer, MapRun};
+use crate::search::calibration::{mean_text_cosine, CalibrateError, CalibrationSet, Capture};
 
 pub struct Evaluator<'m> {
     state: Box<dyn RunState<'m> + 'm>,
@@ -263,4 +262,36 @@ fn map_run(
         logits: out.logits,
         start,
     }
+}
+
+/// The first layer a candidate must run from so that every slot it reads is filled
+/// by this very run: `map` shares `changed` (and agrees with the map whose inputs
+/// are cached below `changed`). Starting at `s`, owners `>= s` write their slots
+/// before anyone reads them, so `s` must not exceed the source of any shared layer
+/// at or after `s`; the largest such `s <= changed` is taken.
+pub fn start_layer(map: &ShareMap, changed: usize) -> usize {
+    let mut s = changed.min(map.n_layers().saturating_sub(1));
+    loop {
+        let lowest = (s..map.n_layers())
+            .map(|k| map.source(k))
+            .min()
+            .unwrap_or(s);
+        if lowest >= s {
+            return s;
+        }
+        s = lowest;
+    }
+}
+
+/// One map's pass over the calibration set: the residual stream entering every
+/// layer (shared between maps that agree up to that layer), final hidden states and,
+/// when asked for, logits.
+#[derive(Clone)]
+pub struct MapRun {
+    pub map: ShareMap,
+    pub layer_inputs: Vec<Arc<Vec<f32>>>,
+    pub hidden: Vec<f32>,
+    pub logits: Vec<f32>,
+    /// Layer the run started at (0 for a full run).
+    pub start: usize,
 }
