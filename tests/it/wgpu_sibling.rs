@@ -5,9 +5,7 @@
 //! Runs on any wgpu adapter (lavapipe in CI); without one each test prints why it
 //! is skipped, on stderr past the test harness's capture, and returns.
 
-#![cfg(feature = "wgpu")]
-
-mod support;
+use crate::support;
 
 use kvsharer::backend::graph::Logits;
 use kvsharer::backend::wgpu::{AdapterPolicy, GpuError, GpuOptions, GpuSession};

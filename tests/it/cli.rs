@@ -2,7 +2,7 @@
 //! and a non-zero exit, never a panic; `share` writes a loadable copy and never
 //! touches its input.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -4,7 +4,7 @@
 //! that the dropped tokens were once in context, in llama.cpp as here: a shift is
 //! an approximation only in that sense.)
 
-mod support;
+use crate::support;
 
 use kvsharer::backend::graph::Logits;
 use kvsharer::gguf::GgmlType;

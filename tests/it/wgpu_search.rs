@@ -8,9 +8,7 @@
 //! differ only by summation order: the measured gaps are printed by each test.
 //! Without an adapter each test prints why it is skipped and returns.
 
-#![cfg(feature = "wgpu")]
-
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -426,7 +424,7 @@ fn set_map_equals_a_fresh_session_and_refuses_missing_slots() {
 }
 
 /// The default model (SmolLM2-135M-Instruct Q4_1, 30 layers), run by hand (about 5
-/// minutes on lavapipe): `cargo test --release --test wgpu_search real_model --
+/// minutes on lavapipe): `cargo test --release --test it wgpu_search::real_model --
 /// --ignored --nocapture`. Greedy by KLD for 2 layers, 4 texts x 32 tokens, 4
 /// candidates per step, on the GPU with the Q4_1 file, and on ggml's CPU backend
 /// with the same file and with its f32-dequantized copy. The GPU multiplies the

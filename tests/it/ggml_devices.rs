@@ -7,7 +7,7 @@
 //! copy of the weights byte-identical to the file. Without a device the test prints
 //! why it is skipped, past the harness's capture, and returns.
 
-mod support;
+use crate::support;
 
 use kvsharer::backend::ggml::{DeviceKind, GgmlBackend, GgmlError};
 use kvsharer::backend::graph::Logits;

@@ -4,8 +4,6 @@
 //! the rendered conversation, and the prompt tokens a turn should cost when the cache
 //! is kept.
 
-#![cfg(unix)]
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;

@@ -1,6 +1,6 @@
 //! The KVSharer search, the stored map and `share` on tiny generated models.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 

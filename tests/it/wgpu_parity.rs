@@ -15,9 +15,7 @@
 //! values with f32 activations: there the bar, max |diff| < 0.1 and top-1
 //! identical, holds as stated).
 
-#![cfg(feature = "wgpu")]
-
-mod support;
+use crate::support;
 
 use kvsharer::backend::ggml::{dequantize, quantize};
 use kvsharer::backend::graph::Logits;

@@ -2,7 +2,7 @@
 //! full llama.cpp metadata (`tiny_model`), and a plain f32 reference forward pass that
 //! is the numerical oracle for the ggml runtime (`reference`).
 //!
-//! Each test binary includes this with `mod support;` and uses only part of it.
+//! `tests/it/main.rs` declares it as `mod support;`; each suite uses only part of it.
 #![allow(dead_code, unused_imports)]
 
 pub mod parity;

@@ -2,7 +2,7 @@
 //! find a planted harmless pair, their cached-prefix candidate runs equal full runs,
 //! and what they report and store is what a fresh measurement gives.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -560,7 +560,7 @@ fn cli_runs_each_strategy_and_rejects_bad_strategy_flags() {
 }
 
 /// Where a candidate's time goes on the default model (run by hand:
-/// `cargo test --release --test search timing -- --ignored --nocapture`).
+/// `cargo test --release --test it search::timing -- --ignored --nocapture`).
 #[test]
 #[ignore]
 fn timing_breakdown_on_the_default_model() {

@@ -1,7 +1,7 @@
 //! StreamingLLM-style windows: the cache keeps exactly sink + window cells, memory
 //! never grows, and what is kept is the sink plus the most recent tokens.
 
-mod support;
+use crate::support;
 
 use kvsharer::backend::graph::Logits;
 use kvsharer::kv::KvPart;
