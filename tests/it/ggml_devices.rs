@@ -165,7 +165,7 @@ fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
         ));
         return;
     }
-    let path = kvsharer::fetch::model_for_tests();
+    let path = support::default_model_path();
     let loaded = loader::load(&path).unwrap();
     let model = &loaded.model;
     let map = map_of(model.config.n_layers);

@@ -14,6 +14,8 @@ use kvsharer::sample::argmax;
 use kvsharer::session::{Session, SessionOptions};
 use kvsharer::share::ShareMap;
 
+use crate::support;
+
 const TOLERANCE: f32 = 0.05;
 
 const PROMPT: &str = "The lighthouse keeper climbed the spiral stairs every evening at dusk, \
@@ -48,7 +50,7 @@ fn compare(ours: &[f32], theirs: &[Vec<f32>], n_vocab: usize) -> (f32, usize) {
 
 #[test]
 fn logits_match_llama_cpp_whole_prompt() {
-    let path = kvsharer::fetch::model_for_tests();
+    let path = support::default_model_path();
     let llama = LlamaCppModel::load(&path).unwrap();
     let toks = tokens_128(&llama);
     let mut ctx = llama
@@ -85,7 +87,7 @@ fn logits_match_llama_cpp_whole_prompt() {
 /// llama.cpp; like must be compared with like.)
 #[test]
 fn logits_match_llama_cpp_chunked_then_token_by_token() {
-    let path = kvsharer::fetch::model_for_tests();
+    let path = support::default_model_path();
     let llama = LlamaCppModel::load(&path).unwrap();
     let toks = tokens_128(&llama);
     let mut ctx = llama

@@ -619,7 +619,7 @@ fn cpu_logits(model: &Model, map: &ShareMap, toks: &[u32], n_batch: usize) -> Ve
 }
 
 fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
-    let path = kvsharer::fetch::model_for_tests();
+    let path = support::default_model_path();
     let loaded = loader::load(&path).unwrap();
     let model = &loaded.model;
     let map = map_of(model.config.n_layers);
@@ -702,7 +702,7 @@ fn whole_model_logits_match_cpu_with_sharing() {
 /// ggml's 8-bit activation rounding, as large as ggml's own batch-size variation:
 /// see `whole_model` above.) Measured on lavapipe: see the printed figures.
 fn whole_model_vs_dequantized(test: &str, map: impl Fn(usize) -> ShareMap) {
-    let path = kvsharer::fetch::model_for_tests();
+    let path = support::default_model_path();
     let loaded = loader::load(&path).unwrap();
     let model = &loaded.model;
     let map = map(model.config.n_layers);

