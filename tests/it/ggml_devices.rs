@@ -15,7 +15,7 @@ use kvsharer::loader;
 use kvsharer::model::{Model, PlacedWeights};
 use kvsharer::session::{Session, SessionError, SessionOptions};
 use kvsharer::share::ShareMap;
-use support::{compare_logits, dequantized_copy, say, write_tiny_model, TinySpec};
+use support::{compare_logits, dequantized_copy, say, skip, write_tiny_model, TinySpec};
 
 const GPU_KINDS: [DeviceKind; 3] = [DeviceKind::Cuda, DeviceKind::Vulkan, DeviceKind::Metal];
 
@@ -142,7 +142,7 @@ fn device_session<'m>(
             Some(s)
         }
         Err(SessionError::Ggml(e @ GgmlError::NoDevice { .. })) => {
-            say(&format!("{test}: {kind}: SKIPPED: {e}"));
+            skip(&format!("{test}: {kind}"), &e.to_string());
             None
         }
         Err(e) => panic!("{test}: {kind}: {e}"),
@@ -160,9 +160,10 @@ fn device_session<'m>(
 fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
     let kinds: Vec<DeviceKind> = GPU_KINDS.into_iter().filter(|k| k.compiled_in()).collect();
     if kinds.is_empty() {
-        say(&format!(
-            "{test}: SKIPPED: built without cuda, vulkan and metal (rebuild with --features vulkan, say)"
-        ));
+        skip(
+            test,
+            "built without cuda, vulkan and metal (rebuild with --features vulkan, say)",
+        );
         return;
     }
     let path = support::default_model_path();

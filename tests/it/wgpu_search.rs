@@ -283,8 +283,8 @@ fn calibrate_and_share_run_the_search_on_wgpu() {
     args.extend(["--report", report_dir.to_str().unwrap()]);
     let o = kvsharer(&args);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    if !o.status.success() && err.contains("no GPU adapter found") {
-        say(&format!("{test}: SKIPPED: no wgpu adapter on this machine"));
+    if support::kvsharer_found_no_wgpu_adapter(&o) {
+        support::skip(test, support::NO_WGPU_ADAPTER);
         return;
     }
     assert!(o.status.success(), "{err}");

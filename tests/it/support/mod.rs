@@ -53,6 +53,21 @@ pub fn say(msg: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{msg}");
 }
 
+/// The one way a test says it is skipped, `TEST: SKIPPED: reason`, through [`say`].
+pub fn skip(test: &str, reason: &str) {
+    say(&format!("{test}: SKIPPED: {reason}"));
+}
+
+/// The reason given when wgpu finds no adapter, in-process or in a `kvsharer` run.
+pub const NO_WGPU_ADAPTER: &str = "no wgpu adapter on this machine";
+
+/// Whether a `kvsharer` run failed because wgpu found no adapter (what its stderr
+/// says then: `GpuError::NoAdapter`'s message).
+pub fn kvsharer_found_no_wgpu_adapter(o: &std::process::Output) -> bool {
+    !o.status.success()
+        && String::from_utf8_lossy(&o.stderr).contains("no GPU adapter found through wgpu")
+}
+
 /// Largest |a[i] - b[i]| (the slices must be the same length).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
