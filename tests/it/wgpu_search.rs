@@ -13,13 +13,14 @@ use crate::support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kvsharer::backend::wgpu::{AdapterPolicy, GpuError, GpuEvaluator};
+use kvsharer::backend::wgpu::{AdapterPolicy, GpuEvaluator};
 use kvsharer::gguf::GgufFile;
 use kvsharer::loader::{self, LoadedModel};
 use kvsharer::share::calibrate::{self, CalibrationOptions, Corpus, PairOrder, SearchResult};
 use kvsharer::share::report;
 use kvsharer::share::search::{self, Objective, Strategy, StrategyOptions};
 use kvsharer::share::ShareMap;
+use support::wgpu::or_skip_without_adapter;
 use support::{say, write_planted_model, TinySpec};
 
 const N_LAYERS: usize = 6;
@@ -70,17 +71,10 @@ fn gpu_search(
 ) -> Option<SearchResult> {
     let corpus = Corpus::default_corpus();
     let set = calibrate::prepare(&loaded.tokenizer, &corpus, opts.samples, opts.tokens).unwrap();
-    let mut eval = match GpuEvaluator::new(&loaded.model, &set, AdapterPolicy::Any) {
-        Ok(e) => e,
-        Err(GpuError::NoAdapter) => {
-            say(&format!(
-                "{test}: SKIPPED: no wgpu adapter on this machine ({})",
-                GpuError::NoAdapter
-            ));
-            return None;
-        }
-        Err(e) => panic!("{test}: the wgpu backend failed to start: {e}"),
-    };
+    let mut eval = or_skip_without_adapter(
+        test,
+        GpuEvaluator::new(&loaded.model, &set, AdapterPolicy::Any),
+    )?;
     say(&format!("{test}: adapter {}", eval.adapter_description()));
     Some(search::run_with(&mut eval, &set, &corpus, opts, strat, |_| {}).unwrap())
 }
@@ -370,13 +364,9 @@ fn set_map_equals_a_fresh_session_and_refuses_missing_slots() {
         ..GpuOptions::default()
     };
     let identity = ShareMap::identity(N_LAYERS);
-    let mut s = match GpuSession::new(model, &identity, &opts) {
-        Ok(s) => s,
-        Err(GpuError::NoAdapter) => {
-            say(&format!("{test}: SKIPPED: no wgpu adapter on this machine"));
-            return;
-        }
-        Err(e) => panic!("{test}: {e}"),
+    let Some(mut s) = or_skip_without_adapter(test, GpuSession::new(model, &identity, &opts))
+    else {
+        return;
     };
     let tokens: Vec<u32> = (0..20).map(|k| (k * 7 + 3) % 90).collect();
     let shared = ShareMap::new(vec![0, 1, 1, 3, 3, 0]).unwrap();

@@ -9,10 +9,15 @@
 pub mod parity;
 pub mod reference;
 pub mod tiny_model;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
 use std::path::PathBuf;
 
-pub use parity::{compare_logits, dequantized_copy};
+pub use parity::{
+    compare_logits, cpu_logits, dequantized_copy, eval_then_decode, prompt_tokens, session_options,
+    three_layer_map, N_PREFILL, N_TOKENS,
+};
 pub use reference::{
     attend_head, kv_head_for, reference_forward, reference_forward_f16_cache,
     reference_forward_full, reference_forward_with, rms_norm, rope_norm, silu, RefOutput,
