@@ -73,6 +73,32 @@ pub fn kvsharer_found_no_wgpu_adapter(o: &std::process::Output) -> bool {
         && String::from_utf8_lossy(&o.stderr).contains("no GPU adapter found through wgpu")
 }
 
+/// Runs `body` in a process of its own: this test binary started again to run just
+/// the test `name` (its path in the binary, e.g. `kv_window::some_test`). For a test
+/// that measures the whole process (its RSS), which the other tests, threads of the
+/// same process, would disturb. It fails when the test fails there; the child's
+/// output is shown then.
+pub fn in_own_process(name: &str, body: impl FnOnce()) {
+    const CHILD: &str = "KVSHARER_TEST_IN_OWN_PROCESS";
+    if std::env::var_os(CHILD).is_some_and(|v| v == name) {
+        body();
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads", "1"])
+        .env(CHILD, name)
+        .output()
+        .expect("start the test binary again");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "{name} in a process of its own: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Largest |a[i] - b[i]| (the slices must be the same length).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
