@@ -6,7 +6,14 @@
 //! The tests of all suites run as threads of this one process: none may change
 //! process-wide state (environment variables, the current directory) that another
 //! reads. `tests/gguf_hostile.rs` stays a binary of its own: its counting
-//! `#[global_allocator]` would be the allocator of every suite here.
+//! `#[global_allocator]` would be the allocator of every suite here. A test that
+//! measures the whole process (kv_window's RSS check) runs itself in a process of
+//! its own with `support::in_own_process`.
+//!
+//! `chat_pty` forks a pty child while other tests run on other threads, which is
+//! fine here: the child only closes every descriptor but its pty and execs (no
+//! test changes the environment), and a concurrent spawn can inherit at most the
+//! pty's master side, never the slave side whose closing ends the chat's output.
 
 mod support;
 
