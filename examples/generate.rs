@@ -20,7 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(p) => PathBuf::from(p),
         None => kvsharer::fetch::default_model_path()?,
     };
-    let prompt = args.next().unwrap_or_else(|| "The capital of France is".into());
+    let prompt = args
+        .next()
+        .unwrap_or_else(|| "The capital of France is".into());
 
     let loaded = kvsharer::loader::load(&path)?;
     let n_layers = loaded.model.config.n_layers;

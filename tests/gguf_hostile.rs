@@ -8,7 +8,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kvsharer::gguf::{
@@ -18,6 +18,12 @@ use kvsharer::gguf::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
+
+// The integration tests' shared support (for the default model's path). This file
+// is a binary of its own, not a module of `tests/it`, because of the counting
+// `#[global_allocator]` below: it would replace the allocator of every suite there.
+#[path = "it/support/mod.rs"]
+mod support;
 
 // ---------------------------------------------------------------------------
 // Allocation accounting: a per-thread high-water mark over the system allocator,
@@ -1247,24 +1253,9 @@ fn retyped_kvsharer_keys_are_reported_by_typed_getters() {
     assert!(matches!(g.get("test.nested"), Some(Value::Array(Array::Array(v))) if v.len() == 2));
 }
 
-fn test_model_path() -> Option<PathBuf> {
-    let path = kvsharer::fetch::model_for_tests();
-    if path.is_file() {
-        Some(path)
-    } else {
-        println!(
-            "skipping real-model check: {} not found (set KVSHARER_TEST_MODEL)",
-            path.display()
-        );
-        None
-    }
-}
-
 #[test]
 fn real_model_opens_and_rewrites_losslessly() {
-    let Some(path) = test_model_path() else {
-        return;
-    };
+    let path = support::default_model_path();
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(f.get_str("general.architecture").unwrap(), "llama");
     let n_blocks = f.get_u32("llama.block_count").unwrap();

@@ -306,8 +306,7 @@ fn search_on(
 ) -> Result<SearchResult> {
     // Bad settings are refused before a device is opened.
     search::check_options(opts, strategy, loaded.model.config.n_layers)?;
-    let set =
-        search::prepare(&loaded.tokenizer, corpus, opts.samples, opts.tokens)?;
+    let set = search::prepare(&loaded.tokenizer, corpus, opts.samples, opts.tokens)?;
     let (eval, fallback) = Evaluator::open(backend, &loaded.model, &set, opts.threads, false)
         .with_context(|| format!("--backend {backend}"))?;
     let mut eval = match strategy.strategy {

@@ -22,8 +22,8 @@ use kvsharer::sample::{Sampler, SamplingParams};
 use super::{
     describe_sharing, file_name, human_bytes, kv_accounting, open_state, ModelArgs, SamplingArgs,
 };
-use kvsharer::chat::{ChatEngine, TurnError};
 use input::{parse_input, ChatHelper, ClearLineOnInterrupt, Input, SlashCommand};
+use kvsharer::chat::{ChatEngine, TurnError};
 
 #[derive(Args, Debug)]
 pub struct ChatArgs {

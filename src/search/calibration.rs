@@ -238,4 +238,3 @@ pub fn ranked_pairs(scores: &[Vec<f32>], order: PairOrder) -> Vec<(usize, usize)
     });
     pairs
 }
-

@@ -19,9 +19,8 @@ pub mod result;
 pub mod strategy;
 
 pub use calibration::{
-    distance_matrix, mean_text_cosine, prepare, ranked_pairs, CalibrateError,
-    CalibrationOptions, CalibrationSet, Capture, Corpus, PairOrder, DEFAULT_CORPUS,
-    MIN_TOKENS_PER_SAMPLE,
+    distance_matrix, mean_text_cosine, prepare, ranked_pairs, CalibrateError, CalibrationOptions,
+    CalibrationSet, Capture, Corpus, PairOrder, DEFAULT_CORPUS, MIN_TOKENS_PER_SAMPLE,
 };
 pub use evaluator::{start_layer, Evaluator, MapRun};
 pub use paper::{capture, random_map};

@@ -132,4 +132,3 @@ impl SearchResult {
         Duration::from_secs_f64(self.capture_seconds + self.search_seconds)
     }
 }
-

@@ -25,17 +25,16 @@
 //! `evaluator::Evaluator` over any `RunState`; where texts cannot be packed (wgpu)
 //! candidates run in full, text by text.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use crate::kvplan::ShareMap;
 use crate::math;
 use crate::model::Model;
 use crate::search::calibration::{
-    distance_matrix, mean_text_cosine, prepare, CalibrateError, CalibrationOptions,
-    CalibrationSet, Corpus,
+    distance_matrix, mean_text_cosine, prepare, CalibrateError, CalibrationOptions, CalibrationSet,
+    Corpus,
 };
-use crate::search::evaluator::{start_layer, Evaluator, MapRun};
+use crate::search::evaluator::{Evaluator, MapRun};
 use crate::search::paper;
 use crate::search::result::{Objective, PairTrial, SearchResult, Strategy};
 use crate::tokenizer::Tokenizer;
@@ -556,6 +555,7 @@ fn stepwise(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::search::evaluator::start_layer;
 
     fn naive_kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
         let soft = |l: &[f32]| {

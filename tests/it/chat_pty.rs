@@ -4,8 +4,6 @@
 //! the rendered conversation, and the prompt tokens a turn should cost when the cache
 //! is kept.
 
-#![cfg(unix)]
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
@@ -18,6 +16,8 @@ use expectrl::{Eof, Expect};
 use kvsharer::chat::{ChatTemplate, Message, Role};
 use kvsharer::loader::{self, LoadedModel};
 
+use crate::support;
+
 /// Each test runs a model on the CPU; one at a time keeps their timing sane on small
 /// machines.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -26,14 +26,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 const PROMPT: &str = "\x1b[K> ";
 /// rustyline turns bracketed paste off once a line is accepted: the reply follows.
 const LINE_ACCEPTED: &str = "\x1b[?2004l\r\n";
-
-fn model_path() -> PathBuf {
-    match std::env::var_os("KVSHARER_TEST_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => kvsharer::fetch::default_model_path()
-            .expect("default model available (or set KVSHARER_TEST_MODEL)"),
-    }
-}
 
 struct Chat {
     session: Session,
@@ -47,7 +39,7 @@ impl Chat {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvsharer"));
         cmd.arg("chat")
             .arg("-m")
-            .arg(model_path())
+            .arg(support::default_model_path())
             .args(["--temp", "0"])
             .args(args)
             .env("KVSHARER_DATA_DIR", data_dir.path());
@@ -207,7 +199,7 @@ struct Reference {
 
 impl Reference {
     fn load() -> Reference {
-        let loaded = loader::load(&model_path()).expect("model loads");
+        let loaded = loader::load(&support::default_model_path()).expect("model loads");
         let tok = &loaded.tokenizer;
         let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_owned();
         let template = ChatTemplate::new(

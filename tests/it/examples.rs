@@ -1,7 +1,7 @@
 //! The programs in `examples/` (public API only) build with the tests and run on the
 //! default model: each exits 0 and prints what it promises.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -40,8 +40,14 @@ fn generate_share_and_perplexity_examples_run() {
     let model = model.to_str().unwrap();
 
     let (out, err) = run("generate", &[model, "Once upon a time"]);
-    assert!(out.starts_with("Once upon a time") && out.len() > 20, "{out}");
-    assert!(err.contains("tokens/s") && err.contains("cpu (ggml)"), "{err}");
+    assert!(
+        out.starts_with("Once upon a time") && out.len() > 20,
+        "{out}"
+    );
+    assert!(
+        err.contains("tokens/s") && err.contains("cpu (ggml)"),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let shared = dir.path().join("shared.gguf");

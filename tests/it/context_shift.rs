@@ -4,7 +4,7 @@
 //! that the dropped tokens were once in context, in llama.cpp as here: a shift is
 //! an approximation only in that sense.)
 
-mod support;
+use crate::support;
 
 use kvsharer::backend::ggml::kv::KvPart;
 use kvsharer::backend::ggml::Session;
@@ -98,7 +98,7 @@ fn shift_moves_values_and_rerotates_keys_in_every_slot() {
 fn first_layer_keys_after_a_shift_equal_a_fresh_evaluation() {
     // Layer 0's keys depend only on token and position, so there the shifted cache
     // must equal evaluating the kept tokens from scratch.
-    let path = kvsharer::fetch::model_for_tests();
+    let path = support::default_model_path();
     let loaded = loader::load(&path).unwrap();
     let map = ShareMap::identity(loaded.model.config.n_layers);
     let opts = RunOptions {

@@ -15,14 +15,12 @@
 //! values with f32 activations: there the issue's bar, max |diff| < 0.1 and top-1
 //! identical, holds as stated).
 
-#![cfg(feature = "wgpu")]
-
-mod support;
+use crate::support;
 
 use kvsharer::backend::ggml::Session;
 use kvsharer::backend::ggml::{dequantize, quantize};
 use kvsharer::backend::wgpu::{
-    AttentionPath, GpuError, GpuOptions, GpuSession, KernelHarness, GPU_WEIGHT_TYPES,
+    AttentionPath, GpuOptions, GpuSession, KernelHarness, GPU_WEIGHT_TYPES,
 };
 use kvsharer::gguf::GgmlType;
 use kvsharer::kvplan::ShareMap;
@@ -33,26 +31,17 @@ use kvsharer::runtime::{Logits, RunState};
 use kvsharer::sample::argmax;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use support::wgpu::or_skip_without_adapter;
 use support::{
-    compare_logits, dequantized_copy, reference_forward_with, say, write_tiny_model, RefPrecision,
-    TinySpec,
+    compare_logits, cpu_logits, dequantized_copy, eval_then_decode, prompt_tokens,
+    reference_forward_with, say, three_layer_map, write_tiny_model, RefPrecision, TinySpec,
+    N_PREFILL, N_TOKENS,
 };
 
 fn harness(test: &str) -> Option<KernelHarness> {
-    match KernelHarness::new() {
-        Ok(h) => {
-            say(&format!("{test}: adapter {}", h.adapter_description()));
-            Some(h)
-        }
-        Err(GpuError::NoAdapter) => {
-            say(&format!(
-                "{test}: SKIPPED: no wgpu adapter on this machine ({})",
-                GpuError::NoAdapter
-            ));
-            None
-        }
-        Err(e) => panic!("{test}: the wgpu backend failed to start: {e}"),
-    }
+    let h = or_skip_without_adapter(test, KernelHarness::new())?;
+    say(&format!("{test}: adapter {}", h.adapter_description()));
+    Some(h)
 }
 
 fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
@@ -546,9 +535,25 @@ const PROMPT: &str = "The lighthouse keeper climbed the spiral stairs every even
     headland would flash their lights twice in greeting; he answered with three long \
     blinks. The village below kept its own rhythm.";
 
-/// A 64-token prompt in one pass, then 4 tokens decoded one by one, on both backends.
-const N_PREFILL: usize = 64;
-const N_TOKENS: usize = 68;
+/// The GPU fed `toks` as one `N_PREFILL`-token pass, then one token at a time, and
+/// its logits for every position; `None` (the skip printed) without an adapter.
+fn gpu_logits<'m>(
+    test: &str,
+    model: &'m Model,
+    map: &ShareMap,
+    toks: &[u32],
+) -> Option<(GpuSession<'m>, Vec<f32>)> {
+    let opts = GpuOptions {
+        n_ctx: 128,
+        ..Default::default()
+    };
+    let mut gpu = or_skip_without_adapter(test, GpuSession::new(model, map, &opts))?;
+    say(&format!("{test}: adapter {}", gpu.adapter_description()));
+    assert_eq!(gpu.n_slots(), map.owner_count());
+    let out = eval_then_decode(&mut gpu, toks, N_PREFILL);
+    assert_eq!(gpu.n_past(), toks.len());
+    Some((gpu, out))
+}
 
 /// The GPU against ggml's CPU backend on the real model, both fed the same 64-token
 /// prompt in one pass and 4 single-token passes.
@@ -563,70 +568,12 @@ const N_TOKENS: usize = 68;
 /// unshared, GPU vs CPU max 1.239, mean 0.157, 5 top-1 mismatches in 68, against
 /// ggml's own 1.220, 0.155, 7; with the 3-layer map, 1.277, 0.174, 2 against
 /// 1.247, 0.178, 2, while the map itself moves the logits by mean 2.15.
-/// The test prompt's first `N_TOKENS` tokens.
-fn prompt_tokens(loaded: &loader::LoadedModel) -> Vec<u32> {
-    let mut toks = loaded.tokenizer.encode(PROMPT, true, false).unwrap();
-    assert!(
-        toks.len() >= N_TOKENS,
-        "prompt is only {} tokens",
-        toks.len()
-    );
-    toks.truncate(N_TOKENS);
-    toks
-}
-
-/// The GPU fed `toks` as one `N_PREFILL`-token pass, then one token at a time, and
-/// its logits for every position; `None` (the skip printed) without an adapter.
-fn gpu_logits<'m>(
-    test: &str,
-    model: &'m Model,
-    map: &ShareMap,
-    toks: &[u32],
-) -> Option<(GpuSession<'m>, Vec<f32>)> {
-    let opts = GpuOptions {
-        n_ctx: 128,
-        ..Default::default()
-    };
-    let mut gpu = match GpuSession::new(model, map, &opts) {
-        Ok(s) => s,
-        Err(GpuError::NoAdapter) => {
-            say(&format!("{test}: SKIPPED: no wgpu adapter on this machine"));
-            return None;
-        }
-        Err(e) => panic!("{test}: {e}"),
-    };
-    say(&format!("{test}: adapter {}", gpu.adapter_description()));
-    assert_eq!(gpu.n_slots(), map.owner_count());
-    let mut out = gpu.eval(&toks[..N_PREFILL], Logits::All).unwrap();
-    for &t in &toks[N_PREFILL..] {
-        out.extend(gpu.eval(&[t], Logits::Last).unwrap());
-    }
-    assert_eq!(gpu.n_past(), toks.len());
-    Some((gpu, out))
-}
-
-/// ggml's CPU backend fed the same way, prefill in batches of `n_batch`.
-fn cpu_logits(model: &Model, map: &ShareMap, toks: &[u32], n_batch: usize) -> Vec<f32> {
-    let opts = RunOptions {
-        n_ctx: 128,
-        n_threads: 2,
-        n_batch,
-        ..Default::default()
-    };
-    let mut cpu = Session::new(model, map, &opts).unwrap();
-    let mut out = cpu.eval(&toks[..N_PREFILL], Logits::All).unwrap();
-    for &t in &toks[N_PREFILL..] {
-        out.extend(cpu.eval(&[t], Logits::Last).unwrap());
-    }
-    out
-}
-
 fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
-    let path = kvsharer::fetch::model_for_tests();
+    let path = support::default_model_path();
     let loaded = loader::load(&path).unwrap();
     let model = &loaded.model;
     let map = map_of(model.config.n_layers);
-    let toks = prompt_tokens(&loaded);
+    let toks = prompt_tokens(&loaded, PROMPT);
     let Some((mut gpu, ours)) = gpu_logits(test, model, &map, &toks) else {
         return;
     };
@@ -683,17 +630,9 @@ fn whole_model_logits_match_cpu_unshared() {
 
 #[test]
 fn whole_model_logits_match_cpu_with_sharing() {
-    // Three shared layers, two of them reading the same source. (Sharing many
-    // layers by an arbitrary map leaves a model whose logits swing by tens on tiny
-    // rounding differences: ggml then disagrees with itself across batch sizes at
-    // most positions, and the comparison says nothing.)
-    whole_model("whole_model_logits_match_cpu_with_sharing", |n: usize| {
-        let mut src: Vec<usize> = (0..n).collect();
-        for (l, s) in [(22, 21), (28, 27), (29, 27)] {
-            src[l] = s;
-        }
-        ShareMap::for_model(src, n).unwrap()
-    });
+    // Three shared layers, two of them reading the same source: see
+    // `support::three_layer_map`.
+    whole_model("whole_model_logits_match_cpu_with_sharing", three_layer_map);
 }
 
 /// The GPU on the quantized model against ggml's CPU backend on the same model
@@ -705,11 +644,11 @@ fn whole_model_logits_match_cpu_with_sharing() {
 /// ggml's 8-bit activation rounding, as large as ggml's own batch-size variation:
 /// see `whole_model` above.) Measured on lavapipe: see the printed figures.
 fn whole_model_vs_dequantized(test: &str, map: impl Fn(usize) -> ShareMap) {
-    let path = kvsharer::fetch::model_for_tests();
+    let path = support::default_model_path();
     let loaded = loader::load(&path).unwrap();
     let model = &loaded.model;
     let map = map(model.config.n_layers);
-    let toks = prompt_tokens(&loaded);
+    let toks = prompt_tokens(&loaded, PROMPT);
     let Some((gpu, ours)) = gpu_logits(test, model, &map, &toks) else {
         return;
     };

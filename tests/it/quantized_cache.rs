@@ -6,7 +6,7 @@
 //! paths must agree closely with each other, and both must stay near the f32
 //! reference (which never rounds K or V) within the cache type's rounding.
 
-mod support;
+use crate::support;
 
 use kvsharer::backend::ggml::decode_attention;
 use kvsharer::backend::ggml::Session;

@@ -7,7 +7,7 @@
 //! copy of the weights byte-identical to the file. Without a device the test prints
 //! why it is skipped, past the harness's capture, and returns.
 
-mod support;
+use crate::support;
 
 use kvsharer::backend::ggml::session::{Session, SessionError};
 use kvsharer::backend::ggml::{DeviceKind, GgmlBackend, GgmlError};
@@ -15,8 +15,11 @@ use kvsharer::kvplan::ShareMap;
 use kvsharer::loader;
 use kvsharer::model::{Model, PlacedWeights};
 use kvsharer::runtime::RunOptions;
-use kvsharer::runtime::{Logits, RunState};
-use support::{compare_logits, dequantized_copy, say, write_tiny_model, TinySpec};
+use kvsharer::runtime::RunState;
+use support::{
+    compare_logits, dequantized_copy, eval_then_decode, prompt_tokens, say, session_options, skip,
+    three_layer_map, write_tiny_model, TinySpec, N_PREFILL, N_TOKENS,
+};
 
 const GPU_KINDS: [DeviceKind; 3] = [DeviceKind::Cuda, DeviceKind::Vulkan, DeviceKind::Metal];
 
@@ -67,27 +70,13 @@ const PROMPT: &str = "The ferry left the harbour at seven, loaded with crates of
     rail. Three passengers leapt up to hold it, laughing, while the apples rolled across \
     the deck like marbles. By the time they reached the island, everyone knew each \
     other's names.";
-const N_PREFILL: usize = 64;
-const N_TOKENS: usize = 68;
 
 /// `toks` as one `N_PREFILL`-token pass (or passes of `n_batch`), then one token at
 /// a time; the logits of every position.
 fn logits(s: &mut Session<'_>, toks: &[u32]) -> Vec<f32> {
-    let mut out = s.eval(&toks[..N_PREFILL], Logits::All).unwrap();
-    for &t in &toks[N_PREFILL..] {
-        out.extend(s.eval(&[t], Logits::Last).unwrap());
-    }
+    let out = eval_then_decode(s, toks, N_PREFILL);
     assert_eq!(s.n_past(), toks.len());
     out
-}
-
-fn options(n_batch: usize) -> RunOptions {
-    RunOptions {
-        n_ctx: 128,
-        n_batch,
-        n_threads: 2,
-        ..Default::default()
-    }
 }
 
 /// The device's weights, byte for byte the file's.
@@ -136,14 +125,14 @@ fn device_session<'m>(
     model: &'m Model,
     map: &ShareMap,
 ) -> Option<Session<'m>> {
-    match Session::on_device(kind, model, map, &options(512)) {
+    match Session::on_device(kind, model, map, &session_options(512)) {
         Ok(s) => {
             assert!(!s.backend().is_cpu());
             assert_eq!(s.cache().n_slots(), map.owner_count());
             Some(s)
         }
         Err(SessionError::Ggml(e @ GgmlError::NoDevice { .. })) => {
-            say(&format!("{test}: {kind}: SKIPPED: {e}"));
+            skip(&format!("{test}: {kind}"), &e.to_string());
             None
         }
         Err(e) => panic!("{test}: {kind}: {e}"),
@@ -161,22 +150,17 @@ fn device_session<'m>(
 fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
     let kinds: Vec<DeviceKind> = GPU_KINDS.into_iter().filter(|k| k.compiled_in()).collect();
     if kinds.is_empty() {
-        say(&format!(
-            "{test}: SKIPPED: built without cuda, vulkan and metal (rebuild with --features vulkan, say)"
-        ));
+        skip(
+            test,
+            "built without cuda, vulkan and metal (rebuild with --features vulkan, say)",
+        );
         return;
     }
-    let path = kvsharer::fetch::model_for_tests();
+    let path = support::default_model_path();
     let loaded = loader::load(&path).unwrap();
     let model = &loaded.model;
     let map = map_of(model.config.n_layers);
-    let mut toks = loaded.tokenizer.encode(PROMPT, true, false).unwrap();
-    assert!(
-        toks.len() >= N_TOKENS,
-        "prompt is only {} tokens",
-        toks.len()
-    );
-    toks.truncate(N_TOKENS);
+    let toks = prompt_tokens(&loaded, PROMPT);
     let n_vocab = model.config.n_vocab;
     let dir = tempfile::tempdir().unwrap();
     let f32_path = dir.path().join("f32.gguf");
@@ -184,12 +168,15 @@ fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
     let f32_model = Model::load(&f32_path).unwrap();
 
     let cpu = logits(
-        &mut Session::new(model, &map, &options(512)).unwrap(),
+        &mut Session::new(model, &map, &session_options(512)).unwrap(),
         &toks,
     );
-    let cpu_b16 = logits(&mut Session::new(model, &map, &options(16)).unwrap(), &toks);
+    let cpu_b16 = logits(
+        &mut Session::new(model, &map, &session_options(16)).unwrap(),
+        &toks,
+    );
     let cpu_f32 = logits(
-        &mut Session::new(&f32_model, &map, &options(512)).unwrap(),
+        &mut Session::new(&f32_model, &map, &session_options(512)).unwrap(),
         &toks,
     );
     let (own_max, own_mean, own_mismatches) = compare_logits(&cpu_b16, &cpu, n_vocab);
@@ -240,7 +227,7 @@ fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
                 &mut Session::new(
                     &f32_model,
                     &ShareMap::identity(map.n_layers()),
-                    &options(512),
+                    &session_options(512),
                 )
                 .unwrap(),
                 &toks,
@@ -261,11 +248,5 @@ fn gpu_device_logits_match_cpu_unshared() {
 
 #[test]
 fn gpu_device_logits_match_cpu_with_sharing() {
-    whole_model("gpu_device_logits_match_cpu_with_sharing", |n: usize| {
-        let mut src: Vec<usize> = (0..n).collect();
-        for (l, s) in [(22, 21), (28, 27), (29, 27)] {
-            src[l] = s;
-        }
-        ShareMap::for_model(src, n).unwrap()
-    });
+    whole_model("gpu_device_logits_match_cpu_with_sharing", three_layer_map);
 }

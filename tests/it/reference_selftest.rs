@@ -2,7 +2,7 @@
 //! against hand-computed facts, and the tiny GGUF model writer for every weight type
 //! ggml can quantize without an importance matrix.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

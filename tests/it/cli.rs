@@ -2,7 +2,7 @@
 //! and a non-zero exit, never a panic; `share` writes a loadable copy and never
 //! touches its input.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -498,7 +498,7 @@ fn perplexity_on_the_wgpu_backend_matches_the_cpu() {
         args.extend_from_slice(extra);
         let o = kvsharer(&args);
         let err = stderr(&o);
-        if !o.status.success() && err.contains("no GPU adapter found through wgpu") {
+        if support::kvsharer_found_no_wgpu_adapter(&o) {
             return None;
         }
         assert!(o.status.success(), "{args:?}: {err}");
@@ -519,7 +519,10 @@ fn perplexity_on_the_wgpu_backend_matches_the_cpu() {
     };
     let (cpu, _, _) = ppl(&["--backend", "cpu"]).unwrap();
     let Some((gpu, _, gpu_err)) = ppl(&["--backend", "wgpu"]) else {
-        eprintln!("perplexity_on_the_wgpu_backend_matches_the_cpu: SKIPPED: no wgpu adapter");
+        support::skip(
+            "perplexity_on_the_wgpu_backend_matches_the_cpu",
+            support::NO_WGPU_ADAPTER,
+        );
         return;
     };
     assert!((gpu / cpu - 1.0).abs() < 1e-3, "cpu {cpu} gpu {gpu}");
@@ -602,7 +605,10 @@ fn ggml_gpu_backends_missing_from_the_build_say_how_to_get_them() {
         }
     }
     if checked == 0 {
-        eprintln!("ggml_gpu_backends_missing_from_the_build_say_how_to_get_them: SKIPPED the missing-feature half: cuda, vulkan and metal are all built in");
+        support::skip(
+            "ggml_gpu_backends_missing_from_the_build_say_how_to_get_them",
+            "the missing-feature half: cuda, vulkan and metal are all built in",
+        );
     }
 }
 
@@ -611,7 +617,10 @@ fn ggml_gpu_backends_missing_from_the_build_say_how_to_get_them() {
 #[test]
 fn vulkan_built_in_without_a_device_names_the_cause() {
     if !cfg!(feature = "vulkan") {
-        eprintln!("vulkan_built_in_without_a_device_names_the_cause: SKIPPED: built without the vulkan feature");
+        support::skip(
+            "vulkan_built_in_without_a_device_names_the_cause",
+            "built without the vulkan feature",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();

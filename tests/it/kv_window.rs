@@ -1,7 +1,7 @@
 //! StreamingLLM-style windows: the cache keeps exactly sink + window cells, memory
 //! never grows, and what is kept is the sink plus the most recent tokens.
 
-mod support;
+use crate::support;
 
 use kvsharer::backend::ggml::kv::KvPart;
 use kvsharer::backend::ggml::Session;
@@ -66,8 +66,17 @@ fn window_keeps_exactly_sink_plus_recent_and_the_right_tokens() {
     assert_eq!(a, b);
 }
 
+/// This one measures the process's RSS, which tests running beside it in the same
+/// binary would move: it runs in a process of its own.
 #[test]
 fn ten_thousand_token_generation_never_grows_memory() {
+    support::in_own_process(
+        "kv_window::ten_thousand_token_generation_never_grows_memory",
+        ten_thousand_token_generation,
+    );
+}
+
+fn ten_thousand_token_generation() {
     let (_d, path) = tiny();
     let loaded = loader::load(&path).unwrap();
     let w = KvWindow {

@@ -3,7 +3,7 @@
 //! every variant must end in Ok or a clear error, never a panic or an abort.
 //! (A ggml abort would kill this process, so finishing at all is half the test.)
 
-mod support;
+use crate::support;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};

@@ -15,6 +15,8 @@ use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
 use kvsharer::sample::argmax;
 
+use crate::support;
+
 const TOLERANCE: f32 = 0.05;
 
 const PROMPT: &str = "The lighthouse keeper climbed the spiral stairs every evening at dusk, \
@@ -49,7 +51,7 @@ fn compare(ours: &[f32], theirs: &[Vec<f32>], n_vocab: usize) -> (f32, usize) {
 
 #[test]
 fn logits_match_llama_cpp_whole_prompt() {
-    let path = kvsharer::fetch::model_for_tests();
+    let path = support::default_model_path();
     let llama = LlamaCppModel::load(&path).unwrap();
     let toks = tokens_128(&llama);
     let mut ctx = llama
@@ -86,7 +88,7 @@ fn logits_match_llama_cpp_whole_prompt() {
 /// llama.cpp; like must be compared with like.)
 #[test]
 fn logits_match_llama_cpp_chunked_then_token_by_token() {
-    let path = kvsharer::fetch::model_for_tests();
+    let path = support::default_model_path();
     let llama = LlamaCppModel::load(&path).unwrap();
     let toks = tokens_128(&llama);
     let mut ctx = llama

@@ -1,7 +1,7 @@
 //! `share` is crash-safe: killing it at random moments leaves either no output or a
 //! complete, loadable model, and never changes its input.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

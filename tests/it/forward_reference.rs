@@ -10,7 +10,7 @@
 //! Measured max errors: f32 0.006, f16 0.008, bf16 0.034, 4-8 bit quants 0.08-0.16,
 //! while sharing moves the reference logits by 2.5-4.
 
-mod support;
+use crate::support;
 
 use kvsharer::backend::ggml::Session;
 use kvsharer::gguf::GgmlType;

@@ -8,19 +8,20 @@
 //! differ only by summation order: the measured gaps are printed by each test.
 //! Without an adapter each test prints why it is skipped and returns.
 
-#![cfg(feature = "wgpu")]
-
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kvsharer::backend::wgpu::GpuError;
 use kvsharer::gguf::GgufFile;
 use kvsharer::kvplan::ShareMap;
 use kvsharer::loader::{self, LoadedModel};
 use kvsharer::runtime::BackendChoice;
-use kvsharer::search::{self, CalibrationOptions, Corpus, Evaluator, Objective, PairOrder, SearchResult, Strategy, StrategyOptions, report};
+use kvsharer::search::{
+    self, report, CalibrationOptions, Corpus, Evaluator, Objective, PairOrder, SearchResult,
+    Strategy, StrategyOptions,
+};
+use support::wgpu::or_skip_without_adapter;
 use support::{say, write_planted_model, TinySpec};
 
 const N_LAYERS: usize = 6;
@@ -72,17 +73,7 @@ fn gpu_search(
     let corpus = Corpus::default_corpus();
     let set = search::prepare(&loaded.tokenizer, &corpus, opts.samples, opts.tokens).unwrap();
     let opened = Evaluator::open(BackendChoice::Wgpu, &loaded.model, &set, 2, false);
-    let mut eval = match opened {
-        Ok((e, _)) => e,
-        Err(e) if e.to_string() == GpuError::NoAdapter.to_string() => {
-            say(&format!(
-                "{test}: SKIPPED: no wgpu adapter on this machine ({})",
-                GpuError::NoAdapter
-            ));
-            return None;
-        }
-        Err(e) => panic!("{test}: the wgpu backend failed to start: {e}"),
-    };
+    let (mut eval, _) = or_skip_without_adapter(test, opened)?;
     say(&format!("{test}: {}", eval.describe()));
     Some(search::run_with(&mut eval, &set, &corpus, opts, strat, |_| {}).unwrap())
 }
@@ -285,8 +276,8 @@ fn calibrate_and_share_run_the_search_on_wgpu() {
     args.extend(["--report", report_dir.to_str().unwrap()]);
     let o = kvsharer(&args);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    if !o.status.success() && err.contains("no GPU adapter found") {
-        say(&format!("{test}: SKIPPED: no wgpu adapter on this machine"));
+    if support::kvsharer_found_no_wgpu_adapter(&o) {
+        support::skip(test, support::NO_WGPU_ADAPTER);
         return;
     }
     assert!(o.status.success(), "{err}");
@@ -372,13 +363,9 @@ fn set_map_equals_a_fresh_session_and_refuses_missing_slots() {
         ..GpuOptions::default()
     };
     let identity = ShareMap::identity(N_LAYERS);
-    let mut s = match GpuSession::new(model, &identity, &opts) {
-        Ok(s) => s,
-        Err(GpuError::NoAdapter) => {
-            say(&format!("{test}: SKIPPED: no wgpu adapter on this machine"));
-            return;
-        }
-        Err(e) => panic!("{test}: {e}"),
+    let Some(mut s) = or_skip_without_adapter(test, GpuSession::new(model, &identity, &opts))
+    else {
+        return;
     };
     let tokens: Vec<u32> = (0..20).map(|k| (k * 7 + 3) % 90).collect();
     let shared = ShareMap::new(vec![0, 1, 1, 3, 3, 0]).unwrap();
@@ -426,7 +413,7 @@ fn set_map_equals_a_fresh_session_and_refuses_missing_slots() {
 }
 
 /// The default model (SmolLM2-135M-Instruct Q4_1, 30 layers), run by hand (about 5
-/// minutes on lavapipe): `cargo test --release --test wgpu_search real_model --
+/// minutes on lavapipe): `cargo test --release --test it wgpu_search::real_model --
 /// --ignored --nocapture`. Greedy by KLD for 2 layers, 4 texts x 32 tokens, 4
 /// candidates per step, on the GPU with the Q4_1 file, and on ggml's CPU backend
 /// with the same file and with its f32-dequantized copy. The GPU multiplies the

@@ -16,20 +16,15 @@ use kvsharer::loader::{self, LoadedModel};
 use kvsharer::oracle::{ContextOptions, LlamaCppModel};
 use kvsharer::runtime::RunOptions;
 
+use crate::support;
+
 const N_CTX: usize = 128;
 const CHUNKS: usize = 4;
 
-fn model_path() -> PathBuf {
-    match std::env::var_os("KVSHARER_TEST_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => kvsharer::fetch::default_model_path()
-            .unwrap_or_else(|e| panic!("no test model: {e} (set KVSHARER_TEST_MODEL)")),
-    }
-}
-
 fn loaded() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
-    MODEL.get_or_init(|| loader::load(&model_path()).expect("the test model loads"))
+    MODEL
+        .get_or_init(|| loader::load(&support::default_model_path()).expect("the test model loads"))
 }
 
 fn sample_path() -> PathBuf {
@@ -67,7 +62,8 @@ fn options() -> PerplexityOptions {
 /// predictions of positions n_ctx/2 .. n_ctx-2. Returns (PPL, its uncertainty,
 /// running PPL per chunk).
 fn llama_cpp_perplexity(tokens: &[u32]) -> (f64, f64, Vec<f64>) {
-    let llama = LlamaCppModel::load(&model_path()).expect("llama.cpp loads the model");
+    let llama =
+        LlamaCppModel::load(&support::default_model_path()).expect("llama.cpp loads the model");
     let mut ctx = llama
         .context(ContextOptions {
             n_ctx: N_CTX as u32,
@@ -112,7 +108,7 @@ fn unshared_perplexity_matches_llama_cpp_method() {
     let m = loaded();
     let text = sample_text();
     let tokens = eval::tokenize_text(&m.tokenizer, &text).unwrap();
-    let llama = LlamaCppModel::load(&model_path()).unwrap();
+    let llama = LlamaCppModel::load(&support::default_model_path()).unwrap();
     let llama_tokens = llama.tokenize(&text, true, false).unwrap();
     assert_eq!(
         tokens, llama_tokens,
@@ -260,7 +256,7 @@ fn cli_refuses_too_little_text_with_the_counts() {
         .len();
     let out = kvsharer()
         .args(["perplexity", "-c", "128", "-t", "2", "-m"])
-        .arg(model_path())
+        .arg(support::default_model_path())
         .arg("-f")
         .arg(&file)
         .output()
@@ -293,7 +289,7 @@ fn cli_json_reports_the_library_perplexity() {
             "--json",
             "-m",
         ])
-        .arg(model_path())
+        .arg(support::default_model_path())
         .arg("-f")
         .arg(sample_path())
         .output()

@@ -2,7 +2,7 @@
 //! find a planted harmless pair, their cached-prefix candidate runs equal full runs,
 //! and what they report and store is what a fresh measurement gives.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,7 +10,10 @@ use std::process::Command;
 use kvsharer::gguf::GgufFile;
 use kvsharer::kvplan::ShareMap;
 use kvsharer::loader::{self, LoadedModel};
-use kvsharer::search::{self, CalibrationOptions, CalibrationSet, Corpus, Evaluator, KlReference, MapRun, Objective, PairOrder, Strategy, StrategyOptions, report};
+use kvsharer::search::{
+    self, report, CalibrationOptions, CalibrationSet, Corpus, Evaluator, KlReference, MapRun,
+    Objective, PairOrder, Strategy, StrategyOptions,
+};
 use support::{max_abs_diff, random_weights, write_planted_model, write_weights, TinySpec};
 
 const N_LAYERS: usize = 6;
@@ -557,7 +560,7 @@ fn cli_runs_each_strategy_and_rejects_bad_strategy_flags() {
 }
 
 /// Where a candidate's time goes on the default model (run by hand:
-/// `cargo test --release --test search timing -- --ignored --nocapture`).
+/// `cargo test --release --test it search::timing -- --ignored --nocapture`).
 #[test]
 #[ignore]
 fn timing_breakdown_on_the_default_model() {

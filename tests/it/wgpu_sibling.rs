@@ -5,15 +5,14 @@
 //! Runs on any wgpu adapter (lavapipe in CI); without one each test prints why it
 //! is skipped, on stderr past the test harness's capture, and returns.
 
-#![cfg(feature = "wgpu")]
-
-mod support;
+use crate::support;
 
 use kvsharer::backend::wgpu::{AdapterPolicy, GpuError, GpuOptions, GpuSession};
 use kvsharer::kvplan::ShareMap;
 use kvsharer::loader;
 use kvsharer::runtime::{Logits, RunState};
-use support::{say, write_tiny_model, TinySpec};
+use support::wgpu::or_skip_without_adapter;
+use support::{eval_then_decode, say, write_tiny_model, TinySpec};
 
 const N_LAYERS: usize = 4;
 /// Tokens of the prompt; `SPLIT` of them first, then the rest.
@@ -37,12 +36,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 /// Logits of every token of `tokens` fed in batches, then the last `N_DECODE` one
 /// by one.
 fn run(s: &mut GpuSession<'_>, tokens: &[u32]) -> Vec<f32> {
-    let (batched, decoded) = tokens.split_at(tokens.len() - N_DECODE);
-    let mut out = s.eval(batched, Logits::All).unwrap();
-    for &t in decoded {
-        out.extend(s.eval(&[t], Logits::Last).unwrap());
-    }
-    out
+    eval_then_decode(s, tokens, tokens.len() - N_DECODE)
 }
 
 /// For parent maps identity and shared, and sibling maps identity and shared: the
@@ -67,26 +61,22 @@ fn sibling_sessions_match_fresh_sessions_bit_for_bit_and_leave_the_parent_alone(
         .collect();
     let identity = ShareMap::identity(N_LAYERS);
     let shared = ShareMap::new(vec![0, 0, 2, 2]).unwrap();
-    let fresh = |map: &ShareMap| match GpuSession::new(model, map, &opts()) {
-        Ok(s) => Some(s),
-        Err(GpuError::NoAdapter) => None,
-        Err(e) => panic!("{test}: the wgpu backend failed to start: {e}"),
-    };
-    let Some(probe) = fresh(&identity) else {
-        say(&format!(
-            "{test}: SKIPPED: no wgpu adapter on this machine ({})",
-            GpuError::NoAdapter
-        ));
+    let Some(probe) = or_skip_without_adapter(test, GpuSession::new(model, &identity, &opts()))
+    else {
         return;
+    };
+    let fresh = |map: &ShareMap| {
+        GpuSession::new(model, map, &opts())
+            .unwrap_or_else(|e| panic!("{test}: the wgpu backend failed to start: {e}"))
     };
     say(&format!("{test}: adapter {}", probe.adapter_description()));
     // What each map computes, from independent sessions: the first part and the
     // whole prompt (the parent's continuation is compared against the latter).
     let expected = |map: &ShareMap| {
-        let mut s = fresh(map).unwrap();
+        let mut s = fresh(map);
         let first = s.eval(&tokens[..SPLIT], Logits::All).unwrap();
         let rest = run(&mut s, &tokens[SPLIT..]);
-        let whole = run(&mut fresh(map).unwrap(), &tokens);
+        let whole = run(&mut fresh(map), &tokens);
         (first, rest, whole)
     };
     let (id_first, id_rest, id_whole) = expected(&identity);
@@ -117,7 +107,7 @@ fn sibling_sessions_match_fresh_sessions_bit_for_bit_and_leave_the_parent_alone(
         let (p_first, p_rest, _) = pick(parent_map);
         let (_, _, s_whole) = pick(sibling_map);
 
-        let mut parent = fresh(parent_map).unwrap();
+        let mut parent = fresh(parent_map);
         let first = parent.eval(&tokens[..SPLIT], Logits::All).unwrap();
         assert_eq!(bits(&first), bits(p_first), "{case}: parent before");
 
@@ -185,13 +175,10 @@ fn sibling_sessions_reject_bad_requests_like_new_sessions() {
     write_tiny_model(&spec, &path);
     let loaded = loader::load(&path).unwrap();
     let identity = ShareMap::identity(N_LAYERS);
-    let mut parent = match GpuSession::new(&loaded.model, &identity, &opts()) {
-        Ok(s) => s,
-        Err(GpuError::NoAdapter) => {
-            say(&format!("{test}: SKIPPED: no wgpu adapter on this machine"));
-            return;
-        }
-        Err(e) => panic!("{test}: the wgpu backend failed to start: {e}"),
+    let Some(mut parent) =
+        or_skip_without_adapter(test, GpuSession::new(&loaded.model, &identity, &opts()))
+    else {
+        return;
     };
     let wrong = ShareMap::identity(N_LAYERS + 1);
     assert!(matches!(

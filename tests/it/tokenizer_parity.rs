@@ -5,7 +5,6 @@
 //! (`oracle::tokenizer_spec_via_ggml`), so this test does not depend on the crate's
 //! GGUF module.
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use kvsharer::oracle::{tokenizer_spec_via_ggml, LlamaCppModel};
@@ -13,10 +12,7 @@ use kvsharer::tokenizer::{StreamDecoder, Tokenizer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// The model the parity checks run on.
-fn model_path() -> PathBuf {
-    kvsharer::fetch::model_for_tests()
-}
+use crate::support;
 
 struct Fixture {
     ours: Tokenizer,
@@ -26,7 +22,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let path = model_path();
+        let path = support::default_model_path();
         let spec = tokenizer_spec_via_ggml(&path)
             .unwrap_or_else(|e| panic!("{e} (model {}; set KVSHARER_TEST_MODEL)", path.display()));
         Fixture {

@@ -1,6 +1,6 @@
 //! The KVSharer search, the stored map and `share` on tiny generated models.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 
@@ -10,7 +10,7 @@ use kvsharer::kvplan::{self, ShareMap};
 use kvsharer::loader;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
-use kvsharer::search::{self, CalibrationOptions, Corpus, PairOrder, report};
+use kvsharer::search::{self, report, CalibrationOptions, Corpus, PairOrder};
 use sha2::{Digest, Sha256};
 use support::{write_planted_model, TinySpec};
 
