@@ -23,7 +23,7 @@ pub use crate::math::{argmax, kl_divergence, log_softmax, log_sum_exp};
 pub enum EvalError {
     #[error(
         "not enough text: it tokenizes to {found} tokens, but one chunk of context {n_ctx} needs \
-         {needed} (hint: use a longer text or a smaller -c/--ctx-size)"
+         {needed}"
     )]
     TooFewTokens {
         found: usize,
@@ -32,7 +32,7 @@ pub enum EvalError {
     },
     #[error("context size {0} is too small for perplexity: chunks need at least 3 tokens so that one is scored")]
     ContextTooSmall(usize),
-    #[error("--chunks 0: at least one chunk must be evaluated")]
+    #[error("0 chunks asked for: at least one chunk must be evaluated")]
     ZeroChunks,
     #[error("the session holds {session} tokens but chunks of {n_ctx} tokens were asked for (hint: create the session with n_ctx >= {n_ctx})")]
     SessionTooSmall { session: usize, n_ctx: usize },

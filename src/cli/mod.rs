@@ -133,8 +133,31 @@ pub fn open_state<'m>(
 /// The flag to change for a library error, where one is known (the library's
 /// errors name no flags).
 pub fn hint(err: &anyhow::Error) -> Option<String> {
+    use kvsharer::backend::ggml::GgmlError;
+    use kvsharer::eval::EvalError;
     use kvsharer::runtime::{Capability, RuntimeError};
+    use kvsharer::search::CalibrateError;
+    for e in err.chain() {
+        if let Some(EvalError::TooFewTokens { .. }) = e.downcast_ref::<EvalError>() {
+            return Some("use a longer text or a smaller -c/--ctx-size".into());
+        }
+        if let Some(EvalError::ZeroChunks) = e.downcast_ref::<EvalError>() {
+            return Some("--chunks must be at least 1".into());
+        }
+        if let Some(CalibrateError::Strategy(_) | CalibrateError::Corpus(_)) =
+            e.downcast_ref::<CalibrateError>()
+        {
+            return Some(
+                "see `kvsharer calibrate --help` for --samples, --tokens, --calib, --beam, --candidates and --max-kld".into(),
+            );
+        }
+    }
     let runtime = err.chain().find_map(|e| e.downcast_ref::<RuntimeError>())?;
+    if let RuntimeError::Backend(b) = runtime {
+        if let Some(GgmlError::UnsupportedOp { .. }) = b.downcast_ref::<GgmlError>() {
+            return Some("use --backend cpu".into());
+        }
+    }
     Some(match runtime {
         RuntimeError::ContextFull { .. } => "raise -c/--ctx-size, or shorten the input".into(),
         RuntimeError::Unsupported { capability, .. } => match capability {

@@ -139,12 +139,12 @@ pub fn prepare(
 ) -> Result<CalibrationSet, CalibrateError> {
     if samples == 0 {
         return Err(CalibrateError::Corpus(
-            "--samples must be at least 1".into(),
+            "at least 1 calibration text (sample) is needed".into(),
         ));
     }
     if max_tokens < MIN_TOKENS_PER_SAMPLE {
         return Err(CalibrateError::Corpus(format!(
-            "--tokens must be at least {MIN_TOKENS_PER_SAMPLE}"
+            "texts must be cut to at least {MIN_TOKENS_PER_SAMPLE} tokens"
         )));
     }
     if corpus.texts.len() < samples {

@@ -262,17 +262,19 @@ pub fn check_options(
 
 fn check_strategy(strat: &StrategyOptions) -> Result<(), CalibrateError> {
     if strat.beam == 0 {
-        return Err(CalibrateError::Strategy("--beam must be at least 1".into()));
+        return Err(CalibrateError::Strategy(
+            "the beam width must be at least 1".into(),
+        ));
     }
     if strat.candidates == Some(0) {
         return Err(CalibrateError::Strategy(
-            "--candidates must be at least 1".into(),
+            "candidates per step must be at least 1".into(),
         ));
     }
     if let Some(m) = strat.max_kld {
         if !(m.is_finite() && m >= 0.0) {
             return Err(CalibrateError::Strategy(format!(
-                "--max-kld must be a non-negative number, got {m}"
+                "the KLD limit must be a non-negative number, got {m}"
             )));
         }
     }
@@ -483,7 +485,7 @@ fn stepwise(
                 None => format!("no pair left to share after {step} shared layers"),
                 Some(b) => match objective {
                     Objective::Kld => format!(
-                        "stopped at step {}: the best pair's mean KLD {:.5} exceeds --max-kld {}",
+                        "stopped at step {}: the best pair's mean KLD {:.5} exceeds the KLD limit (max_kld) {}",
                         step + 1,
                         b.kld.unwrap_or(f32::NAN),
                         strat.max_kld.unwrap_or(f32::NAN)

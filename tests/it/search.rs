@@ -337,7 +337,7 @@ fn max_kld_stops_the_search_and_says_so() {
     let r = run(&loaded, &calib(3, 0.5), &strat);
     assert_eq!(r.map.pairs(), vec![(1, 0)]);
     assert!(r.outcome.contains("NOT met"), "{}", r.outcome);
-    assert!(r.outcome.contains("--max-kld"), "{}", r.outcome);
+    assert!(r.outcome.contains("KLD limit"), "{}", r.outcome);
     // The cosine objective stops at --threshold instead.
     let r = run(
         &loaded,

@@ -35,7 +35,7 @@ pub enum GgmlError {
         backend: &'static str,
         device: String,
     },
-    #[error("ggml: device {device} cannot run op {op} (tensor {tensor}); hint: use --backend cpu")]
+    #[error("ggml: device {device} cannot run op {op} (tensor {tensor})")]
     UnsupportedOp {
         device: String,
         op: String,
