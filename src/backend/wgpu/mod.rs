@@ -6,14 +6,15 @@
 //! the owning layers of a `ShareMap`, activations, pipelines and bind groups built
 //! once); it is a `runtime::RunState` like the ggml `Session`. `GpuSession::sibling_with` opens a
 //! second run state on a session's device, kernels and weights (perplexity's
-//! base/test comparison). `KernelHarness` runs single kernels on host data, for the
-//! parity tests.
+//! base/test comparison). `KernelHarness` (feature `test-support`) runs single kernels on
+//! host data, for the parity tests.
 
 mod device;
 mod kernels;
 mod session;
 
 pub use device::{AdapterPolicy, GpuContext};
+#[cfg(feature = "test-support")]
 pub use kernels::{AttentionPath, KernelHarness};
 pub use session::{GpuOptions, GpuSession, CAPABILITIES};
 

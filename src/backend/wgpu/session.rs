@@ -4,7 +4,9 @@
 //! Each pass writes the `Step` uniform and the token ids, then records every op
 //! into one command encoder.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+#[cfg(feature = "test-support")]
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::device::{AdapterPolicy, GpuContext};
@@ -459,11 +461,13 @@ impl<'m> GpuSession<'m> {
         self.parts.slots.len()
     }
 
+    #[cfg(feature = "test-support")]
     /// Weight tensors on the GPU (a tied output counts once with the embedding).
     pub fn n_weight_buffers(&self) -> usize {
         self.parts.weights.list.len()
     }
 
+    #[cfg(feature = "test-support")]
     /// How many of this session's weight buffers are also `other`'s: the same GPU
     /// memory, as between a session and its siblings (0 between independent ones).
     pub fn weight_buffers_shared_with(&self, other: &GpuSession<'_>) -> usize {
@@ -477,6 +481,7 @@ impl<'m> GpuSession<'m> {
             .count()
     }
 
+    #[cfg(feature = "test-support")]
     /// True when both sessions run on one wgpu device (a session and its siblings).
     pub fn shares_device_with(&self, other: &GpuSession<'_>) -> bool {
         self.parts.ctx.same_device(&other.parts.ctx)
@@ -601,6 +606,7 @@ impl<'m> GpuSession<'m> {
         Ok((k, v))
     }
 
+    #[cfg(feature = "test-support")]
     /// Appends `tokens` and returns the id of the last token's largest logit,
     /// computed on the GPU (greedy decoding reads back 4 bytes, not the vocabulary).
     pub fn eval_argmax(&mut self, tokens: &[u32]) -> Result<u32, RuntimeError> {
