@@ -40,6 +40,9 @@ cmd="${1:-run}"
 case "$cmd" in
     test)
         shift
+        # The import rules of the crate's layers (no circles, no backend importing
+        # a product); a violation fails the run before the long build.
+        python3 scripts/check_layers.py
         exec cargo test --release "$@"
         ;;
     *)

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use kvsharer::backend::ggml::Session;
 use kvsharer::gguf::{Array, GgufFile, Value};
-use kvsharer::kvplan::ShareMap;
+use kvsharer::kvplan::{self, ShareMap};
 use kvsharer::loader;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
@@ -132,5 +132,52 @@ fn wrong_types_for_kvsharer_keys_are_clear_errors() {
             .expect("no panic")
             .expect_err(&format!("{value:?} must be refused"));
         assert!(msg.contains("sharing map"), "{msg}");
+    }
+}
+
+/// `kvsharer.version` is read: a map written by a newer format (or a version that is
+/// not a number) is refused with a clear error, never read as version 1's; a file
+/// without the key (written before it existed) and version 1 load.
+#[test]
+fn stored_map_format_version_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.gguf");
+    support::write_tiny_model(
+        &support::TinySpec {
+            n_layers: 2,
+            ..Default::default()
+        },
+        &base,
+    );
+    let file = GgufFile::open(&base).unwrap();
+    let map = ShareMap::for_model(vec![0, 0], 2).unwrap();
+    let with_version = |version: Option<Value>, name: &str| {
+        let mut kv: Vec<(String, Value)> = kvplan::to_metadata(&map)
+            .into_iter()
+            .filter(|(k, _)| k != kvplan::KEY_VERSION)
+            .collect();
+        if let Some(v) = version {
+            kv.push((kvplan::KEY_VERSION.to_string(), v));
+        }
+        let out = dir.path().join(name);
+        kvsharer::gguf::write_with_metadata(&file, &kv, &["kvsharer."], &out).unwrap();
+        out
+    };
+    for (version, ok) in [
+        (None, true),
+        (Some(Value::U32(1)), true),
+        (Some(Value::U32(2)), false),
+        (Some(Value::String("1".into())), false),
+    ] {
+        let path = with_version(version.clone(), "v.gguf");
+        let loaded = kvsharer::loader::load(&path);
+        match (ok, loaded) {
+            (true, Ok(l)) => assert_eq!(l.model.stored_map.as_ref(), Some(&map), "{version:?}"),
+            (false, Err(e)) => {
+                let msg = e.to_string();
+                assert!(msg.contains("version"), "{version:?}: {msg}");
+            }
+            (ok, r) => panic!("{version:?}: expected ok={ok}, got {:?}", r.err()),
+        }
     }
 }
