@@ -10,8 +10,6 @@ pub enum Capability {
     Window,
     ContextShift,
     Packed,
-    /// Reading cached keys and values back (calibration capture).
-    ReadKv,
 }
 
 impl std::fmt::Display for Capability {
@@ -21,7 +19,6 @@ impl std::fmt::Display for Capability {
             Capability::Window => f.write_str("a KV window (StreamingLLM eviction)"),
             Capability::ContextShift => f.write_str("context shift"),
             Capability::Packed => f.write_str("packed multi-text evaluation"),
-            Capability::ReadKv => f.write_str("reading the KV cache back"),
         }
     }
 }
