@@ -295,12 +295,12 @@ impl<'m> GpuSession<'m> {
             ctx.scoped("uploading weights", || {
                 let token_embd = upload("token_embd.weight", true)?;
                 let output_norm = upload("output_norm.weight", false)?;
-                let output = if model.weights.tied_output {
+                let output = if model.weights.tied_output() {
                     token_embd
                 } else {
                     upload("output.weight", true)?
                 };
-                let rope_freqs = match model.weights.rope_freqs {
+                let rope_freqs = match model.weights.rope_freqs() {
                     Some(_) => Some(upload("rope_freqs.weight", false)?),
                     None => None,
                 };
