@@ -10,10 +10,11 @@
 use crate::support;
 
 use kvsharer::backend::ggml::session::{Session, SessionError};
+use kvsharer::backend::ggml::weights::{self, PlacedWeights};
 use kvsharer::backend::ggml::{DeviceKind, GgmlBackend, GgmlError};
 use kvsharer::kvplan::ShareMap;
 use kvsharer::loader;
-use kvsharer::model::{Model, PlacedWeights};
+use kvsharer::model::{LayerRole, Model};
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::RunState;
 use support::{
@@ -30,13 +31,13 @@ fn cpu_sessions_read_the_mapped_weights_and_missing_backends_name_their_feature(
     write_tiny_model(&TinySpec::default(), &path);
     let model = Model::load(&path).unwrap();
     let cpu = GgmlBackend::cpu(1).unwrap();
-    let weights = model.weights_for(&cpu).unwrap();
+    let weights = weights::place(&model, &cpu).unwrap();
     assert!(!weights.is_device_copy());
-    // In place: the very tensors of the model, pointing into the mapping.
-    let embd = model.weights.token_embd;
+    // In place: the model's tensors, pointing into the mapping.
+    let embd = model.weights.token_embd();
     assert_eq!(
         weights.get(embd).read_bytes(0, 64),
-        model.w(embd).read_bytes(0, 64)
+        model.weight_bytes(embd)[..64]
     );
     let map = ShareMap::identity(model.config.n_layers);
     let opts = RunOptions {
@@ -81,7 +82,7 @@ fn logits(s: &mut Session<'_>, toks: &[u32]) -> Vec<f32> {
 
 /// The device's weights, byte for byte the file's.
 fn check_weights_copy(model: &Model, device: &GgmlBackend) {
-    let w = model.weights_for(device).unwrap();
+    let w = weights::place(model, device).unwrap();
     let PlacedWeights::Device(copy) = &w else {
         panic!(
             "weights on {} were not copied to the device",
@@ -89,30 +90,20 @@ fn check_weights_copy(model: &Model, device: &GgmlBackend) {
         );
     };
     // Sessions on one device share one copy while any of them lives.
-    let PlacedWeights::Device(again) = model.weights_for(device).unwrap() else {
+    let PlacedWeights::Device(again) = weights::place(model, device).unwrap() else {
         panic!("a second look-up left the device");
     };
     assert!(std::sync::Arc::ptr_eq(copy, &again));
     let t = &model.weights;
-    let mut indices = vec![t.token_embd, t.output_norm, t.output];
-    for l in &t.layers {
-        indices.extend([
-            l.attn_norm,
-            l.wq,
-            l.wk,
-            l.wv,
-            l.wo,
-            l.ffn_norm,
-            l.ffn_gate,
-            l.ffn_up,
-            l.ffn_down,
-        ]);
+    let mut indices = vec![t.token_embd(), t.output_norm(), t.output()];
+    for l in t.layers() {
+        indices.extend(LayerRole::ALL.map(|r| l[r]));
     }
     for i in indices {
-        let (ours, file) = (w.get(i), model.w(i));
+        let ours = w.get(i);
         assert_eq!(
             ours.read_bytes(0, ours.n_bytes()),
-            file.read_bytes(0, file.n_bytes()),
+            model.weight_bytes(i),
             "weight {i} differs on the device"
         );
     }

@@ -7,10 +7,11 @@
 //! f32 accumulation) -> Wo -> residual -> RMSNorm -> SwiGLU FFN -> residual.
 
 use super::ffi::{GgmlBackend, GgmlError, GraphAllocator, GraphCtx, RopeParams, Tensor};
+use super::weights::PlacedWeights;
 use crate::backend::ggml::decode_attention;
 use crate::backend::ggml::kv::KvCache;
 use crate::gguf::GgmlType;
-use crate::model::{Model, PlacedWeights};
+use crate::model::{LayerRole, Model};
 use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits};
 
 /// Where a forward pass starts: at the token embeddings, or at layer `layer` with
@@ -189,7 +190,7 @@ fn build(
     let inp_mask = g.input(GgmlType::F16, &[shape.n_kv as i64, n], "inp_kq_mask");
     // Only the last row leaves the final layer unless every row is wanted.
     let inp_last = (!shape.all_rows()).then(|| g.input(GgmlType::I32, &[1], "inp_out_ids"));
-    let rope_freqs = w.rope_freqs.map(|i| weights.get(i));
+    let rope_freqs = w.rope_freqs().map(|i| weights.get(i));
     let kq_scale = 1.0 / (c.head_dim as f32).sqrt();
     // One new token over a quantized cache on the CPU: kvsharer's grouped kernel
     // (see `backend::ggml::decode_attention` for why; a custom op runs only on ggml's CPU
@@ -207,27 +208,29 @@ fn build(
     // The graph's first input: token ids, or a residual stream to start from.
     let mut x = if shape.first_layer == 0 {
         let ids = g.input(GgmlType::I32, &[n], "inp_tokens");
-        g.get_rows(weights.get(w.token_embd), ids)
+        g.get_rows(weights.get(w.token_embd()), ids)
     } else {
         g.input(GgmlType::F32, &[c.n_embd as i64, n], "inp_hidden")
     };
-    for (il, lw) in w.layers.iter().enumerate().skip(shape.first_layer) {
+    for (il, lw) in w.layers().iter().enumerate().skip(shape.first_layer) {
         if shape.layer_inputs {
             let captured = g.cont(x);
             g.name(captured, &format!("layer_input_{il}"));
             g.mark_output(captured);
             g.expand(captured);
         }
+        // This layer's weight in `role`.
+        let lt = |role: LayerRole| weights.get(lw[role]);
         let residual = x;
-        let cur = g.mul(g.rms_norm(x, c.rms_eps), weights.get(lw.attn_norm));
+        let cur = g.mul(g.rms_norm(x, c.rms_eps), lt(LayerRole::AttnNorm));
 
-        let q = g.reshape_3d(g.mul_mat(weights.get(lw.wq), cur), hd, n_head, n);
+        let q = g.reshape_3d(g.mul_mat(lt(LayerRole::AttnQ), cur), hd, n_head, n);
         let q = g.rope(q, inp_pos, rope_freqs, &rope);
         let (k_slot, v_slot) = (cache.k(il), cache.v(il));
         if cache.map().owns_slot(il) {
-            let k = g.reshape_3d(g.mul_mat(weights.get(lw.wk), cur), hd, n_head_kv, n);
+            let k = g.reshape_3d(g.mul_mat(lt(LayerRole::AttnK), cur), hd, n_head_kv, n);
             let k = g.rope(k, inp_pos, rope_freqs, &rope);
-            let v = g.mul_mat(weights.get(lw.wv), cur);
+            let v = g.mul_mat(lt(LayerRole::AttnV), cur);
             // Cache writes go into the graph before the attention that reads the slot.
             g.expand(g.set_rows(k_slot, g.reshape_2d(k, hd * n_head_kv, n), inp_rows));
             g.expand(g.set_rows(v_slot, v, inp_rows));
@@ -247,26 +250,26 @@ fn build(
                 kq_scale,
             )
         };
-        let mut cur = g.mul_mat(weights.get(lw.wo), g.reshape_2d(cur, hd * n_head, n));
+        let mut cur = g.mul_mat(lt(LayerRole::AttnOutput), g.reshape_2d(cur, hd * n_head, n));
         let mut residual = residual;
-        if let (true, Some(last)) = (il + 1 == w.layers.len(), inp_last) {
+        if let (true, Some(last)) = (il + 1 == w.layers().len(), inp_last) {
             cur = g.get_rows(cur, last);
             residual = g.get_rows(residual, last);
         }
         let ffn_inp = g.add(cur, residual);
 
-        let cur = g.mul(g.rms_norm(ffn_inp, c.rms_eps), weights.get(lw.ffn_norm));
-        let up = g.mul_mat(weights.get(lw.ffn_up), cur);
-        let gate = g.mul_mat(weights.get(lw.ffn_gate), cur);
-        let cur = g.mul_mat(weights.get(lw.ffn_down), g.swiglu(gate, up));
+        let cur = g.mul(g.rms_norm(ffn_inp, c.rms_eps), lt(LayerRole::FfnNorm));
+        let up = g.mul_mat(lt(LayerRole::FfnUp), cur);
+        let gate = g.mul_mat(lt(LayerRole::FfnGate), cur);
+        let cur = g.mul_mat(lt(LayerRole::FfnDown), g.swiglu(gate, up));
         x = g.add(cur, ffn_inp);
     }
-    let hidden = g.mul(g.rms_norm(x, c.rms_eps), weights.get(w.output_norm));
+    let hidden = g.mul(g.rms_norm(x, c.rms_eps), weights.get(w.output_norm()));
     g.name(hidden, "result_hidden");
     g.mark_output(hidden);
     g.expand(hidden);
     if shape.logits != Logits::None {
-        let t = g.mul_mat(weights.get(w.output), hidden);
+        let t = g.mul_mat(weights.get(w.output()), hidden);
         g.name(t, "result_logits");
         g.mark_output(t);
         g.expand(t);
@@ -368,7 +371,7 @@ pub fn shift_keys(
     let g = GraphCtx::new(MAX_NODES)?;
     let pos = g.input(GgmlType::I32, &[m as i64], "shift_pos");
     let rope = rope_params(model);
-    let freq_factors = model.weights.rope_freqs.map(|i| weights.get(i));
+    let freq_factors = model.weights.rope_freqs().map(|i| weights.get(i));
     for layer in (0..c.n_layers).filter(|&l| cache.map().owns_slot(l)) {
         let slot = cache.k(layer);
         let row = slot.nb()[1];

@@ -7,9 +7,10 @@ use std::ops::Range;
 use super::ffi::{DeviceKind, GgmlBackend, GgmlError, GraphAllocator};
 use super::forward::{self, GraphCache, Layout, Start};
 use super::kv::{KvCache, KvError, KvPart};
+use super::weights::{self, PlacedWeights};
 use crate::gguf::GgmlType;
 use crate::kvplan::ShareMap;
-use crate::model::{Model, ModelError, PlacedWeights};
+use crate::model::Model;
 use crate::runtime::chunks;
 use crate::runtime::error::RuntimeError;
 use crate::runtime::options::{Capabilities, KvWindow, RunOptions};
@@ -23,8 +24,6 @@ pub enum SessionError {
     Ggml(#[from] GgmlError),
     #[error(transparent)]
     Kv(#[from] KvError),
-    #[error(transparent)]
-    Model(#[from] ModelError),
     #[error("KV window: {0}")]
     Window(String),
 }
@@ -85,7 +84,7 @@ impl<'m> Session<'m> {
     ) -> Result<Self, SessionError> {
         let backend = GgmlBackend::on_device(device, opts.n_threads)?;
         let cache = Self::cache_for(model, map, opts, &backend)?;
-        let weights = model.weights_for(&backend)?;
+        let weights = weights::place(model, &backend)?;
         let alloc = GraphAllocator::new(&backend)?;
         Ok(Session {
             model,

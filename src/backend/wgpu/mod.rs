@@ -58,8 +58,6 @@ pub enum GpuError {
         "tensor '{tensor}' has rows of {cols} elements; the wgpu kernels need a multiple of 32"
     )]
     UnsupportedShape { tensor: String, cols: usize },
-    #[error("tensor '{0}' is missing from the model file")]
-    MissingTensor(String),
     #[error("sharing map has {map} layers but the model has {model}")]
     MapMismatch { map: usize, model: usize },
     #[error("kernel input: {0}")]

@@ -17,7 +17,10 @@ use super::kernels::{
 use super::{GpuError, GPU_WEIGHT_TYPES};
 use crate::gguf::GgmlType;
 use crate::kvplan::ShareMap;
-use crate::model::Model;
+use crate::model::LayerRole::{
+    AttnK, AttnNorm, AttnOutput, AttnQ, AttnV, FfnDown, FfnGate, FfnNorm, FfnUp,
+};
+use crate::model::{LayerWeights, Model};
 use crate::runtime::chunks;
 use crate::runtime::error::RuntimeError;
 use crate::runtime::options::{Capabilities, RunOptions};
@@ -98,26 +101,13 @@ enum Grid {
     Single,
 }
 
-/// The weights a session binds, and where each tensor is among them. A sibling
-/// session starts from a clone: the same GPU buffers.
+/// The weights a session binds, and where each planned tensor (by its index in the
+/// model's `WeightPlan`) is among them. A sibling session starts from a clone: the
+/// same GPU buffers.
 #[derive(Clone, Default)]
 struct WeightSet {
     list: Vec<Arc<GpuWeight>>,
-    by_name: HashMap<String, usize>,
-}
-
-/// Indices into the session's weights of one layer's tensors (`usize::MAX` for the
-/// K/V projections of a layer built as shared: never uploaded).
-struct LayerIdx {
-    attn_norm: usize,
-    wq: usize,
-    wk: usize,
-    wv: usize,
-    wo: usize,
-    ffn_norm: usize,
-    gate: usize,
-    up: usize,
-    down: usize,
+    by_plan: HashMap<usize, usize>,
 }
 
 struct Op {
@@ -244,23 +234,18 @@ impl<'m> GpuSession<'m> {
             }
         };
 
-        // Weights: every tensor the forward reads, as the file stores it.
-        let file = model.file().clone();
-        let mut upload = |name: &str, matmul: bool| -> Result<usize, GpuError> {
-            if let Some(&i) = weights.by_name.get(name) {
+        // Weights: every tensor of the model's plan the forward reads, as the file
+        // stores it (the plan checked names, shapes and types; here only what the
+        // wgpu kernels add).
+        let plan = &model.weights;
+        let mut upload = |id: usize| -> Result<usize, GpuError> {
+            if let Some(&i) = weights.by_plan.get(&id) {
                 return Ok(i);
             }
-            let info = file
-                .tensor(name)
-                .ok_or_else(|| GpuError::MissingTensor(name.to_string()))?;
-            let ty = info.ggml_type;
+            let info = plan.tensor(id);
+            let (name, ty) = (info.name.as_str(), info.ty);
+            let matmul = info.role.is_matmul();
             if matmul && !GPU_WEIGHT_TYPES.contains(&ty) {
-                return Err(GpuError::UnsupportedType {
-                    tensor: name.to_string(),
-                    ty: ty.name(),
-                });
-            }
-            if !matmul && ty != GgmlType::F32 {
                 return Err(GpuError::UnsupportedType {
                     tensor: name.to_string(),
                     ty: ty.name(),
@@ -274,7 +259,7 @@ impl<'m> GpuSession<'m> {
                     cols,
                 });
             }
-            let bytes = file.tensor_data(info);
+            let bytes = model.weight_bytes(id);
             need(
                 "max_storage_buffer_binding_size",
                 bytes.len() as u64 + 8,
@@ -290,49 +275,32 @@ impl<'m> GpuSession<'m> {
                 row_bytes: row_bytes as u32,
             }));
             let i = weights.list.len() - 1;
-            weights.by_name.insert(name.to_string(), i);
+            weights.by_plan.insert(id, i);
             Ok(i)
         };
-        let (token_embd, output_norm, output, rope_freqs, layer_idx) =
+        let (token_embd, output_norm, output, layer_idx) =
             ctx.scoped("uploading weights", || {
-                let token_embd = upload("token_embd.weight", true)?;
-                let output_norm = upload("output_norm.weight", false)?;
-                let output = if model.weights.tied_output {
-                    token_embd
-                } else {
-                    upload("output.weight", true)?
-                };
-                let rope_freqs = match model.weights.rope_freqs {
-                    Some(_) => Some(upload("rope_freqs.weight", false)?),
-                    None => None,
-                };
+                let token_embd = upload(plan.token_embd())?;
+                let output_norm = upload(plan.output_norm())?;
+                // Tied embeddings: the plan's output is the embedding, uploaded once.
+                let output = upload(plan.output())?;
+                if let Some(id) = plan.rope_freqs() {
+                    upload(id)?;
+                }
                 let mut layer_idx = Vec::with_capacity(c.n_layers);
-                for il in 0..c.n_layers {
-                    let n = |s: &str| format!("blk.{il}.{s}.weight");
+                for (il, lw) in plan.layers().iter().enumerate() {
                     let owns = map.owns_slot(il);
-                    layer_idx.push(LayerIdx {
-                        attn_norm: upload(&n("attn_norm"), false)?,
-                        wq: upload(&n("attn_q"), true)?,
+                    layer_idx.push(LayerWeights::try_from_fn(|role| {
                         // A shared layer never computes keys or values: its K/V
                         // projections are not even uploaded.
-                        wk: if owns {
-                            upload(&n("attn_k"), true)?
+                        if owns || !role.is_kv_projection() {
+                            upload(lw[role])
                         } else {
-                            usize::MAX
-                        },
-                        wv: if owns {
-                            upload(&n("attn_v"), true)?
-                        } else {
-                            usize::MAX
-                        },
-                        wo: upload(&n("attn_output"), true)?,
-                        ffn_norm: upload(&n("ffn_norm"), false)?,
-                        gate: upload(&n("ffn_gate"), true)?,
-                        up: upload(&n("ffn_up"), true)?,
-                        down: upload(&n("ffn_down"), true)?,
-                    });
+                            Ok(usize::MAX)
+                        }
+                    })?);
                 }
-                Ok((token_embd, output_norm, output, rope_freqs, layer_idx))
+                Ok((token_embd, output_norm, output, layer_idx))
             })?;
         let types: Vec<GgmlType> = weights.list.iter().map(|w| w.ty).collect();
         let kernels = match kernels {
@@ -396,14 +364,13 @@ impl<'m> GpuSession<'m> {
         let hidden_staging = staging(&ctx, (n_batch * e * 4) as u64);
 
         // The frequency factors enter the host-side RoPE table (see rope.wgsl).
-        let rope_factors: Option<Vec<f32>> = rope_freqs
-            .and_then(|_| file.tensor("rope_freqs.weight"))
-            .map(|info| {
-                file.tensor_data(info)
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect()
-            });
+        let rope_factors: Option<Vec<f32>> = plan.rope_freqs().map(|id| {
+            model
+                .weight_bytes(id)
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        });
 
         let own_slot: Vec<Option<usize>> = {
             let slot_of = map.slot_of_layers();
@@ -778,7 +745,9 @@ struct ForwardParts {
     step: wgpu::Buffer,
     /// (K, V) of each owning layer, in layer order.
     slots: Vec<(wgpu::Buffer, wgpu::Buffer)>,
-    layer_idx: Vec<LayerIdx>,
+    /// Where each layer's tensors are in `weights` (`usize::MAX` for the K/V
+    /// projections of a layer built as shared: never uploaded).
+    layer_idx: Vec<LayerWeights>,
     /// Slot index of every layer's own slot (`None`: the session has no slot and no
     /// K/V weights for it).
     own_slot: Vec<Option<usize>>,
@@ -997,12 +966,12 @@ fn build_forward(model: &Model, map: &ShareMap, parts: &ForwardParts) -> Result<
     });
     for (il, lw) in layer_idx.iter().enumerate() {
         let (kc, vc) = &slots[slot_of[il]];
-        ops.push(norm(lw.attn_norm, &act.x, &act.xn));
+        ops.push(norm(lw[AttnNorm], &act.x, &act.xn));
         held = None;
-        feed(&mut ops, &mut held, "xn", &act.xn, lw.wq, &act.q, false);
+        feed(&mut ops, &mut held, "xn", &act.xn, lw[AttnQ], &act.q, false);
         if map.owns_slot(il) {
-            feed(&mut ops, &mut held, "xn", &act.xn, lw.wk, &act.k, false);
-            feed(&mut ops, &mut held, "xn", &act.xn, lw.wv, &act.v, false);
+            feed(&mut ops, &mut held, "xn", &act.xn, lw[AttnK], &act.k, false);
+            feed(&mut ops, &mut held, "xn", &act.xn, lw[AttnV], &act.v, false);
         }
         ops.push(rope(&act.q, c.n_head));
         if map.owns_slot(il) {
@@ -1046,13 +1015,29 @@ fn build_forward(model: &Model, map: &ShareMap, parts: &ForwardParts) -> Result<
             ),
         });
         // x += Wo · attn (the residual add is fused into the matmul).
-        feed(&mut ops, &mut held, "attn", &act.attn, lw.wo, &act.x, true);
-        ops.push(norm(lw.ffn_norm, &act.x, &act.xn));
+        feed(
+            &mut ops,
+            &mut held,
+            "attn",
+            &act.attn,
+            lw[AttnOutput],
+            &act.x,
+            true,
+        );
+        ops.push(norm(lw[FfnNorm], &act.x, &act.xn));
         held = None;
         feed(
-            &mut ops, &mut held, "xn", &act.xn, lw.gate, &act.gate, false,
+            &mut ops,
+            &mut held,
+            "xn",
+            &act.xn,
+            lw[FfnGate],
+            &act.gate,
+            false,
         );
-        feed(&mut ops, &mut held, "xn", &act.xn, lw.up, &act.up, false);
+        feed(
+            &mut ops, &mut held, "xn", &act.xn, lw[FfnUp], &act.up, false,
+        );
         ops.push(Op {
             grid: Grid::PerToken((ff as u32).div_ceil(64)),
             pipeline: kernels.swiglu.pipeline.clone(),
@@ -1063,7 +1048,13 @@ fn build_forward(model: &Model, map: &ShareMap, parts: &ForwardParts) -> Result<
             ),
         });
         feed(
-            &mut ops, &mut held, "gate", &act.gate, lw.down, &act.x, true,
+            &mut ops,
+            &mut held,
+            "gate",
+            &act.gate,
+            lw[FfnDown],
+            &act.x,
+            true,
         );
     }
     ops.push(norm(output_norm, &act.x, &act.xn));
