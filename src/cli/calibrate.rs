@@ -239,6 +239,29 @@ pub struct ShareArgs {
     pub output: PathBuf,
 }
 
+/// Refuses flag values no search can use, naming the flag (the library's errors
+/// say what is wrong in its own words).
+fn check_flags(s: &SearchArgs) -> Result<()> {
+    if s.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    if s.tokens < search::MIN_TOKENS_PER_SAMPLE {
+        bail!("--tokens must be at least {}", search::MIN_TOKENS_PER_SAMPLE);
+    }
+    if s.strategy.beam == 0 {
+        bail!("--beam must be at least 1");
+    }
+    if s.strategy.candidates.0 == Some(0) {
+        bail!("--candidates must be at least 1 (or `all`)");
+    }
+    if let Some(m) = s.strategy.max_kld {
+        if !(m.is_finite() && m >= 0.0) {
+            bail!("--max-kld must be a non-negative number, got {m}");
+        }
+    }
+    Ok(())
+}
+
 /// Runs the search on `backend` with a progress bar on stderr.
 pub fn run_search(
     loaded: &LoadedModel,
@@ -261,6 +284,7 @@ pub fn run_search(
         threads,
     };
     let strategy = s.strategy.options();
+    check_flags(s)?;
     let bar = ProgressBar::new(target as u64);
     bar.set_style(
         ProgressStyle::with_template(

@@ -1,6 +1,6 @@
 //! Llama hyper-parameters (`LlamaConfig`), read and validated from GGUF metadata.
 
-use super::weights::Role;
+use super::role::Role;
 use super::ModelError;
 use crate::gguf::GgufFile;
 

@@ -10,10 +10,12 @@ use crate::gguf::{GgufError, GgufFile};
 use crate::kvplan::{self, PlanError, ShareMap};
 
 pub mod config;
+pub mod role;
 pub mod weights;
 
 pub use config::LlamaConfig;
-pub use weights::{LayerRole, LayerWeights, PlannedTensor, Role, WeightPlan, MATMUL_TYPES};
+pub use role::{LayerRole, Role};
+pub use weights::{LayerWeights, PlannedTensor, WeightPlan, MATMUL_TYPES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

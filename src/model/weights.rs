@@ -7,6 +7,7 @@
 use std::ops::Index;
 
 use super::config::LlamaConfig;
+use super::role::{LayerRole, Role};
 use super::ModelError;
 use crate::gguf::{GgmlType, GgufFile};
 
@@ -40,104 +41,21 @@ pub const MATMUL_TYPES: &[GgmlType] = &[
     GgmlType::MXFP4,
 ];
 
-/// One decoder layer's tensors, in the order a layer reads them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LayerRole {
-    AttnNorm,
-    AttnQ,
-    AttnK,
-    AttnV,
-    AttnOutput,
-    FfnNorm,
-    FfnGate,
-    FfnUp,
-    FfnDown,
-}
-
-impl LayerRole {
-    pub const ALL: [LayerRole; 9] = [
-        LayerRole::AttnNorm,
-        LayerRole::AttnQ,
-        LayerRole::AttnK,
-        LayerRole::AttnV,
-        LayerRole::AttnOutput,
-        LayerRole::FfnNorm,
-        LayerRole::FfnGate,
-        LayerRole::FfnUp,
-        LayerRole::FfnDown,
-    ];
-
-    /// The K/V projections, which a layer that reads another layer's cache never runs.
-    pub fn is_kv_projection(self) -> bool {
-        matches!(self, LayerRole::AttnK | LayerRole::AttnV)
-    }
-}
-
-/// What a weight tensor is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Role {
-    TokenEmbd,
-    OutputNorm,
-    /// The output projection; absent from files whose embeddings are tied.
-    Output,
-    /// RoPE frequency factors (Llama 3.x long-context scaling); optional.
-    RopeFreqs,
-    Layer(usize, LayerRole),
-}
-
-impl Role {
-    /// The tensor's name in a GGUF file: the one place kvsharer spells them.
-    pub fn tensor_name(self) -> String {
-        let layer = |il: usize, stem: &str| format!("blk.{il}.{stem}.weight");
-        match self {
-            Role::TokenEmbd => "token_embd.weight".into(),
-            Role::OutputNorm => "output_norm.weight".into(),
-            Role::Output => "output.weight".into(),
-            Role::RopeFreqs => "rope_freqs.weight".into(),
-            Role::Layer(il, r) => layer(
-                il,
-                match r {
-                    LayerRole::AttnNorm => "attn_norm",
-                    LayerRole::AttnQ => "attn_q",
-                    LayerRole::AttnK => "attn_k",
-                    LayerRole::AttnV => "attn_v",
-                    LayerRole::AttnOutput => "attn_output",
-                    LayerRole::FfnNorm => "ffn_norm",
-                    LayerRole::FfnGate => "ffn_gate",
-                    LayerRole::FfnUp => "ffn_up",
-                    LayerRole::FfnDown => "ffn_down",
-                },
-            ),
-        }
-    }
-
-    /// True for matrices a matmul (or the embedding row lookup) reads, in any of
-    /// `MATMUL_TYPES`; false for the f32 vectors (norm weights, RoPE factors).
-    pub fn is_matmul(self) -> bool {
-        !matches!(
-            self,
-            Role::OutputNorm
-                | Role::RopeFreqs
-                | Role::Layer(_, LayerRole::AttnNorm | LayerRole::FfnNorm)
-        )
-    }
-
-    /// The shape the config calls for, in ggml order (`[0]` is the row length).
-    fn expected_shape(self, c: &LlamaConfig) -> Vec<usize> {
-        let (e, kv, q) = (c.n_embd, c.n_embd_kv(), c.n_head * c.head_dim);
-        match self {
-            Role::TokenEmbd | Role::Output => vec![e, c.n_vocab],
-            Role::OutputNorm => vec![e],
-            Role::RopeFreqs => vec![c.head_dim / 2],
-            Role::Layer(_, r) => match r {
-                LayerRole::AttnNorm | LayerRole::FfnNorm => vec![e],
-                LayerRole::AttnQ => vec![e, q],
-                LayerRole::AttnK | LayerRole::AttnV => vec![e, kv],
-                LayerRole::AttnOutput => vec![q, e],
-                LayerRole::FfnGate | LayerRole::FfnUp => vec![e, c.n_ff],
-                LayerRole::FfnDown => vec![c.n_ff, e],
-            },
-        }
+/// The shape the config calls for, in ggml order (`[0]` is the row length).
+fn expected_shape(role: Role, c: &LlamaConfig) -> Vec<usize> {
+    let (e, kv, q) = (c.n_embd, c.n_embd_kv(), c.n_head * c.head_dim);
+    match role {
+        Role::TokenEmbd | Role::Output => vec![e, c.n_vocab],
+        Role::OutputNorm => vec![e],
+        Role::RopeFreqs => vec![c.head_dim / 2],
+        Role::Layer(_, r) => match r {
+            LayerRole::AttnNorm | LayerRole::FfnNorm => vec![e],
+            LayerRole::AttnQ => vec![e, q],
+            LayerRole::AttnK | LayerRole::AttnV => vec![e, kv],
+            LayerRole::AttnOutput => vec![q, e],
+            LayerRole::FfnGate | LayerRole::FfnUp => vec![e, c.n_ff],
+            LayerRole::FfnDown => vec![c.n_ff, e],
+        },
     }
 }
 
@@ -206,8 +124,7 @@ impl WeightPlan {
             let Some(t) = file.tensor(&name) else {
                 return Ok(None);
             };
-            let expected: Vec<u64> = role
-                .expected_shape(config)
+            let expected: Vec<u64> = expected_shape(role, config)
                 .iter()
                 .map(|&d| d as u64)
                 .collect();
@@ -354,8 +271,7 @@ pub(crate) fn write_test_model(path: &std::path::Path, tied_output: bool) {
         roles.push(Role::Output);
     }
     for role in roles {
-        let dims: Vec<u64> = role
-            .expected_shape(&config)
+        let dims: Vec<u64> = expected_shape(role, &config)
             .iter()
             .map(|&d| d as u64)
             .collect();
