@@ -19,19 +19,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let layers: usize = args.next().map_or(Ok(2), |s| s.parse())?;
 
     let loaded = kvsharer::loader::load(&path)?;
-    // A short calibration: 8 texts of at most 32 tokens.
+    // A short calibration: 4 texts of at most 32 tokens, 4 candidate pairs per step
+    // (the CLI's defaults are 30 x 64 and 12).
     let opts = CalibrationOptions {
         target: layers,
-        samples: 8,
+        samples: 4,
         tokens: 32,
         ..CalibrationOptions::default()
+    };
+    let strategy = StrategyOptions {
+        candidates: Some(4),
+        ..StrategyOptions::default()
     };
     let result = search::run(
         &loaded.model,
         &loaded.tokenizer,
         &Corpus::default_corpus(),
         &opts,
-        &StrategyOptions::default(),
+        &strategy,
         |p| eprint!("\rshared {} of {} ", p.accepted, p.target),
     )?;
     eprintln!("\n{}", result.outcome);

@@ -246,7 +246,10 @@ fn check_flags(s: &SearchArgs) -> Result<()> {
         bail!("--samples must be at least 1");
     }
     if s.tokens < search::MIN_TOKENS_PER_SAMPLE {
-        bail!("--tokens must be at least {}", search::MIN_TOKENS_PER_SAMPLE);
+        bail!(
+            "--tokens must be at least {}",
+            search::MIN_TOKENS_PER_SAMPLE
+        );
     }
     if s.strategy.beam == 0 {
         bail!("--beam must be at least 1");
