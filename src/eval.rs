@@ -15,9 +15,7 @@
 use crate::runtime::{Logits, RunState, RuntimeError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
-/// The row functions perplexity uses, defined in [`crate::math`] (re-exported here
-/// under their old paths).
-pub use crate::math::{argmax, kl_divergence, log_softmax, log_sum_exp};
+use crate::math::{argmax, kl_divergence};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -758,6 +756,7 @@ pub fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::math::log_softmax;
     use crate::math::pseudo_random_logits;
 
     #[test]

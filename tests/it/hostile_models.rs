@@ -99,15 +99,7 @@ fn mutated_models_never_panic() {
 #[test]
 fn wrong_types_for_kvsharer_keys_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.gguf");
-    support::write_tiny_model(
-        &support::TinySpec {
-            n_layers: 2,
-            ..Default::default()
-        },
-        &base,
-    );
-    let file = GgufFile::open(&base).unwrap();
+    let file = two_layer_model(dir.path());
     let values = [
         Value::U32(1),
         Value::F32(1.0),
@@ -141,15 +133,7 @@ fn wrong_types_for_kvsharer_keys_are_clear_errors() {
 #[test]
 fn stored_map_format_version_is_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.gguf");
-    support::write_tiny_model(
-        &support::TinySpec {
-            n_layers: 2,
-            ..Default::default()
-        },
-        &base,
-    );
-    let file = GgufFile::open(&base).unwrap();
+    let file = two_layer_model(dir.path());
     let map = ShareMap::for_model(vec![0, 0], 2).unwrap();
     let with_version = |version: Option<Value>, name: &str| {
         let mut kv: Vec<(String, Value)> = kvplan::to_metadata(&map)
@@ -180,4 +164,17 @@ fn stored_map_format_version_is_checked() {
             (ok, r) => panic!("{version:?}: expected ok={ok}, got {:?}", r.err()),
         }
     }
+}
+
+/// A tiny 2-layer model written into `dir`, opened as a GGUF file.
+fn two_layer_model(dir: &std::path::Path) -> GgufFile {
+    let base = dir.join("base.gguf");
+    support::write_tiny_model(
+        &support::TinySpec {
+            n_layers: 2,
+            ..Default::default()
+        },
+        &base,
+    );
+    GgufFile::open(&base).unwrap()
 }

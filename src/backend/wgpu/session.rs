@@ -23,7 +23,7 @@ use crate::model::LayerRole::{
 use crate::model::{LayerWeights, Model};
 use crate::runtime::chunks;
 use crate::runtime::error::RuntimeError;
-use crate::runtime::options::{Capabilities, RunOptions};
+use crate::runtime::options::{kv_bytes_per_token, Capabilities, RunOptions};
 use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits};
 use crate::runtime::state::RunState;
 
@@ -1145,14 +1145,12 @@ impl<'m> RunState<'m> for GpuSession<'m> {
         self.kv_bytes
     }
 
+    /// The f16 slots of the owning layers (`runtime::kv_bytes_per_token`, as the
+    /// CPU counts them).
     fn kv_bytes_per_token(&self) -> (usize, usize) {
-        let per_layer = 2 * GgmlType::F16
-            .row_bytes(self.model.config.n_embd_kv() as u64)
-            .unwrap_or(0) as usize;
-        (
-            self.n_slots() * per_layer,
-            self.model.config.n_layers * per_layer,
-        )
+        let c = &self.model.config;
+        let f16 = |map: &ShareMap| kv_bytes_per_token(c, map, GgmlType::F16, GgmlType::F16);
+        (f16(&self.map), f16(&ShareMap::identity(c.n_layers)))
     }
 
     fn read_kv(
