@@ -84,7 +84,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let needed = a.depth + a.n_prompt.max(a.n_gen);
     opts.n_ctx = opts.n_ctx.max(needed);
     let (path, loaded) = a.model.load()?;
-    let map = a.model.share_map(&loaded)?;
+    let plan = a.model.kv_plan(&loaded)?;
     let n_vocab = loaded.model.config.n_vocab as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut random_tokens =
@@ -93,7 +93,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let prompt_tokens = random_tokens(a.n_prompt);
     let gen_tokens = random_tokens(a.n_gen);
 
-    let mut session = open_state(a.model.backend, &loaded.model, &map, &opts)?;
+    let mut session = open_state(a.model.backend, &loaded.model, &plan, &opts)?;
     if !a.no_llama_cpp {
         let rebuild = "in a build with --features cuda or vulkan";
         match (a.llama_ngl, oracle::supports_gpu_offload()) {
@@ -119,13 +119,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 flash_attn: true,
                 type_k: cache_type(
                     a.llama_cache_type_k
-                        .as_ref()
-                        .unwrap_or(&a.model.cache_type_k),
+                        .as_deref()
+                        .or(a.model.cache_type_k.as_deref())
+                        .unwrap_or("f16"),
                 )?,
                 type_v: cache_type(
                     a.llama_cache_type_v
-                        .as_ref()
-                        .unwrap_or(&a.model.cache_type_v),
+                        .as_deref()
+                        .or(a.model.cache_type_v.as_deref())
+                        .unwrap_or("f16"),
                 )?,
             })?,
         ),
@@ -135,7 +137,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         file_name(&path),
         opts.n_threads,
         a.depth,
-        describe_sharing(&map, session.kv_bytes(), kv_accounting(session.as_ref()).1)
+        describe_sharing(&plan, session.kv_bytes(), kv_accounting(session.as_ref()).1)
     );
     let pp_name = format!("pp{}{}", a.n_prompt, depth_suffix(a.depth));
     let tg_name = format!("tg{}{}", a.n_gen, depth_suffix(a.depth));
@@ -227,7 +229,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "threads": opts.n_threads,
             "depth": a.depth,
             "n_ctx": opts.n_ctx,
-            "sharing": map.sources(),
+            "sharing": plan.as_map().map(|m| m.sources().to_vec()),
+            "kv_plan": super::plan_json(&plan, loaded.model.config.n_embd_kv()),
             "kv_bytes": kv_ours,
             "llama_cpp_kv_bytes": kv_theirs,
             "peak_rss_bytes": rss,

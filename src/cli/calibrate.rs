@@ -32,7 +32,7 @@ pub enum OrderArg {
 #[derive(Args, Debug, Clone)]
 pub struct SearchArgs {
     /// Number of layers to share
-    #[arg(long = "layers", conflicts_with = "ratio", required_unless_present_any = ["ratio", "map"])]
+    #[arg(long = "layers", conflicts_with = "ratio", required_unless_present_any = ["ratio", "map", "kv_budget"])]
     pub layers: Option<usize>,
     /// Fraction of layers to share (e.g. 0.25)
     #[arg(long = "ratio")]
@@ -234,6 +234,8 @@ pub struct ShareArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub search: SearchArgs,
+    #[command(flatten)]
+    pub planner: super::plan::PlannerArgs,
     /// Where to write the model copy with the map stored in it
     #[arg(short = 'o', long = "output", value_name = "OUT.gguf")]
     pub output: PathBuf,
@@ -373,6 +375,9 @@ fn print_result(r: &SearchResult, n_layers: usize) {
 }
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
+    if a.model.kv_budget.is_some() {
+        bail!("calibrate searches whole-layer maps; for a KV budget use `kvsharer plan --kv-budget SPEC` (or `share --kv-budget SPEC -o OUT.gguf` to store the plan)");
+    }
     let threads = a.model.threads()?;
     let (_, loaded) = a.model.load()?;
     let r = run_search(&loaded, &a.search, threads, a.model.backend)?;
@@ -392,7 +397,9 @@ pub fn share(a: ShareArgs) -> Result<()> {
     check_output(&path, &a.output)?;
     let (_, loaded) = a.model.load()?;
     let n_layers = loaded.model.config.n_layers;
-    let metadata = if a.search.random_map {
+    let metadata = if let Some(spec) = &a.model.kv_budget {
+        plan_metadata(&loaded, spec, &a, threads)?
+    } else if a.search.random_map {
         let target = a.search.target(n_layers)?;
         let map = search::random_map(n_layers, target, a.search.seed)?;
         eprintln!("random map (seed {}): {map}", a.search.seed);
@@ -426,6 +433,50 @@ pub fn share(a: ShareArgs) -> Result<()> {
         a.output.display()
     );
     Ok(())
+}
+
+/// `share --kv-budget`: plans for the budget, prints the plan, and returns its
+/// version-2 metadata with the calibration it was measured on.
+fn plan_metadata(
+    loaded: &LoadedModel,
+    spec: &str,
+    a: &ShareArgs,
+    threads: usize,
+) -> Result<Vec<(String, gguf::Value)>> {
+    use gguf::Value;
+    let (m, planned, measured) =
+        super::plan::plan_for(loaded, spec, a.model.ctx_size, &a.planner, threads)?;
+    eprint!("{}", super::plan::plan_table(&planned.plan));
+    eprintln!(
+        "plan: {} | {:.1}% of the f16 KV cache | calibration KLD predicted {:.4}, measured {measured:.4}",
+        planned.plan,
+        planned.fraction * 100.0,
+        planned.predicted_kld
+    );
+    let mut kv = kvplan::plan_to_metadata(&planned.plan, planned.budget as f32, measured as f32);
+    kv.extend([
+        (
+            kvplan::KEY_MEAN_KLD.to_string(),
+            Value::F32(measured as f32),
+        ),
+        (
+            kvplan::KEY_SAMPLE_COUNT.to_string(),
+            Value::U32(m.samples as u32),
+        ),
+        (
+            kvplan::KEY_TOKENS_PER_SAMPLE.to_string(),
+            Value::U32(m.tokens as u32),
+        ),
+        (
+            kvplan::KEY_CORPUS_SHA256.to_string(),
+            Value::String(m.corpus.sha256.clone()),
+        ),
+        (
+            kvplan::KEY_STRATEGY.to_string(),
+            Value::String("plan".into()),
+        ),
+    ]);
+    Ok(kv)
 }
 
 /// Refuses outputs that would overwrite the input or land in a missing directory,

@@ -54,16 +54,16 @@ pub fn run(a: ChatArgs) -> Result<()> {
         );
     }
     let (path, loaded) = a.model.load()?;
-    let map = a.model.share_map(&loaded)?;
+    let plan = a.model.kv_plan(&loaded)?;
     let template = chat_template(&loaded)?;
-    let session = open_state(a.model.backend, &loaded.model, &map, &opts)?;
+    let session = open_state(a.model.backend, &loaded.model, &plan, &opts)?;
     eprintln!(
         "kvsharer chat: {} | {} layers | backend {} | ctx {} | {}",
         file_name(&path),
         loaded.model.config.n_layers,
         session.describe(),
         opts.n_ctx,
-        describe_sharing(&map, session.kv_bytes(), kv_accounting(session.as_ref()).1)
+        describe_sharing(&plan, session.kv_bytes(), kv_accounting(session.as_ref()).1)
     );
     let settings = Settings {
         model: path,
@@ -278,7 +278,7 @@ fn run_command(engine: &mut ChatEngine<'_>, settings: &Settings, command: SlashC
 
 fn print_stats(engine: &ChatEngine<'_>) {
     let session = engine.session();
-    let map = session.map();
+    let plan = session.plan();
     println!(
         "context: {} of {} tokens, {} messages",
         session.n_past(),
@@ -305,14 +305,14 @@ fn print_stats(engine: &ChatEngine<'_>) {
     let unshared = kv_accounting(session).1;
     let saved = unshared.saturating_sub(allocated);
     println!(
-        "KV cache: {} allocated ({allocated} bytes) for {} of {} layers; sharing saves {} ({saved} bytes, {:.1}%)",
+        "KV cache: {} allocated ({allocated} bytes) for {} of {} K/V slots; sharing saves {} ({saved} bytes, {:.1}%)",
         human_bytes(allocated),
-        map.owner_count(),
-        map.n_layers(),
+        2 * plan.n_layers() - plan.shared_halves(),
+        2 * plan.n_layers(),
         human_bytes(saved),
         if unshared == 0 { 0.0 } else { 100.0 * saved as f64 / unshared as f64 }
     );
-    println!("sharing map: {map}");
+    println!("KV plan: {plan}");
 }
 
 fn save_transcript(engine: &ChatEngine<'_>, settings: &Settings, path: &Path) -> Result<()> {
@@ -333,7 +333,7 @@ fn save_transcript(engine: &ChatEngine<'_>, settings: &Settings, path: &Path) ->
             "repeat_penalty": as_decimal(p.repeat_penalty),
             "repeat_last_n": p.repeat_last_n,
             "seed": p.seed,
-            "kv_share_map": session.map().sources(),
+            "kv_plan": super::plan_json(session.plan(), session.model().config.n_embd_kv()),
             "kv_bytes": session.kv_bytes(),
         },
     });

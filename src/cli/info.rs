@@ -7,9 +7,8 @@ use anyhow::Result;
 use clap::Args;
 
 use kvsharer::gguf::{GgmlType, GgufFile};
-use kvsharer::kvplan::{self, ShareMap};
+use kvsharer::kvplan::{self, KvPlan};
 use kvsharer::model::LlamaConfig;
-use kvsharer::runtime;
 
 use super::human_bytes;
 
@@ -86,34 +85,54 @@ pub fn run(a: InfoArgs) -> Result<()> {
         .collect();
     println!("quant types:   {}", types.join(", "));
 
-    let stored = kvplan::from_gguf(&file, cfg.n_layers)?;
-    let map = stored
-        .clone()
-        .unwrap_or_else(|| ShareMap::identity(cfg.n_layers));
-    let unshared = runtime::kv_bytes_per_token(
-        &cfg,
-        &ShareMap::identity(cfg.n_layers),
-        GgmlType::F16,
-        GgmlType::F16,
-    );
+    let stored_map = kvplan::from_gguf(&file, cfg.n_layers)?;
+    let stored_plan = kvplan::plan_from_gguf(&file, cfg.n_layers)?;
+    let n_embd_kv = cfg.n_embd_kv();
+    let f16 = GgmlType::F16;
+    let unshared = KvPlan::unshared(cfg.n_layers, f16, f16).bytes_per_token(n_embd_kv);
     println!(
         "KV cache:      {} bytes/token unshared (f16); {} at ctx {}",
         unshared,
         human_bytes(unshared * a.ctx_size),
         a.ctx_size
     );
+    let stored = match (stored_plan, stored_map) {
+        (Some(p), _) => Some(p),
+        (None, Some(m)) => Some(KvPlan::uniform(&m, f16, f16)),
+        (None, None) => None,
+    };
     match stored {
         None => println!("sharing map:   none (create one with `kvsharer share`)"),
-        Some(m) => {
-            let shared = runtime::kv_bytes_per_token(&cfg, &map, GgmlType::F16, GgmlType::F16);
+        Some(p) => {
+            let shared = p.bytes_per_token(n_embd_kv);
+            match (p.as_map(), p.uniform_types()) {
+                (Some(m), Some((f16k, f16v))) if f16k == f16 && f16v == f16 => println!(
+                    "sharing map:   {} of {} layers shared: {}",
+                    m.shared_count(),
+                    m.n_layers(),
+                    m
+                ),
+                _ => {
+                    println!(
+                        "KV plan:       {} of {} K/V slots shared: {p}",
+                        p.shared_halves(),
+                        2 * p.n_layers()
+                    );
+                    print!("{}", super::plan::plan_table(&p));
+                    let get_f32 = |k: &str| file.get(k).and_then(|v| v.as_f32());
+                    if let (Some(b), Some(kld)) = (
+                        get_f32(kvplan::KEY_PLAN_BUDGET),
+                        get_f32(kvplan::KEY_PLAN_PREDICTED_KLD),
+                    ) {
+                        println!(
+                            "plan budget:   {:.1}% of f16, predicted calibration KLD {kld:.4}",
+                            b * 100.0
+                        );
+                    }
+                }
+            }
             println!(
-                "sharing map:   {} of {} layers shared: {}",
-                m.shared_count(),
-                m.n_layers(),
-                m
-            );
-            println!(
-                "KV with map:   {} bytes/token; {} at ctx {} ({:.1}% of unshared)",
+                "KV with map:   {} bytes/token; {} at ctx {} ({:.1}% of unshared f16)",
                 shared,
                 human_bytes(shared * a.ctx_size),
                 a.ctx_size,

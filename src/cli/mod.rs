@@ -6,6 +6,7 @@ pub mod calibrate;
 pub mod chat;
 pub mod info;
 pub mod perplexity;
+pub mod plan;
 pub mod run;
 
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use kvsharer::gguf::GgmlType;
-use kvsharer::kvplan::ShareMap;
+use kvsharer::kvplan::{KvPlan, ShareMap};
 use kvsharer::loader::{self, LoadedModel};
 use kvsharer::model::Model;
 use kvsharer::runtime::{
@@ -50,8 +51,10 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Find a KV sharing map for a model (the KVSharer search) and report it
     Calibrate(calibrate::CalibrateArgs),
-    /// Write a copy of a model with a KV sharing map stored in its metadata
+    /// Write a copy of a model with a KV sharing map (or, with --kv-budget, a KV plan) stored in its metadata
     Share(calibrate::ShareArgs),
+    /// Plan the KV cache for a memory budget: share keys and values apart and pick a precision per slot, by measured KLD
+    Plan(plan::PlanArgs),
     /// Measure perplexity on a text file (llama-perplexity's method); with --kv-share, also KL divergence against the unshared model
     Perplexity(perplexity::PerplexityArgs),
 }
@@ -65,6 +68,7 @@ pub fn main() -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Calibrate(a) => calibrate::calibrate(a),
         Command::Share(a) => calibrate::share(a),
+        Command::Plan(a) => plan::run(a),
         Command::Perplexity(a) => perplexity::run(a),
     }
 }
@@ -84,12 +88,12 @@ pub struct ModelArgs {
     /// Prompt tokens per forward pass during prefill
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     pub batch_size: usize,
-    /// KV cache type for keys: f16, q8_0, q4_0 (or f32)
-    #[arg(long = "cache-type-k", default_value = "f16", value_name = "TYPE")]
-    pub cache_type_k: String,
-    /// KV cache type for values: f16, q8_0, q4_0 (or f32)
-    #[arg(long = "cache-type-v", default_value = "f16", value_name = "TYPE")]
-    pub cache_type_v: String,
+    /// KV cache type for keys: f16, q8_0, q4_0 (or f32) [default: f16, or the plan's]
+    #[arg(long = "cache-type-k", value_name = "TYPE")]
+    pub cache_type_k: Option<String>,
+    /// KV cache type for values: f16, q8_0, q4_0 (or f32) [default: f16, or the plan's]
+    #[arg(long = "cache-type-v", value_name = "TYPE")]
+    pub cache_type_v: Option<String>,
     /// Share KV caches between layers. Without a value: use the map stored in the GGUF.
     /// With a value (25%, 0.25 or a layer count): calibrate on the fly (cached)
     #[arg(long = "kv-share", value_name = "SPEC", num_args = 0..=1, default_missing_value = "stored")]
@@ -101,8 +105,13 @@ pub struct ModelArgs {
     /// Tokens at the start kept forever when --kv-window is set (attention sinks)
     #[arg(long = "kv-sink", value_name = "S", default_value_t = 4)]
     pub kv_sink: usize,
-    /// Ignore a sharing map stored in the GGUF (run unshared)
-    #[arg(long = "no-kv-share", conflicts_with = "kv_share")]
+    /// Plan the KV cache for a budget (30%, 0.3 of the unshared f16 cache, or 48MiB
+    /// for the whole -c context): K and V shared apart, a precision per slot, chosen
+    /// by measured KLD (planned on first use and cached)
+    #[arg(long = "kv-budget", value_name = "SPEC", conflicts_with = "kv_share")]
+    pub kv_budget: Option<String>,
+    /// Ignore a sharing map or plan stored in the GGUF (run unshared)
+    #[arg(long = "no-kv-share", conflicts_with_all = ["kv_share", "kv_budget"])]
     pub no_kv_share: bool,
     /// Compute backend: cpu (ggml), wgpu (WGSL on the GPU; any adapter, software
     /// ones included), auto (wgpu on a real GPU, else cpu), or ggml's own GPU
@@ -116,11 +125,11 @@ pub struct ModelArgs {
 pub fn open_state<'m>(
     backend: BackendChoice,
     model: &'m Model,
-    map: &ShareMap,
+    plan: &KvPlan,
     opts: &RunOptions,
 ) -> Result<Box<dyn RunState<'m> + 'm>> {
-    let opened =
-        runtime::open(backend, model, map, opts).with_context(|| format!("--backend {backend}"))?;
+    let opened = runtime::open_plan(backend, model, plan, opts)
+        .with_context(|| format!("--backend {backend}"))?;
     if let Some(why) = &opened.fallback {
         eprintln!("note: --backend auto: {why}");
     }
@@ -163,6 +172,9 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
         RuntimeError::Unsupported { capability, .. } => match capability {
             Capability::CacheType(_) => "use --backend cpu, or drop --cache-type-k/-v".into(),
             Capability::Window => "use --backend cpu, or drop --kv-window".into(),
+            Capability::MixedPlan => {
+                "use --backend cpu, or run with --no-kv-share (or a whole-layer --kv-share)".into()
+            }
             _ => "use --backend cpu".into(),
         },
         RuntimeError::NotBuilt { feature, .. } => {
@@ -215,11 +227,15 @@ impl ModelArgs {
         }
     }
 
+    /// `--cache-type-k/-v`, f16 where not given.
     pub fn cache_types(&self) -> Result<(GgmlType, GgmlType)> {
-        Ok((
-            parse_cache_type(&self.cache_type_k)?,
-            parse_cache_type(&self.cache_type_v)?,
-        ))
+        let parse = |t: &Option<String>| t.as_deref().map_or(Ok(GgmlType::F16), parse_cache_type);
+        Ok((parse(&self.cache_type_k)?, parse(&self.cache_type_v)?))
+    }
+
+    /// Whether the user set a cache type by hand (it then overrides a plan's).
+    fn cache_types_given(&self) -> bool {
+        self.cache_type_k.is_some() || self.cache_type_v.is_some()
     }
 
     pub fn window(&self) -> Result<Option<KvWindow>> {
@@ -255,23 +271,44 @@ impl ModelArgs {
         Ok((path, loaded))
     }
 
-    /// The sharing map the flags ask for.
-    pub fn share_map(&self, loaded: &LoadedModel) -> Result<ShareMap> {
+    /// The KV plan the flags ask for: unshared, a stored map or plan, a map
+    /// calibrated on the fly (`--kv-share 25%`) or a plan for a budget
+    /// (`--kv-budget 30%`); `--cache-type-k/-v` set every slot's type and override
+    /// a plan's, saying so.
+    pub fn kv_plan(&self, loaded: &LoadedModel) -> Result<KvPlan> {
         let n_layers = loaded.model.config.n_layers;
+        let (type_k, type_v) = self.cache_types()?;
+        let uniform = |map: &ShareMap| KvPlan::uniform(map, type_k, type_v);
         if self.no_kv_share {
-            return Ok(ShareMap::identity(n_layers));
+            return Ok(uniform(&ShareMap::identity(n_layers)));
         }
-        match self.kv_share.as_deref() {
-            None => Ok(ShareMap::identity(n_layers)),
-            Some("stored") => match &loaded.model.stored_map {
-                Some(m) => Ok(m.clone()),
-                None => bail!(
+        let planned = match (self.kv_share.as_deref(), self.kv_budget.as_deref()) {
+            (_, Some(spec)) => plan::on_the_fly_plan(loaded, spec, self.ctx_size, self.threads()?)?,
+            (None, None) => return Ok(uniform(&ShareMap::identity(n_layers))),
+            (Some("stored"), None) => match (&loaded.model.stored_plan, &loaded.model.stored_map) {
+                (Some(p), _) => p.clone(),
+                (None, Some(m)) => return Ok(uniform(m)),
+                (None, None) => bail!(
                     "--kv-share: this model file has no stored sharing map (hint: create one with \
-                     `kvsharer share -m MODEL --layers N -o OUT.gguf`)"
+                     `kvsharer share -m MODEL --layers N -o OUT.gguf`, or a plan with \
+                     `kvsharer share -m MODEL --kv-budget 30% -o OUT.gguf`)"
                 ),
             },
-            Some(spec) => calibrate::on_the_fly_map(loaded, spec, self.threads()?),
+            (Some(spec), None) => {
+                return Ok(uniform(&calibrate::on_the_fly_map(
+                    loaded,
+                    spec,
+                    self.threads()?,
+                )?))
+            }
+        };
+        if self.cache_types_given() {
+            eprintln!(
+                "note: --cache-type-k/-v set every slot of the plan to K {type_k}, V {type_v} (the plan's own types are not used)"
+            );
+            return Ok(planned.with_uniform_types(type_k, type_v));
         }
+        Ok(planned)
     }
 }
 
@@ -333,21 +370,50 @@ pub fn human_bytes(n: usize) -> String {
     }
 }
 
+/// The plan in JSON reports: `sharing` (version 1's map, or the keys' sources when
+/// the halves differ), and both halves' sources and slot types.
+pub fn plan_json(plan: &KvPlan, n_embd_kv: usize) -> serde_json::Value {
+    use kvsharer::kvplan::Half;
+    let types = |h: Half| {
+        (0..plan.n_layers())
+            .map(|l| plan.read_type(h, l).name())
+            .collect::<Vec<_>>()
+    };
+    serde_json::json!({
+        "sharing": plan.as_map().unwrap_or(plan.sources(Half::Keys)).sources(),
+        "k_source": plan.sources(Half::Keys).sources(),
+        "v_source": plan.sources(Half::Values).sources(),
+        "k_type": types(Half::Keys),
+        "v_type": types(Half::Values),
+        "shared_halves": plan.shared_halves(),
+        "kv_fraction_of_f16": plan.fraction_of_f16(n_embd_kv),
+    })
+}
+
 /// One line describing the sharing in use, for status output.
-pub fn describe_sharing(map: &ShareMap, kv_bytes: usize, unshared: usize) -> String {
-    if map.is_identity() {
-        format!("KV sharing off, KV cache {}", human_bytes(kv_bytes))
-    } else {
-        format!(
-            "KV sharing on: {} of {} layers shared ({}), KV cache {} instead of {} ({:.1}% saved)",
+pub fn describe_sharing(plan: &KvPlan, kv_bytes: usize, unshared: usize) -> String {
+    if plan.is_unshared() && plan.uniform_types().is_some() {
+        return format!("KV sharing off, KV cache {}", human_bytes(kv_bytes));
+    }
+    let what = match plan.as_map() {
+        Some(map) if plan.uniform_types().is_some() => format!(
+            "KV sharing on: {} of {} layers shared ({})",
             map.shared_count(),
             map.n_layers(),
-            map,
-            human_bytes(kv_bytes),
-            human_bytes(unshared),
-            100.0 * (1.0 - kv_bytes as f64 / unshared as f64)
-        )
-    }
+            map
+        ),
+        _ => format!(
+            "KV plan: {} of {} K/V slots shared ({plan})",
+            plan.shared_halves(),
+            2 * plan.n_layers()
+        ),
+    };
+    format!(
+        "{what}, KV cache {} instead of {} ({:.1}% saved)",
+        human_bytes(kv_bytes),
+        human_bytes(unshared),
+        100.0 * (1.0 - kv_bytes as f64 / unshared.max(1) as f64)
+    )
 }
 
 pub fn file_name(p: &Path) -> String {

@@ -14,7 +14,7 @@ use kvsharer::eval::{
     PerplexityReport, Quantiles,
 };
 use kvsharer::gguf::GgmlType;
-use kvsharer::kvplan::ShareMap;
+use kvsharer::kvplan::KvPlan;
 use kvsharer::runtime::{BackendChoice, RunOptions, RuntimeError};
 
 use super::{describe_sharing, file_name, human_bytes, kv_accounting, open_state, ModelArgs};
@@ -56,19 +56,20 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         max_chunks: a.chunks,
     };
     let (path, loaded) = a.model.load()?;
-    let map = a.model.share_map(&loaded)?;
+    let plan = a.model.kv_plan(&loaded)?;
+    let n_embd_kv = loaded.model.config.n_embd_kv();
     let tokens = eval::tokenize_text(&loaded.tokenizer, &text)?;
     // Fail on too little text before allocating any cache.
-    let plan = eval::ChunkPlan::new(tokens.len(), &opts, &loaded.tokenizer)?;
+    let chunks = eval::ChunkPlan::new(tokens.len(), &opts, &loaded.tokenizer)?;
     eprintln!(
         "perplexity: {} | {} | {} tokens, {} chunks of {} (scoring the last {} predictions of each){}",
         file_name(&path),
         file_name(&a.file),
         tokens.len(),
-        plan.n_chunks,
-        plan.n_ctx,
-        plan.scored_per_chunk(),
-        if plan.bos.is_some() { ", BOS first" } else { "" }
+        chunks.n_chunks,
+        chunks.n_ctx,
+        chunks.scored_per_chunk(),
+        if chunks.bos.is_some() { ", BOS first" } else { "" }
     );
     let started = Instant::now();
     // The reference is always the plain model: unshared, f16 cache, no window.
@@ -78,15 +79,14 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         window: None,
         ..sopts.clone()
     };
-    let is_reference = map.is_identity()
-        && sopts.type_k == GgmlType::F16
-        && sopts.type_v == GgmlType::F16
+    let is_reference = plan.is_unshared()
+        && plan.uniform_types() == Some((GgmlType::F16, GgmlType::F16))
         && sopts.window.is_none();
     if is_reference {
-        let mut session = open_state(a.model.backend, &loaded.model, &map, &sopts)?;
+        let mut session = open_state(a.model.backend, &loaded.model, &plan, &sopts)?;
         eprintln!(
             "{}",
-            describe_sharing(&map, session.kv_bytes(), kv_accounting(session.as_ref()).1)
+            describe_sharing(&plan, session.kv_bytes(), kv_accounting(session.as_ref()).1)
         );
         let mut display = RunningDisplay::new(started);
         let report = eval::perplexity(session.as_mut(), &loaded.tokenizer, &tokens, &opts, |p| {
@@ -94,23 +94,31 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         })?;
         display.finish();
         if a.json {
-            print_json(&path, &a.file, &map, &sopts, Some(&report), None)
+            print_json(
+                &path,
+                &a.file,
+                &plan,
+                n_embd_kv,
+                &sopts,
+                Some(&report),
+                None,
+            )
         } else {
             print_perplexity(&report);
             Ok(())
         }
     } else {
-        let identity = ShareMap::identity(map.n_layers());
+        let identity = KvPlan::unshared(plan.n_layers(), GgmlType::F16, GgmlType::F16);
         let mut base = open_state(a.model.backend, &loaded.model, &identity, &reference_opts)?;
         // The same device, kernels and weights as the reference: only the KV cache
         // and activations are the test run's own.
-        let mut shared = match base.sibling(&map, &sopts) {
+        let mut shared = match base.sibling_plan(&plan, &sopts) {
             Ok(s) => s,
             Err(e @ RuntimeError::Unsupported { .. }) if a.model.backend == BackendChoice::Auto => {
                 eprintln!(
                     "note: --backend auto: {e}; the second session runs on the CPU backend (ggml)"
                 );
-                open_state(BackendChoice::Cpu, &loaded.model, &map, &sopts)?
+                open_state(BackendChoice::Cpu, &loaded.model, &plan, &sopts)?
             }
             Err(e) => {
                 return Err(anyhow::Error::new(e).context(format!("--backend {}", a.model.backend)))
@@ -118,12 +126,11 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         };
         eprintln!(
             "{}",
-            describe_sharing(&map, shared.kv_bytes(), base.kv_bytes())
+            describe_sharing(&plan, shared.kv_bytes(), base.kv_bytes())
         );
         eprintln!(
-            "comparing against the unshared model with an f16 cache and no window on the same chunks (two passes per chunk); cache {}/{}{}",
-            sopts.type_k.name(),
-            sopts.type_v.name(),
+            "comparing against the unshared model with an f16 cache and no window on the same chunks (two passes per chunk); cache {}{}",
+            plan.uniform_types().map_or("mixed (per-slot types)".to_string(), |(k, v)| format!("{k}/{v}")),
             sopts.window.map_or(String::new(), |w| format!(", window {} + sink {}", w.recent, w.sink))
         );
         let mut display = RunningDisplay::new(started);
@@ -137,9 +144,17 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         )?;
         display.finish();
         if a.json {
-            print_json(&path, &a.file, &map, &sopts, None, Some(&report))
+            print_json(
+                &path,
+                &a.file,
+                &plan,
+                n_embd_kv,
+                &sopts,
+                None,
+                Some(&report),
+            )
         } else {
-            print_comparison(&map, &report);
+            print_comparison(&plan, &report);
             Ok(())
         }
     }
@@ -255,12 +270,12 @@ fn print_quantiles(name: &str, q: &Quantiles, scale: f64, unit: &str) {
     }
 }
 
-fn print_comparison(map: &ShareMap, r: &ComparisonReport) {
+fn print_comparison(plan: &KvPlan, r: &ComparisonReport) {
     println!(
-        "sharing {} ({} of {} layers shared); {} chunks of {} tokens, {} predictions compared",
-        map,
-        map.shared_count(),
-        map.n_layers(),
+        "KV plan {} ({} of {} K/V slots shared); {} chunks of {} tokens, {} predictions compared",
+        plan,
+        plan.shared_halves(),
+        2 * plan.n_layers(),
         r.n_chunks,
         r.n_ctx,
         r.scored
@@ -299,19 +314,20 @@ fn print_comparison(map: &ShareMap, r: &ComparisonReport) {
     println!();
     println!("====== KV cache ======");
     println!(
-        "unshared {} | shared {} | ratio {:.4} (owning layers {}/{})",
+        "unshared {} | shared {} | ratio {:.4} (owned K/V slots {}/{})",
         human_bytes(r.base_kv_bytes),
         human_bytes(r.test_kv_bytes),
         r.test_kv_bytes as f64 / r.base_kv_bytes.max(1) as f64,
-        map.owner_count(),
-        map.n_layers()
+        2 * plan.n_layers() - plan.shared_halves(),
+        2 * plan.n_layers()
     );
 }
 
 fn print_json(
     model: &std::path::Path,
     text: &std::path::Path,
-    map: &ShareMap,
+    plan: &KvPlan,
+    n_embd_kv: usize,
     sopts: &RunOptions,
     perplexity: Option<&PerplexityReport>,
     comparison: Option<&ComparisonReport>,
@@ -321,11 +337,12 @@ fn print_json(
         "text_file": text.display().to_string(),
         "n_ctx": sopts.n_ctx,
         "threads": sopts.n_threads,
-        "sharing": map.sources(),
-        "shared_layers": map.shared_count(),
-        "owner_layers": map.owner_count(),
-        "cache_type_k": sopts.type_k.name(),
-        "cache_type_v": sopts.type_v.name(),
+        "sharing": plan.as_map().unwrap_or(plan.sources(kvsharer::kvplan::Half::Keys)).sources(),
+        "shared_layers": plan.as_map().map(|m| m.shared_count()),
+        "owner_layers": plan.as_map().map(|m| m.owner_count()),
+        "cache_type_k": plan.uniform_types().map_or("mixed", |t| t.0.name()),
+        "cache_type_v": plan.uniform_types().map_or("mixed", |t| t.1.name()),
+        "kv_plan": super::plan_json(plan, n_embd_kv),
         "kv_window": sopts.window.map(|w| serde_json::json!({"sink": w.sink, "recent": w.recent})),
         "perplexity": perplexity,
         "comparison": comparison,

@@ -66,7 +66,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let opts = a.model.run_options()?;
     let (path, loaded) = a.model.load()?;
-    let map = a.model.share_map(&loaded)?;
+    let plan = a.model.kv_plan(&loaded)?;
     let tok = &loaded.tokenizer;
     let mut prompt_ids = tok.encode(&prompt, true, false)?;
     if prompt_ids.is_empty() {
@@ -82,7 +82,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             opts.n_ctx
         );
     }
-    let mut session = open_state(a.model.backend, &loaded.model, &map, &opts)?;
+    let mut session = open_state(a.model.backend, &loaded.model, &plan, &opts)?;
     let (per_token, unshared) = kv_accounting(session.as_ref());
     eprintln!(
         "kvsharer: {} | {} layers | ctx {} | {} threads | {}",
@@ -90,7 +90,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         loaded.model.config.n_layers,
         opts.n_ctx,
         opts.n_threads,
-        describe_sharing(&map, session.kv_bytes(), unshared)
+        describe_sharing(&plan, session.kv_bytes(), unshared)
     );
 
     let mut out = std::io::stdout().lock();

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::gguf::{GgufError, GgufFile};
-use crate::kvplan::{self, PlanError, ShareMap};
+use crate::kvplan::{self, KvPlan, PlanError, ShareMap};
 
 pub mod config;
 pub mod role;
@@ -48,7 +48,10 @@ pub enum ModelError {
 pub struct Model {
     pub config: LlamaConfig,
     pub weights: WeightPlan,
+    /// Version 1's whole-layer map (also kept by version-2 files whose halves agree).
     pub stored_map: Option<ShareMap>,
+    /// Version 2's KV memory plan, where the file stores one.
+    pub stored_plan: Option<KvPlan>,
     file: Arc<GgufFile>,
 }
 
@@ -61,10 +64,12 @@ impl Model {
         let config = LlamaConfig::from_gguf(&file)?;
         let weights = WeightPlan::from_gguf(&file, &config)?;
         let stored_map = kvplan::from_gguf(&file, config.n_layers)?;
+        let stored_plan = kvplan::plan_from_gguf(&file, config.n_layers)?;
         Ok(Model {
             config,
             weights,
             stored_map,
+            stored_plan,
             file,
         })
     }

@@ -7,6 +7,8 @@ use crate::gguf::GgmlType;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Capability {
     CacheType(GgmlType),
+    /// Keys and values from different layers, or slots of different types.
+    MixedPlan,
     Window,
     ContextShift,
     Packed,
@@ -16,6 +18,9 @@ impl std::fmt::Display for Capability {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Capability::CacheType(t) => write!(f, "a {} KV cache", t.name().to_lowercase()),
+            Capability::MixedPlan => {
+                f.write_str("KV plans with keys and values shared apart or per-layer cache types")
+            }
             Capability::Window => f.write_str("a KV window (StreamingLLM eviction)"),
             Capability::ContextShift => f.write_str("context shift"),
             Capability::Packed => f.write_str("packed multi-text evaluation"),
@@ -50,6 +55,8 @@ pub enum RuntimeError {
     InvalidRequest(String),
     #[error(transparent)]
     Map(#[from] crate::kvplan::ShareMapError),
+    #[error(transparent)]
+    Plan(#[from] crate::kvplan::KvPlanError),
     #[error(transparent)]
     Backend(BackendError),
 }

@@ -15,10 +15,9 @@ pub mod request;
 pub mod state;
 
 pub use error::{BackendError, Capability, RuntimeError};
-pub use open::{open, BackendChoice, Opened};
+pub use open::{open, open_plan, BackendChoice, Opened};
 pub use options::{
-    default_threads, kv_bytes_per_token, parse_cache_type, Capabilities, KvWindow, RunOptions,
-    CACHE_TYPES,
+    default_threads, parse_cache_type, Capabilities, KvWindow, RunOptions, CACHE_TYPES,
 };
 pub use request::{ForwardOutput, ForwardRequest, Logits, PackedBatch};
 pub use state::RunState;

@@ -5,7 +5,7 @@ use super::error::RuntimeError;
 use super::options::RunOptions;
 use super::state::RunState;
 use crate::backend::ggml::{DeviceKind, Session};
-use crate::kvplan::ShareMap;
+use crate::kvplan::{KvPlan, ShareMap};
 use crate::model::Model;
 
 /// The backend a user asks for.
@@ -79,19 +79,35 @@ pub struct Opened<'m> {
     pub fallback: Option<String>,
 }
 
-/// Opens a run state for `model` with `map` and `opts` on `choice`. Every backend
-/// checks `opts` against its own capabilities and refuses what it cannot do;
-/// `auto` then takes the CPU and says why in `fallback`.
+/// Opens a run state for `model` with `map` and `opts` (its `type_k`/`type_v` for
+/// every slot) on `choice`.
 pub fn open<'m>(
     choice: BackendChoice,
     model: &'m Model,
     map: &ShareMap,
     opts: &RunOptions,
 ) -> Result<Opened<'m>, RuntimeError> {
+    open_plan(
+        choice,
+        model,
+        &KvPlan::uniform(map, opts.type_k, opts.type_v),
+        opts,
+    )
+}
+
+/// Opens a run state for `model` with `plan` and `opts` on `choice`. Every backend
+/// checks the plan and `opts` against its own capabilities and refuses what it
+/// cannot do; `auto` then takes the CPU and says why in `fallback`.
+pub fn open_plan<'m>(
+    choice: BackendChoice,
+    model: &'m Model,
+    plan: &KvPlan,
+    opts: &RunOptions,
+) -> Result<Opened<'m>, RuntimeError> {
     let mut fallback = None;
     if let Some(device) = choice.ggml_device() {
         return Ok(Opened {
-            state: Box::new(Session::on_device(device, model, map, opts)?),
+            state: Box::new(Session::with_plan(device, model, plan, opts)?),
             fallback,
         });
     }
@@ -102,7 +118,7 @@ pub fn open<'m>(
             BackendChoice::Auto => AdapterPolicy::HardwareOnly,
             _ => AdapterPolicy::Any,
         };
-        match GpuSession::open(model, map, opts, policy) {
+        match GpuSession::open_plan(model, plan, opts, policy) {
             Ok(s) => {
                 return Ok(Opened {
                     state: Box::new(s),
@@ -129,7 +145,7 @@ pub fn open<'m>(
         fallback = Some("this build has no wgpu backend; using the CPU backend (ggml)".into());
     }
     Ok(Opened {
-        state: Box::new(Session::new(model, map, opts)?),
+        state: Box::new(Session::with_plan(DeviceKind::Cpu, model, plan, opts)?),
         fallback,
     })
 }

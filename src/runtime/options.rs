@@ -3,8 +3,7 @@
 
 use super::error::{Capability, RuntimeError};
 use crate::gguf::GgmlType;
-use crate::kvplan::ShareMap;
-use crate::model::LlamaConfig;
+use crate::kvplan::KvPlan;
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -12,6 +11,8 @@ pub struct RunOptions {
     /// Prompt tokens per forward pass during prefill (llama.cpp's `--batch-size`).
     pub n_batch: usize,
     pub n_threads: usize,
+    /// Cache types of every slot when a run state is opened from a whole-layer map
+    /// (`runtime::open`); a `KvPlan` (`runtime::open_plan`) carries its own.
     pub type_k: GgmlType,
     pub type_v: GgmlType,
     /// StreamingLLM-style eviction; when set, the cache holds exactly
@@ -71,19 +72,6 @@ pub fn parse_cache_type(name: &str) -> Result<GgmlType, RuntimeError> {
         .ok_or_else(|| RuntimeError::UnknownCacheType(name.to_string()))
 }
 
-/// KV bytes per token of context for `map` with the given cache types, without
-/// allocating anything: every owning layer holds one key row and one value row.
-pub fn kv_bytes_per_token(
-    config: &LlamaConfig,
-    map: &ShareMap,
-    type_k: GgmlType,
-    type_v: GgmlType,
-) -> usize {
-    let n = config.n_embd_kv() as u64;
-    let row = |t: GgmlType| t.row_bytes(n).unwrap_or(0) as usize;
-    map.owner_count() * (row(type_k) + row(type_v))
-}
-
 /// What a backend can do beyond plain f16 evaluation. Each backend states its own;
 /// `check` refuses options it cannot honour, naming the capability.
 #[derive(Clone, Copy, Debug)]
@@ -96,6 +84,8 @@ pub struct Capabilities {
     pub window: bool,
     /// llama.cpp's context shift (`RunState::context_shift`).
     pub context_shift: bool,
+    /// Plans beyond one map and one type per half (`Capability::MixedPlan`).
+    pub mixed_plans: bool,
     /// Many texts in one packed pass, optionally from a cached layer input
     /// (`RunState::forward_packed`); the search falls back to one text at a time.
     pub packed: bool,
@@ -111,6 +101,23 @@ impl Capabilities {
         }
         if opts.window.is_some() && !self.window {
             return Err(self.lacks(Capability::Window));
+        }
+        Ok(())
+    }
+
+    /// Refuses `plan` where this backend lacks one of its types, or it mixes what
+    /// the backend cannot.
+    pub fn check_plan(&self, plan: &KvPlan) -> Result<(), RuntimeError> {
+        for half in crate::kvplan::Half::BOTH {
+            for l in 0..plan.n_layers() {
+                let ty = plan.read_type(half, l);
+                if !self.cache_types.contains(&ty) {
+                    return Err(self.lacks(Capability::CacheType(ty)));
+                }
+            }
+        }
+        if !self.mixed_plans && (plan.as_map().is_none() || plan.uniform_types().is_none()) {
+            return Err(self.lacks(Capability::MixedPlan));
         }
         Ok(())
     }

@@ -8,14 +8,14 @@ use std::ops::Range;
 use super::error::{Capability, RuntimeError};
 use super::options::{Capabilities, KvWindow, RunOptions};
 use super::request::{ForwardOutput, ForwardRequest, Logits, PackedBatch};
-use crate::kvplan::ShareMap;
+use crate::kvplan::{KvPlan, ShareMap};
 use crate::model::Model;
 
 pub trait RunState<'m> {
     fn model(&self) -> &'m Model;
 
-    /// The sharing map the cache is laid out for.
-    fn map(&self) -> &ShareMap;
+    /// The KV plan the cache is laid out for (sources and types of both halves).
+    fn plan(&self) -> &KvPlan;
 
     /// What this backend can do; a request beyond it fails with
     /// `RuntimeError::Unsupported` naming the capability.
@@ -84,10 +84,16 @@ pub trait RunState<'m> {
         rows: Range<usize>,
     ) -> Result<(Vec<f32>, Vec<f32>), RuntimeError>;
 
-    /// Lays the cache out for another sharing map over the same weights and empties
-    /// the context (the sharing search measures many maps on one run state). A run
-    /// state opened with the identity map takes any map.
-    fn set_map(&mut self, map: &ShareMap) -> Result<(), RuntimeError>;
+    /// Lays the cache out for another plan over the same weights and empties the
+    /// context (the searches measure many plans on one run state). Refused, by
+    /// capability, where the backend lacks the plan's types or K/V-apart sharing.
+    fn set_plan(&mut self, plan: &KvPlan) -> Result<(), RuntimeError>;
+
+    /// `set_plan` with both halves following `map`, the types kept.
+    fn set_map(&mut self, map: &ShareMap) -> Result<(), RuntimeError> {
+        let plan = self.plan().with_map(map);
+        self.set_plan(&plan)
+    }
 
     /// Evaluates a packed batch of equal-length texts from cache row 0, replacing
     /// whatever the run state held (see `PackedBatch`).
@@ -98,6 +104,18 @@ pub trait RunState<'m> {
     ) -> Result<ForwardOutput, RuntimeError> {
         let _ = (batch, req);
         Err(self.capabilities().lacks(Capability::Packed))
+    }
+
+    /// `sibling` laid out for `plan` (default: a sibling for the identity map, laid
+    /// out anew; backends that can build for a plan directly override it).
+    fn sibling_plan(
+        &self,
+        plan: &KvPlan,
+        opts: &RunOptions,
+    ) -> Result<Box<dyn RunState<'m> + 'm>, RuntimeError> {
+        let mut s = self.sibling(&ShareMap::identity(plan.n_layers()), opts)?;
+        s.set_plan(plan)?;
+        Ok(s)
     }
 
     /// A second run state for the same model on this one's device (sharing its

@@ -38,6 +38,8 @@ pub enum CalibrateError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Map(#[from] ShareMapError),
+    #[error(transparent)]
+    Plan(#[from] crate::kvplan::KvPlanError),
 }
 
 /// Calibration texts: one per non-empty line, as the paper's code reads them.
@@ -197,7 +199,18 @@ pub struct Capture {
 /// Step 3: `score[i][j]` for `i > j` = (dK + dV) / 2, where dK is the mean over
 /// (head, position) of the L2 norm over head_dim of `K_i - K_j`. Zero elsewhere.
 pub fn distance_matrix(capture: &Capture, head_dim: usize) -> Vec<Vec<f32>> {
-    let n = capture.keys.len();
+    let dk = half_distances(&capture.keys, head_dim);
+    let dv = half_distances(&capture.values, head_dim);
+    dk.iter()
+        .zip(&dv)
+        .map(|(k, v)| k.iter().zip(v).map(|(a, b)| (a + b) / 2.0).collect())
+        .collect()
+}
+
+/// `d[i][j]` for `i > j`: the mean over (head, position) of the L2 norm over
+/// head_dim of `X_i - X_j`, for one half's captures `X` (keys or values).
+pub fn half_distances(layers: &[Vec<f32>], head_dim: usize) -> Vec<Vec<f32>> {
+    let n = layers.len();
     let dist = |a: &[f32], b: &[f32]| -> f64 {
         let vectors = a.len() / head_dim;
         let total: f64 = a
@@ -216,9 +229,7 @@ pub fn distance_matrix(capture: &Capture, head_dim: usize) -> Vec<Vec<f32>> {
     let mut m = vec![vec![0f32; n]; n];
     for (i, row) in m.iter_mut().enumerate() {
         for (j, cell) in row.iter_mut().enumerate().take(i) {
-            let dk = dist(&capture.keys[i], &capture.keys[j]);
-            let dv = dist(&capture.values[i], &capture.values[j]);
-            *cell = ((dk + dv) / 2.0) as f32;
+            *cell = dist(&layers[i], &layers[j]) as f32;
         }
     }
     m

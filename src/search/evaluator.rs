@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use crate::kvplan::ShareMap;
+use crate::kvplan::{Half, KvPlan, ShareMap};
 use crate::model::Model;
 use crate::runtime::{
     self, BackendChoice, ForwardOutput, ForwardRequest, Logits, PackedBatch, RunOptions, RunState,
@@ -236,6 +236,44 @@ impl<'m> Evaluator<'m> {
         Ok(map_run(map, out, below, start))
     }
 
+    /// Every position's logits under `plan`, from layer `start` with `base`'s layer
+    /// input there where the prefix is cached (`base` must be a run whose plan
+    /// agrees with `plan` below `start`, and `start` must be at most
+    /// `plan_start_layer` of every layer that differs), else from the tokens.
+    pub fn plan_logits(
+        &mut self,
+        plan: &KvPlan,
+        base: &MapRun,
+        start: usize,
+    ) -> Result<Vec<f32>, CalibrateError> {
+        self.state.set_plan(plan)?;
+        let req = ForwardRequest {
+            logits: Logits::All,
+            hidden: false,
+            layer_inputs: false,
+        };
+        let start = (self.prefix && start > 0 && base.layer_inputs.len() > start)
+            .then(|| (start, base.layer_inputs[start].as_slice()));
+        let out = if self.state.capabilities().packed {
+            self.state.forward_packed(
+                PackedBatch {
+                    tokens: &self.set.tokens,
+                    seq_len: self.set.seq_len,
+                    start,
+                },
+                req,
+            )?
+        } else {
+            let mut all = ForwardOutput::default();
+            for text in self.set.tokens.chunks(self.set.seq_len) {
+                self.state.reset();
+                all.append(self.state.forward(text, req)?);
+            }
+            all
+        };
+        Ok(out.logits)
+    }
+
     /// Mean over texts of the cosine of each text's flattened final hidden states.
     pub fn mean_cosine(&self, base_hidden: &[f32], hidden: &[f32]) -> f32 {
         mean_text_cosine(
@@ -281,6 +319,16 @@ pub fn start_layer(map: &ShareMap, changed: usize) -> usize {
         }
         s = lowest;
     }
+}
+
+/// `start_layer` for a plan: the first layer a run must start from so that every
+/// slot read at or after `changed` is filled by the run itself, over both halves.
+pub fn plan_start_layer(plan: &KvPlan, changed: usize) -> usize {
+    Half::BOTH
+        .iter()
+        .map(|&h| start_layer(plan.sources(h), changed))
+        .min()
+        .unwrap_or(0)
 }
 
 /// One map's pass over the calibration set: the residual stream entering every

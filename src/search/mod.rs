@@ -6,6 +6,8 @@
 //! - `paper`: the paper's search (distance order, cosine threshold);
 //! - `strategy`: the stepwise searches (greedy, beam) by measured KL divergence or
 //!   cosine, and `run`, which runs whichever strategy was asked for;
+//! - `planner`: the KV memory plan for a byte budget (sharing K and V apart, a
+//!   precision per slot), from measured single-move costs;
 //! - `result`, `report`: what a search returns and leaves behind (table, JSON, SVG,
 //!   GGUF metadata).
 //!
@@ -14,15 +16,17 @@
 pub mod calibration;
 pub mod evaluator;
 pub mod paper;
+pub mod planner;
 pub mod report;
 pub mod result;
 pub mod strategy;
 
 pub use calibration::{
-    distance_matrix, mean_text_cosine, prepare, ranked_pairs, CalibrateError, CalibrationOptions,
-    CalibrationSet, Capture, Corpus, PairOrder, DEFAULT_CORPUS, MIN_TOKENS_PER_SAMPLE,
+    distance_matrix, half_distances, mean_text_cosine, prepare, ranked_pairs, CalibrateError,
+    CalibrationOptions, CalibrationSet, Capture, Corpus, PairOrder, DEFAULT_CORPUS,
+    MIN_TOKENS_PER_SAMPLE,
 };
-pub use evaluator::{start_layer, Evaluator, MapRun};
+pub use evaluator::{plan_start_layer, start_layer, Evaluator, MapRun};
 pub use paper::{capture, random_map};
 pub use result::{Objective, PairTrial, Progress, SearchResult, Strategy};
 pub use strategy::{

@@ -105,7 +105,7 @@ pub fn write_report_dir(r: &SearchResult, dir: &Path) -> std::io::Result<(PathBu
     Ok((json, svg))
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     std::io::Write::write_all(&mut tmp, bytes)?;
@@ -223,4 +223,130 @@ fn viridis(t: f32) -> (u8, u8, u8) {
     let (a, b) = (STOPS[k], STOPS[k + 1]);
     let mix = |x: f32, y: f32| (x + (y - x) * f).round() as u8;
     (mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+/// What `kvsharer plan` leaves behind: the plan, what it costs, and the walk it
+/// came from.
+#[derive(serde::Serialize)]
+pub struct PlanReport<'a> {
+    pub budget: f64,
+    pub fraction: f64,
+    pub bytes_per_token: usize,
+    pub f16_bytes_per_token: usize,
+    pub predicted_kld: f64,
+    /// The plan's KLD measured on the calibration set (`None` when not measured).
+    pub measured_kld: Option<f64>,
+    /// Per layer: `[k_from, v_from]`, `[k_type, v_type]` of the slots read.
+    pub layers: Vec<PlanRow>,
+    pub steps: &'a [String],
+    pub walk: &'a [crate::search::planner::WalkPoint],
+    pub costs: &'a crate::search::planner::MoveCosts,
+}
+
+#[derive(serde::Serialize)]
+pub struct PlanRow {
+    pub layer: usize,
+    pub k_from: usize,
+    pub v_from: usize,
+    pub k_type: &'static str,
+    pub v_type: &'static str,
+}
+
+impl PlanRow {
+    pub fn of(plan: &crate::kvplan::KvPlan) -> Vec<PlanRow> {
+        plan.rows()
+            .into_iter()
+            .enumerate()
+            .map(|(layer, (k_from, v_from, k, v))| PlanRow {
+                layer,
+                k_from,
+                v_from,
+                k_type: k.name(),
+                v_type: v.name(),
+            })
+            .collect()
+    }
+}
+
+/// Writes `plan.json` and `plan.svg` (the walk: KV bytes against predicted KLD,
+/// the chosen plan marked) into `dir`.
+pub fn write_plan_report(r: &PlanReport<'_>, dir: &Path) -> std::io::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let json = dir.join("plan.json");
+    let svg = dir.join("plan.svg");
+    write_atomic(&json, serde_json::to_string_pretty(r)?.as_bytes())?;
+    write_atomic(&svg, walk_svg(r).as_bytes())?;
+    Ok((json, svg))
+}
+
+/// The greedy walk as a line: x = KV bytes (% of f16), y = predicted KLD (log).
+fn walk_svg(r: &PlanReport<'_>) -> String {
+    let (w, h, pad) = (640.0, 400.0, 56.0);
+    let floor = 1e-4f64;
+    let top = r
+        .walk
+        .iter()
+        .map(|p| p.predicted_kld)
+        .fold(r.predicted_kld, f64::max)
+        .max(floor * 10.0);
+    let (ly0, ly1) = (floor.log10(), top.log10().ceil());
+    let x = |f: f64| pad + (1.0 - f) * (w - 2.0 * pad);
+    let y = |k: f64| h - pad - (k.max(floor).log10() - ly0) / (ly1 - ly0) * (h - 2.0 * pad);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{pad}" y="20" font-size="13">KV plan walk: bytes vs predicted calibration KLD (log)</text>
+<line x1="{pad}" y1="{yb}" x2="{xr}" y2="{yb}" stroke="black"/>
+<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{yb}" stroke="black"/>
+"#,
+        yb = h - pad,
+        xr = w - pad
+    );
+    for pct in [100, 75, 50, 25, 0] {
+        let px = x(pct as f64 / 100.0);
+        let _ = writeln!(
+            s,
+            r#"<text x="{px:.1}" y="{:.1}" text-anchor="middle">{pct}%</text>"#,
+            h - pad + 16.0
+        );
+    }
+    let mut e = ly0 as i32;
+    while e as f64 <= ly1 {
+        let py = y(10f64.powi(e));
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">1e{e}</text><line x1="{pad}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="lightgray"/>"#,
+            pad - 4.0,
+            py + 4.0,
+            w - pad
+        );
+        e += 1;
+    }
+    let points: Vec<String> = r
+        .walk
+        .iter()
+        .map(|p| format!("{:.1},{:.1}", x(p.fraction), y(p.predicted_kld)))
+        .collect();
+    let _ = writeln!(
+        s,
+        r#"<polyline points="{}" fill="none" stroke="steelblue" stroke-width="1.5"/>"#,
+        points.join(" ")
+    );
+    let (cx, cy) = (x(r.fraction), y(r.predicted_kld));
+    let _ = writeln!(
+        s,
+        r#"<circle cx="{cx:.1}" cy="{cy:.1}" r="5" fill="crimson"/><text x="{:.1}" y="{:.1}">plan: {:.1}% of f16, predicted KLD {:.4}</text>"#,
+        cx + 8.0,
+        cy - 8.0,
+        r.fraction * 100.0,
+        r.predicted_kld
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">KV bytes, % of the unshared f16 cache</text>"#,
+        w / 2.0,
+        h - 12.0
+    );
+    s.push_str("</svg>\n");
+    s
 }

@@ -1,6 +1,6 @@
-//! The Llama forward pass as a ggml graph, with KV sharing: a layer whose map entry
-//! points at an earlier layer computes only its queries and attends over that layer's
-//! cache slot; it has no K/V projections, no key RoPE and no cache write.
+//! The Llama forward pass as a ggml graph, with KV sharing: a layer whose plan says
+//! it reads an earlier layer's keys (values) computes no keys (values) of its own
+//! (no projection, no key RoPE, no cache write) and attends over that layer's slot.
 //!
 //! Mirrors llama.cpp's `llm_build_llama` op for op (so logits match it closely):
 //! RMSNorm -> Q/K/V -> RoPE (NORM) -> cache write -> flash attention (f16 cache,
@@ -11,6 +11,7 @@ use super::weights::PlacedWeights;
 use crate::backend::ggml::decode_attention;
 use crate::backend::ggml::kv::KvCache;
 use crate::gguf::GgmlType;
+use crate::kvplan::Half;
 use crate::model::{LayerRole, Model};
 use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits};
 
@@ -194,16 +195,19 @@ fn build(
     let kq_scale = 1.0 / (c.head_dim as f32).sqrt();
     // One new token over a quantized cache on the CPU: kvsharer's grouped kernel
     // (see `backend::ggml::decode_attention` for why; a custom op runs only on ggml's CPU
-    // backend); everything else: ggml's flash attention.
-    let use_decode_kernel = n == 1
-        && shape.on_cpu
-        && decode_attention::supports(
-            cache.type_k(),
-            cache.type_v(),
-            c.head_dim,
-            c.n_head,
-            c.n_head_kv,
-        );
+    // backend); everything else: ggml's flash attention. Decided per layer, since
+    // each layer may read slots of other types.
+    let use_decode_kernel = |il: usize| {
+        n == 1
+            && shape.on_cpu
+            && decode_attention::supports(
+                cache.type_k(il),
+                cache.type_v(il),
+                c.head_dim,
+                c.n_head,
+                c.n_head_kv,
+            )
+    };
 
     // The graph's first input: token ids, or a residual stream to start from.
     let mut x = if shape.first_layer == 0 {
@@ -227,15 +231,17 @@ fn build(
         let q = g.reshape_3d(g.mul_mat(lt(LayerRole::AttnQ), cur), hd, n_head, n);
         let q = g.rope(q, inp_pos, rope_freqs, &rope);
         let (k_slot, v_slot) = (cache.k(il), cache.v(il));
-        if cache.map().owns_slot(il) {
+        // Cache writes go into the graph before the attention that reads the slot.
+        if cache.plan().owns(Half::Keys, il) {
             let k = g.reshape_3d(g.mul_mat(lt(LayerRole::AttnK), cur), hd, n_head_kv, n);
             let k = g.rope(k, inp_pos, rope_freqs, &rope);
-            let v = g.mul_mat(lt(LayerRole::AttnV), cur);
-            // Cache writes go into the graph before the attention that reads the slot.
             g.expand(g.set_rows(k_slot, g.reshape_2d(k, hd * n_head_kv, n), inp_rows));
+        }
+        if cache.plan().owns(Half::Values, il) {
+            let v = g.mul_mat(lt(LayerRole::AttnV), cur);
             g.expand(g.set_rows(v_slot, v, inp_rows));
         }
-        let cur = if use_decode_kernel {
+        let cur = if use_decode_kernel(il) {
             g.decode_attention(q, k_slot, v_slot, inp_mask, kq_scale)
         } else {
             attention(
@@ -372,7 +378,7 @@ pub fn shift_keys(
     let pos = g.input(GgmlType::I32, &[m as i64], "shift_pos");
     let rope = rope_params(model);
     let freq_factors = model.weights.rope_freqs().map(|i| weights.get(i));
-    for layer in (0..c.n_layers).filter(|&l| cache.map().owns_slot(l)) {
+    for layer in (0..c.n_layers).filter(|&l| cache.plan().owns(Half::Keys, l)) {
         let slot = cache.k(layer);
         let row = slot.nb()[1];
         let view = g.view_3d(
@@ -382,7 +388,7 @@ pub fn shift_keys(
             row,
             rows.start * row,
         );
-        let as_float = if cache.type_k() == GgmlType::F16 || cache.type_k() == GgmlType::F32 {
+        let as_float = if matches!(cache.type_k(layer), GgmlType::F16 | GgmlType::F32) {
             view
         } else {
             g.cast(view, GgmlType::F32)

@@ -1,12 +1,13 @@
-//! The KV cache: one K and one V tensor per *owning* layer (a slot); a shared layer
-//! has no storage of its own and reads its source's slot. The `ShareMap` is the only
-//! link between layers and slots.
+//! The KV cache: one K tensor per layer that owns its keys and one V tensor per
+//! layer that owns its values, each in the type the plan gives it; a layer that
+//! shares a half has no storage for it and reads its source's slot. The `KvPlan`
+//! is the only link between layers and slots.
 
 use std::ops::Range;
 
 use super::ffi::{dequantize, row_size, GgmlBackend, GgmlError, Tensor, TensorArena};
 use crate::gguf::GgmlType;
-use crate::kvplan::ShareMap;
+use crate::kvplan::{Half, KvPlan};
 use crate::model::LlamaConfig;
 use crate::runtime::options::CACHE_TYPES;
 
@@ -38,120 +39,127 @@ pub enum KvPart {
 
 pub struct KvCache {
     arena: TensorArena,
-    /// Arena indices of each slot's K and V, `[n_embd_kv, n_ctx]` each.
-    k: Vec<usize>,
-    v: Vec<usize>,
-    slot_of_layer: Vec<usize>,
-    map: ShareMap,
+    /// Arena index of each owned K slot and V slot, `[n_embd_kv, n_ctx]` each,
+    /// and the type each holds.
+    k: Vec<(usize, GgmlType)>,
+    v: Vec<(usize, GgmlType)>,
+    /// Slot index every layer reads, per half.
+    k_slot_of_layer: Vec<usize>,
+    v_slot_of_layer: Vec<usize>,
+    plan: KvPlan,
     n_ctx: usize,
     n_embd_kv: usize,
-    type_k: GgmlType,
-    type_v: GgmlType,
 }
 
 impl KvCache {
     pub fn new(
         config: &LlamaConfig,
-        map: &ShareMap,
+        plan: &KvPlan,
         n_ctx: usize,
-        type_k: GgmlType,
-        type_v: GgmlType,
         backend: &GgmlBackend,
     ) -> Result<Self, KvError> {
-        if map.n_layers() != config.n_layers {
+        if plan.n_layers() != config.n_layers {
             return Err(KvError::MapMismatch {
-                map: map.n_layers(),
+                map: plan.n_layers(),
                 model: config.n_layers,
             });
         }
         if n_ctx == 0 {
             return Err(KvError::EmptyContext);
         }
-        for ty in [type_k, type_v] {
-            if !CACHE_TYPES.iter().any(|(_, t)| *t == ty) {
-                return Err(KvError::UnsupportedType(ty.name().to_string()));
-            }
-            if !(config.head_dim as u64).is_multiple_of(ty.block_size()) {
-                return Err(KvError::BlockMismatch {
-                    ty: ty.name(),
-                    head_dim: config.head_dim,
-                    block: ty.block_size(),
-                });
+        for half in Half::BOTH {
+            for layer in (0..config.n_layers).filter(|&l| plan.owns(half, l)) {
+                let ty = plan.types(half)[layer];
+                if !CACHE_TYPES.iter().any(|(_, t)| *t == ty) {
+                    return Err(KvError::UnsupportedType(ty.name().to_string()));
+                }
+                if !(config.head_dim as u64).is_multiple_of(ty.block_size()) {
+                    return Err(KvError::BlockMismatch {
+                        ty: ty.name(),
+                        head_dim: config.head_dim,
+                        block: ty.block_size(),
+                    });
+                }
             }
         }
-        let n_slots = map.owner_count();
         let n_embd_kv = config.n_embd_kv();
-        let mut arena = TensorArena::new(2 * n_slots)?;
-        let mut k = Vec::with_capacity(n_slots);
-        let mut v = Vec::with_capacity(n_slots);
-        for layer in (0..config.n_layers).filter(|&l| map.owns_slot(l)) {
-            let ne = [n_embd_kv as i64, n_ctx as i64];
-            k.push(arena.add_tensor(type_k, &ne, &format!("cache_k_l{layer}")));
-            v.push(arena.add_tensor(type_v, &ne, &format!("cache_v_l{layer}")));
-        }
+        let mut arena =
+            TensorArena::new(plan.owner_count(Half::Keys) + plan.owner_count(Half::Values))?;
+        let ne = [n_embd_kv as i64, n_ctx as i64];
+        let mut slots = |half: Half, prefix: &str| -> Vec<(usize, GgmlType)> {
+            (0..config.n_layers)
+                .filter(|&l| plan.owns(half, l))
+                .map(|l| {
+                    let ty = plan.types(half)[l];
+                    (arena.add_tensor(ty, &ne, &format!("{prefix}_l{l}")), ty)
+                })
+                .collect()
+        };
+        let k = slots(Half::Keys, "cache_k");
+        let v = slots(Half::Values, "cache_v");
         arena.allocate(backend)?;
         Ok(KvCache {
             arena,
             k,
             v,
-            slot_of_layer: map.slot_of_layers(),
-            map: map.clone(),
+            k_slot_of_layer: plan.sources(Half::Keys).slot_of_layers(),
+            v_slot_of_layer: plan.sources(Half::Values).slot_of_layers(),
+            plan: plan.clone(),
             n_ctx,
             n_embd_kv,
-            type_k,
-            type_v,
         })
     }
 
-    /// The K tensor layer `layer` writes (if it owns a slot) or reads (if shared).
+    /// The K tensor layer `layer` writes (if it owns its keys) or reads (if shared).
     pub fn k(&self, layer: usize) -> Tensor<'_> {
-        self.arena.tensor(self.k[self.slot_of_layer[layer]])
+        self.arena.tensor(self.k[self.k_slot_of_layer[layer]].0)
     }
 
     pub fn v(&self, layer: usize) -> Tensor<'_> {
-        self.arena.tensor(self.v[self.slot_of_layer[layer]])
+        self.arena.tensor(self.v[self.v_slot_of_layer[layer]].0)
     }
 
-    pub fn map(&self) -> &ShareMap {
-        &self.map
+    /// The type of the K slot `layer` reads.
+    pub fn type_k(&self, layer: usize) -> GgmlType {
+        self.k[self.k_slot_of_layer[layer]].1
+    }
+
+    pub fn type_v(&self, layer: usize) -> GgmlType {
+        self.v[self.v_slot_of_layer[layer]].1
+    }
+
+    pub fn plan(&self) -> &KvPlan {
+        &self.plan
     }
 
     pub fn n_ctx(&self) -> usize {
         self.n_ctx
     }
 
-    pub fn type_k(&self) -> GgmlType {
-        self.type_k
+    fn row_bytes(&self, ty: GgmlType) -> usize {
+        row_size(ty, self.n_embd_kv as i64)
     }
 
-    pub fn type_v(&self) -> GgmlType {
-        self.type_v
-    }
-
-    pub fn n_slots(&self) -> usize {
-        self.k.len()
+    /// Bytes per token of context across all owned slots.
+    pub fn bytes_per_token(&self) -> usize {
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|&(_, ty)| self.row_bytes(ty))
+            .sum()
     }
 
     /// Bytes of K and V storage actually allocated (all slots).
     pub fn bytes(&self) -> usize {
-        self.n_slots() * self.slot_bytes()
+        self.bytes_per_token() * self.n_ctx
     }
 
-    /// Bytes one slot (K + V) takes for the whole context.
-    pub fn slot_bytes(&self) -> usize {
-        (row_size(self.type_k, self.n_embd_kv as i64)
-            + row_size(self.type_v, self.n_embd_kv as i64))
-            * self.n_ctx
-    }
-
-    /// Bytes the same cache would take with every layer owning a slot.
-    pub fn bytes_unshared(&self) -> usize {
-        self.map.n_layers() * self.slot_bytes()
-    }
-
-    /// Bytes per token of context across all slots.
-    pub fn bytes_per_token(&self) -> usize {
-        self.bytes() / self.n_ctx
+    /// Bytes per token the same cache would take with every layer owning both
+    /// halves, each in the type it reads now.
+    pub fn bytes_per_token_unshared(&self) -> usize {
+        (0..self.plan.n_layers())
+            .map(|l| self.row_bytes(self.type_k(l)) + self.row_bytes(self.type_v(l)))
+            .sum()
     }
 
     /// The keys (post-RoPE) or values layer `layer` sees at cache rows `rows`, as f32,
@@ -163,10 +171,10 @@ impl KvCache {
         rows: Range<usize>,
     ) -> Result<Vec<f32>, KvError> {
         let (t, ty) = match part {
-            KvPart::Keys => (self.k(layer), self.type_k),
-            KvPart::Values => (self.v(layer), self.type_v),
+            KvPart::Keys => (self.k(layer), self.type_k(layer)),
+            KvPart::Values => (self.v(layer), self.type_v(layer)),
         };
-        let row_bytes = row_size(ty, self.n_embd_kv as i64);
+        let row_bytes = self.row_bytes(ty);
         let rows = rows.start.min(self.n_ctx)..rows.end.min(self.n_ctx);
         let bytes = t.read_bytes(rows.start * row_bytes, rows.len() * row_bytes);
         Ok(dequantize(ty, &bytes, rows.len() * self.n_embd_kv)?)
@@ -178,13 +186,11 @@ impl KvCache {
         if from.is_empty() || to == from.start {
             return;
         }
-        for slot in 0..self.n_slots() {
-            for (t, ty) in [(self.k[slot], self.type_k), (self.v[slot], self.type_v)] {
-                let tensor = self.arena.tensor(t);
-                let row = row_size(ty, self.n_embd_kv as i64);
-                let bytes = tensor.read_bytes(from.start * row, from.len() * row);
-                tensor.write_bytes(to * row, &bytes);
-            }
+        for &(t, ty) in self.k.iter().chain(&self.v) {
+            let tensor = self.arena.tensor(t);
+            let row = self.row_bytes(ty);
+            let bytes = tensor.read_bytes(from.start * row, from.len() * row);
+            tensor.write_bytes(to * row, &bytes);
         }
     }
 

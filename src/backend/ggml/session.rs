@@ -1,5 +1,5 @@
 //! The ggml run state for one conversation or evaluation (llama2.c's `RunState`):
-//! the KV cache sized for the owning layers of a `ShareMap`, the position, and the
+//! the KV cache sized for the owned slots of a `KvPlan`, the position, and the
 //! graph memory.
 
 use std::ops::Range;
@@ -9,7 +9,7 @@ use super::forward::{self, GraphCache, Layout, Start};
 use super::kv::{KvCache, KvError, KvPart};
 use super::weights::{self, PlacedWeights};
 use crate::gguf::GgmlType;
-use crate::kvplan::ShareMap;
+use crate::kvplan::{KvPlan, ShareMap};
 use crate::model::Model;
 use crate::runtime::chunks;
 use crate::runtime::error::RuntimeError;
@@ -72,18 +72,31 @@ impl<'m> Session<'m> {
         Self::on_device(DeviceKind::Cpu, model, map, opts)
     }
 
-    /// A session on a ggml backend device: the CPU reads the weights in place from
-    /// the mapped file; a GPU device gets them copied into its memory (shared with
-    /// other sessions of the model on that device), and holds the KV cache and graph
-    /// memory in its own buffers.
+    /// A session on `device` whose cache follows `map`, every slot of
+    /// `opts.type_k`/`opts.type_v`.
     pub fn on_device(
         device: DeviceKind,
         model: &'m Model,
         map: &ShareMap,
         opts: &RunOptions,
     ) -> Result<Self, SessionError> {
+        let plan = KvPlan::uniform(map, opts.type_k, opts.type_v);
+        Self::with_plan(device, model, &plan, opts)
+    }
+
+    /// A session on a ggml backend device: the CPU reads the weights in place from
+    /// the mapped file; a GPU device gets them copied into its memory (shared with
+    /// other sessions of the model on that device), and holds the KV cache (laid out
+    /// by `plan`; `opts`' cache types are not used) and graph memory in its own
+    /// buffers.
+    pub fn with_plan(
+        device: DeviceKind,
+        model: &'m Model,
+        plan: &KvPlan,
+        opts: &RunOptions,
+    ) -> Result<Self, SessionError> {
         let backend = GgmlBackend::on_device(device, opts.n_threads)?;
-        let cache = Self::cache_for(model, map, opts, &backend)?;
+        let cache = Self::cache_for(model, plan, opts, &backend)?;
         let weights = weights::place(model, &backend)?;
         let alloc = GraphAllocator::new(&backend)?;
         Ok(Session {
@@ -103,7 +116,7 @@ impl<'m> Session<'m> {
 
     fn cache_for(
         model: &Model,
-        map: &ShareMap,
+        plan: &KvPlan,
         opts: &RunOptions,
         backend: &GgmlBackend,
     ) -> Result<KvCache, SessionError> {
@@ -116,14 +129,7 @@ impl<'m> Session<'m> {
             Some(w) => w.cells(),
             None => opts.n_ctx,
         };
-        Ok(KvCache::new(
-            &model.config,
-            map,
-            n_cells,
-            opts.type_k,
-            opts.type_v,
-            backend,
-        )?)
+        Ok(KvCache::new(&model.config, plan, n_cells, backend)?)
     }
 
     pub fn cache(&self) -> &KvCache {
@@ -209,14 +215,15 @@ impl<'m> RunState<'m> for Session<'m> {
         self.model
     }
 
-    fn map(&self) -> &ShareMap {
-        self.cache.map()
+    fn plan(&self) -> &KvPlan {
+        self.cache.plan()
     }
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             backend: self.backend.kind().name(),
             cache_types: GGML_CACHE_TYPES,
+            mixed_plans: true,
             window: true,
             context_shift: true,
             packed: true,
@@ -329,7 +336,7 @@ impl<'m> RunState<'m> for Session<'m> {
     fn kv_bytes_per_token(&self) -> (usize, usize) {
         (
             self.cache.bytes_per_token(),
-            self.cache.bytes_unshared() / self.cache.n_ctx(),
+            self.cache.bytes_per_token_unshared(),
         )
     }
 
@@ -351,10 +358,11 @@ impl<'m> RunState<'m> for Session<'m> {
         ))
     }
 
-    fn set_map(&mut self, map: &ShareMap) -> Result<(), RuntimeError> {
-        if map != self.cache.map() {
+    fn set_plan(&mut self, plan: &KvPlan) -> Result<(), RuntimeError> {
+        self.capabilities().check_plan(plan)?;
+        if plan != self.cache.plan() {
             // The cache holds slots for the owning layers only: lay it out anew.
-            self.cache = Self::cache_for(self.model, map, &self.opts, &self.backend)?;
+            self.cache = Self::cache_for(self.model, plan, &self.opts, &self.backend)?;
             self.graphs = GraphCache::default();
         }
         self.reset();
@@ -411,6 +419,21 @@ impl<'m> RunState<'m> for Session<'m> {
             self.backend.kind(),
             self.model,
             map,
+            opts,
+        )?))
+    }
+
+    fn sibling_plan(
+        &self,
+        plan: &KvPlan,
+        opts: &RunOptions,
+    ) -> Result<Box<dyn RunState<'m> + 'm>, RuntimeError> {
+        self.capabilities().check(opts)?;
+        self.capabilities().check_plan(plan)?;
+        Ok(Box::new(Session::with_plan(
+            self.backend.kind(),
+            self.model,
+            plan,
             opts,
         )?))
     }

@@ -16,14 +16,14 @@ use super::kernels::{
 };
 use super::{GpuError, GPU_WEIGHT_TYPES};
 use crate::gguf::GgmlType;
-use crate::kvplan::ShareMap;
+use crate::kvplan::{Half, KvPlan, ShareMap};
 use crate::model::LayerRole::{
     AttnK, AttnNorm, AttnOutput, AttnQ, AttnV, FfnDown, FfnGate, FfnNorm, FfnUp,
 };
 use crate::model::{LayerWeights, Model};
 use crate::runtime::chunks;
-use crate::runtime::error::RuntimeError;
-use crate::runtime::options::{kv_bytes_per_token, Capabilities, RunOptions};
+use crate::runtime::error::{Capability, RuntimeError};
+use crate::runtime::options::{Capabilities, RunOptions};
 use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits};
 use crate::runtime::state::RunState;
 
@@ -60,6 +60,7 @@ impl GpuOptions {
 pub const CAPABILITIES: Capabilities = Capabilities {
     backend: "wgpu",
     cache_types: &[GgmlType::F16],
+    mixed_plans: false,
     window: false,
     context_shift: false,
     packed: false,
@@ -145,8 +146,9 @@ pub struct GpuSession<'m> {
     model: &'m Model,
     /// Everything a recorded forward pass binds; lives as long as the session.
     parts: ForwardParts,
-    map: ShareMap,
-    /// `map`'s recorded forward pass.
+    /// Always one whole-layer map with f16 slots (`CAPABILITIES`).
+    plan: KvPlan,
+    /// The plan's recorded forward pass.
     forward: Forward,
     staging: wgpu::Buffer,
     /// Read-back buffer for one batch of final hidden states.
@@ -175,6 +177,26 @@ impl<'m> GpuSession<'m> {
     ) -> Result<Self, RuntimeError> {
         CAPABILITIES.check(opts)?;
         Ok(Self::new(model, map, &GpuOptions::from_run(opts, policy))?)
+    }
+
+    /// `open` for a `KvPlan`: refused by capability unless it is one whole-layer
+    /// map with f16 slots.
+    pub fn open_plan(
+        model: &'m Model,
+        plan: &KvPlan,
+        opts: &RunOptions,
+        policy: AdapterPolicy,
+    ) -> Result<Self, RuntimeError> {
+        CAPABILITIES.check_plan(plan)?;
+        let (Some(map), Some((type_k, type_v))) = (plan.as_map(), plan.uniform_types()) else {
+            return Err(CAPABILITIES.lacks(Capability::MixedPlan));
+        };
+        let opts = RunOptions {
+            type_k,
+            type_v,
+            ..opts.clone()
+        };
+        Self::open(model, map, &opts, policy)
     }
 
     /// A second session over the same model on this session's device: it shares
@@ -398,7 +420,7 @@ impl<'m> GpuSession<'m> {
         Ok(GpuSession {
             model,
             parts,
-            map: map.clone(),
+            plan: KvPlan::uniform(map, GgmlType::F16, GgmlType::F16),
             forward,
             staging: staging_buf,
             hidden_staging,
@@ -468,7 +490,7 @@ impl<'m> GpuSession<'m> {
             });
         }
         self.forward = self.parts.record(self.model, map)?;
-        self.map = map.clone();
+        self.plan = KvPlan::uniform(map, GgmlType::F16, GgmlType::F16);
         self.n_past = 0;
         Ok(())
     }
@@ -541,7 +563,7 @@ impl<'m> GpuSession<'m> {
         let slot = self
             .parts
             .own_slot
-            .get(self.map.source(layer))
+            .get(self.plan.sources(Half::Keys).source(layer))
             .copied()
             .flatten()
             .ok_or_else(|| {
@@ -1093,8 +1115,8 @@ impl<'m> RunState<'m> for GpuSession<'m> {
         self.model
     }
 
-    fn map(&self) -> &ShareMap {
-        &self.map
+    fn plan(&self) -> &KvPlan {
+        &self.plan
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -1145,12 +1167,14 @@ impl<'m> RunState<'m> for GpuSession<'m> {
         self.kv_bytes
     }
 
-    /// The f16 slots of the owning layers (`runtime::kv_bytes_per_token`, as the
-    /// CPU counts them).
+    /// The f16 slots of the owning layers (`KvPlan::bytes_per_token`, as the CPU
+    /// counts them).
     fn kv_bytes_per_token(&self) -> (usize, usize) {
-        let c = &self.model.config;
-        let f16 = |map: &ShareMap| kv_bytes_per_token(c, map, GgmlType::F16, GgmlType::F16);
-        (f16(&self.map), f16(&ShareMap::identity(c.n_layers)))
+        let n = self.model.config.n_embd_kv();
+        (
+            self.plan.bytes_per_token(n),
+            self.plan.f16_bytes_per_token(n),
+        )
     }
 
     fn read_kv(
@@ -1166,7 +1190,11 @@ impl<'m> RunState<'m> for GpuSession<'m> {
         Ok((k, v))
     }
 
-    fn set_map(&mut self, map: &ShareMap) -> Result<(), RuntimeError> {
+    fn set_plan(&mut self, plan: &KvPlan) -> Result<(), RuntimeError> {
+        CAPABILITIES.check_plan(plan)?;
+        let Some(map) = plan.as_map() else {
+            return Err(CAPABILITIES.lacks(Capability::MixedPlan));
+        };
         Ok(self.record_map(map)?)
     }
 

@@ -1,0 +1,350 @@
+//! `kvsharer plan --kv-budget 30%`: the KV memory plan with the least calibration
+//! KLD whose bytes fit a budget (`search::planner`), printed per layer, with a JSON
+//! report and a plot; and the on-the-fly planning behind `--kv-budget` on the
+//! commands that run the model. The measured move costs are cached per model and
+//! settings, so only a model's first plan measures anything.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use kvsharer::kvplan::{Half, KvPlan};
+use kvsharer::loader::LoadedModel;
+use kvsharer::model::LlamaConfig;
+use kvsharer::search::planner::{self, MoveCosts, PlannedKv, PlannerOptions};
+use kvsharer::search::report::{self, PlanReport, PlanRow};
+use kvsharer::search::{self, Corpus, Evaluator, KlReference};
+
+use super::calibrate::model_fingerprint;
+use super::{human_bytes, ModelArgs};
+
+/// How the planner calibrates (defaults sized so a first plan takes about a
+/// minute on a 2-core laptop for a 135M model).
+#[derive(Args, Debug, Clone)]
+pub struct PlannerArgs {
+    /// Calibration text, one text per non-empty line [default: the built-in corpus]
+    #[arg(long = "calib", value_name = "FILE")]
+    pub calib: Option<PathBuf>,
+    /// Calibration texts the planner measures on (the first N lines)
+    #[arg(long = "plan-samples", default_value_t = 16, value_name = "N")]
+    pub samples: usize,
+    /// Tokens per calibration text
+    #[arg(long = "plan-tokens", default_value_t = 64, value_name = "N")]
+    pub tokens: usize,
+    /// Earlier layers tried as the source of each shared K or V slot
+    #[arg(long = "plan-sources", default_value_t = 2, value_name = "N")]
+    pub sources: usize,
+    /// Measure the move costs again even when they are cached
+    #[arg(long = "replan")]
+    pub replan: bool,
+}
+
+impl Default for PlannerArgs {
+    fn default() -> Self {
+        PlannerArgs {
+            calib: None,
+            samples: 16,
+            tokens: 64,
+            sources: 2,
+            replan: false,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub planner: PlannerArgs,
+    /// Write plan.json and plan.svg here
+    #[arg(long = "report", value_name = "DIR")]
+    pub report: Option<PathBuf>,
+    /// Print the plan as JSON on stdout (the table goes to stderr)
+    #[arg(long = "json")]
+    pub json: bool,
+}
+
+/// A budget as a fraction of the unshared f16 cache: `30%`, `0.3`, or bytes for
+/// the whole context (`48MiB`, `512KiB`, `1GiB`) at `n_ctx` cells.
+pub fn parse_budget(spec: &str, config: &LlamaConfig, n_ctx: usize) -> Result<f64> {
+    let s = spec.trim();
+    let f16 = kvsharer::gguf::GgmlType::F16;
+    let f16_per_token =
+        KvPlan::unshared(config.n_layers, f16, f16).f16_bytes_per_token(config.n_embd_kv());
+    let units = [
+        ("GiB", 1u64 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+        ("B", 1),
+    ];
+    let fraction = if let Some(p) = s.strip_suffix('%') {
+        let pct: f64 = p
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--kv-budget {spec}: not a percentage"))?;
+        pct / 100.0
+    } else if let Some((num, unit)) = units
+        .iter()
+        .find_map(|(u, m)| s.strip_suffix(u).map(|n| (n, *m)))
+    {
+        let n: f64 = num
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--kv-budget {spec}: not a size"))?;
+        n * unit as f64 / (f16_per_token as f64 * n_ctx as f64)
+    } else {
+        s.parse::<f64>().map_err(|_| {
+            anyhow::anyhow!(
+                "--kv-budget {spec}: expected a percentage (30%), a fraction (0.3) or a size for the whole context (48MiB)"
+            )
+        })?
+    };
+    if !(fraction.is_finite() && fraction > 0.0 && fraction <= 1.0) {
+        bail!(
+            "--kv-budget {spec}: that is {:.1}% of the unshared f16 KV cache ({} at -c {n_ctx}); a budget must be more than 0% and at most 100%",
+            fraction * 100.0,
+            human_bytes(f16_per_token * n_ctx)
+        );
+    }
+    Ok(fraction)
+}
+
+impl PlannerArgs {
+    fn corpus(&self) -> Result<Corpus> {
+        match &self.calib {
+            None => Ok(Corpus::default_corpus()),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read calibration file {}", p.display()))?;
+                Ok(Corpus::from_text(&text))
+            }
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.samples == 0 {
+            bail!("--plan-samples must be at least 1");
+        }
+        if self.tokens < search::MIN_TOKENS_PER_SAMPLE {
+            bail!(
+                "--plan-tokens must be at least {}",
+                search::MIN_TOKENS_PER_SAMPLE
+            );
+        }
+        if self.sources == 0 {
+            bail!("--plan-sources must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// What the planner measured, and on what.
+pub struct Measured {
+    pub costs: MoveCosts,
+    pub corpus: Corpus,
+    pub samples: usize,
+    pub tokens: usize,
+}
+
+/// The move costs for `loaded`: from the cache, or measured (with a progress bar)
+/// and cached.
+pub fn move_costs(loaded: &LoadedModel, p: &PlannerArgs, threads: usize) -> Result<Measured> {
+    p.check()?;
+    let corpus = p.corpus()?;
+    let c = &loaded.model.config;
+    let key = format!(
+        "{}-s{}-k{}-src{}-{}",
+        model_fingerprint(loaded.model.file())?,
+        p.samples,
+        p.tokens,
+        p.sources,
+        &corpus.sha256[..16]
+    );
+    let dir = kvsharer::fetch::cache_dir()?.join("plans");
+    let cached = dir.join(format!("{key}.json"));
+    let measured = |costs| Measured {
+        costs,
+        corpus: corpus.clone(),
+        samples: p.samples,
+        tokens: p.tokens,
+    };
+    if !p.replan {
+        if let Some(costs) = std::fs::read_to_string(&cached)
+            .ok()
+            .and_then(|t| serde_json::from_str::<MoveCosts>(&t).ok())
+            .filter(|m| planner::check_costs(m, c.n_layers, c.n_embd_kv()).is_ok())
+        {
+            eprintln!(
+                "kv-plan: using the move costs measured before ({})",
+                cached.display()
+            );
+            return Ok(measured(costs));
+        }
+    }
+    let set = search::prepare(&loaded.tokenizer, &corpus, p.samples, p.tokens)?;
+    let mut eval = Evaluator::cpu(&loaded.model, &set, threads, true)?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "kv-plan: measuring moves [{bar:30}] {pos}/{len} | {elapsed} (about {eta} left)",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let opts = PlannerOptions {
+        sources: p.sources,
+        threads,
+    };
+    let costs = planner::measure(&mut eval, &opts, |pr| {
+        bar.set_length(pr.total as u64);
+        bar.set_position(pr.done as u64);
+    });
+    bar.finish_and_clear();
+    let costs = costs?;
+    eprintln!(
+        "kv-plan: measured {} moves on {} texts x {} tokens in {:.1} s (cached for next time)",
+        costs.runs, set.n_samples, set.seq_len, costs.seconds
+    );
+    let write = std::fs::create_dir_all(&dir).and_then(|_| {
+        let tmp = tempfile::NamedTempFile::new_in(&dir)?;
+        std::fs::write(tmp.path(), serde_json::to_string(&costs)?)?;
+        tmp.persist(&cached).map(|_| ()).map_err(|e| e.error)
+    });
+    if let Err(e) = write {
+        eprintln!(
+            "note: could not cache the move costs in {}: {e}",
+            dir.display()
+        );
+    }
+    Ok(measured(costs))
+}
+
+/// The plan for `--kv-budget SPEC` on a command that runs the model.
+pub fn on_the_fly_plan(
+    loaded: &LoadedModel,
+    spec: &str,
+    n_ctx: usize,
+    threads: usize,
+) -> Result<KvPlan> {
+    let budget = parse_budget(spec, &loaded.model.config, n_ctx)?;
+    let m = move_costs(loaded, &PlannerArgs::default(), threads)?;
+    let p = planner::plan(&m.costs, budget)?;
+    eprintln!(
+        "kv-plan: {:.1}% of the f16 KV cache (budget {:.1}%), predicted calibration KLD {:.4}: {}",
+        p.fraction * 100.0,
+        budget * 100.0,
+        p.predicted_kld,
+        p.plan
+    );
+    Ok(p.plan)
+}
+
+/// The plan's KLD measured on the planner's calibration set (two runs).
+pub fn measure_plan(
+    loaded: &LoadedModel,
+    m: &Measured,
+    plan: &KvPlan,
+    threads: usize,
+) -> Result<f64> {
+    let set = search::prepare(&loaded.tokenizer, &m.corpus, m.samples, m.tokens)?;
+    let mut eval = Evaluator::cpu(&loaded.model, &set, threads, true)?;
+    let base = eval.run_map(&kvsharer::kvplan::ShareMap::identity(plan.n_layers()), true)?;
+    let reference = KlReference::new(&base.logits, loaded.model.config.n_vocab);
+    let logits = eval.plan_logits(plan, &base, 0)?;
+    Ok(reference.mean_kld(&logits, threads))
+}
+
+/// The plan as a table: one line per layer.
+pub fn plan_table(plan: &KvPlan) -> String {
+    let mut s = String::from("layer  K from  V from  K type  V type\n");
+    for (l, (kf, vf, kt, vt)) in plan.rows().into_iter().enumerate() {
+        let from = |f: usize, half: Half| {
+            if f == l {
+                "own".to_string()
+            } else {
+                format!("{}{f}", half.letter())
+            }
+        };
+        s.push_str(&format!(
+            "{l:>5}  {:>6}  {:>6}  {:>6}  {:>6}\n",
+            from(kf, Half::Keys),
+            from(vf, Half::Values),
+            kt.name(),
+            vt.name()
+        ));
+    }
+    s
+}
+
+/// Plans for a budget and measures the result on the calibration set.
+pub fn plan_for(
+    loaded: &LoadedModel,
+    spec: &str,
+    n_ctx: usize,
+    p: &PlannerArgs,
+    threads: usize,
+) -> Result<(Measured, PlannedKv, f64)> {
+    let budget = parse_budget(spec, &loaded.model.config, n_ctx)?;
+    let m = move_costs(loaded, p, threads)?;
+    let planned = planner::plan(&m.costs, budget)?;
+    let measured = measure_plan(loaded, &m, &planned.plan, threads)?;
+    Ok((m, planned, measured))
+}
+
+pub fn run(a: PlanArgs) -> Result<()> {
+    let Some(spec) = a.model.kv_budget.clone() else {
+        bail!("give the budget with --kv-budget (30%, 0.3 or 48MiB with -c)");
+    };
+    let threads = a.model.threads()?;
+    let (_, loaded) = a.model.load()?;
+    let c = &loaded.model.config;
+    let (m, planned, measured) = plan_for(&loaded, &spec, a.model.ctx_size, &a.planner, threads)?;
+    let n_embd_kv = c.n_embd_kv();
+    let per_token = planned.plan.bytes_per_token(n_embd_kv);
+    let f16_per_token = planned.plan.f16_bytes_per_token(n_embd_kv);
+    eprint!("{}", plan_table(&planned.plan));
+    eprintln!(
+        "plan: {} | KV {} bytes/token = {:.1}% of f16 (budget {:.1}%); {} at -c {} instead of {}",
+        planned.plan,
+        per_token,
+        planned.fraction * 100.0,
+        planned.budget * 100.0,
+        human_bytes(per_token * a.model.ctx_size),
+        a.model.ctx_size,
+        human_bytes(f16_per_token * a.model.ctx_size)
+    );
+    eprintln!(
+        "calibration KLD: predicted {:.4} (sum of single moves), measured {:.4} ({} texts x {} tokens)",
+        planned.predicted_kld, measured, m.samples, m.tokens
+    );
+    let walk = planner::walk(&m.costs);
+    let report = PlanReport {
+        budget: planned.budget,
+        fraction: planned.fraction,
+        bytes_per_token: per_token,
+        f16_bytes_per_token: f16_per_token,
+        predicted_kld: planned.predicted_kld,
+        measured_kld: Some(measured),
+        layers: PlanRow::of(&planned.plan),
+        steps: &planned.steps,
+        walk: &walk,
+        costs: &m.costs,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    if let Some(dir) = &a.report {
+        let (json, svg) = report::write_plan_report(&report, dir)
+            .with_context(|| format!("cannot write the report into {}", dir.display()))?;
+        eprintln!("report: {} and {}", json.display(), svg.display());
+    }
+    eprintln!(
+        "store it: kvsharer share --kv-budget {spec} -o OUT.gguf (then --kv-share uses it), or pass --kv-budget {spec} to run/chat/perplexity/bench"
+    );
+    Ok(())
+}

@@ -1,0 +1,503 @@
+//! The KV memory planner: the plan with the least calibration KLD whose KV bytes fit
+//! a budget, over three kinds of move on each owned slot (a layer's keys or its
+//! values): lower its precision (f16 -> q8_0 -> q4_0), or stop owning it and read
+//! an earlier layer's slot of that half.
+//!
+//! Cost. Every move is measured once, alone, against the unshared f16 model
+//! (`measure`): q4_0 on each slot (one run from that layer on, the layers below
+//! reused from the cached prefix), each half at q8_0 everywhere (two full runs;
+//! q8_0 costs so little that a run per slot would measure mostly noise, so the
+//! half's cost is split over its slots in proportion to their q4_0 costs), and
+//! sharing each slot from the `sources` earlier layers whose captured keys (or
+//! values) are closest. `plan` then assumes costs add up (measured near-additive
+//! for whole-layer sharing; `PlannedKv::measured_kld` checks it for every plan the
+//! CLI makes) and walks greedily from the unshared f16 model, always taking the
+//! move with the least predicted KLD per byte saved, until the budget is met.
+//! The walk does not depend on the budget, so one measurement serves every budget
+//! and is cached by the CLI.
+//!
+//! Interactions the walk accounts for: a slot read by `r` other layers passes its
+//! quantization noise on to each of them (its precision moves cost `1 + r` times
+//! their measured cost), a reader sees its source's precision instead of its own,
+//! and a slot others read cannot itself stop owning (plans stay resolved).
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::gguf::GgmlType;
+use crate::kvplan::{Half, KvPlan};
+use crate::search::calibration::{half_distances, CalibrateError};
+use crate::search::evaluator::{plan_start_layer, Evaluator};
+use crate::search::strategy::KlReference;
+
+/// The precisions the planner moves a slot through, highest first.
+pub const LADDER: [GgmlType; 3] = [GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0];
+
+#[derive(Clone, Debug)]
+pub struct PlannerOptions {
+    /// Earlier layers tried as the source of each slot, the closest by the
+    /// captured keys (values) first.
+    pub sources: usize,
+    pub threads: usize,
+}
+
+impl Default for PlannerOptions {
+    fn default() -> Self {
+        PlannerOptions {
+            sources: 2,
+            threads: crate::runtime::default_threads(),
+        }
+    }
+}
+
+/// One measured share move: `layer`'s `half` read from `source`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShareCost {
+    pub half: Half,
+    pub layer: usize,
+    pub source: usize,
+    pub kld: f64,
+}
+
+/// Every single move's measured calibration KLD against the unshared f16 model.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MoveCosts {
+    pub n_layers: usize,
+    pub n_embd_kv: usize,
+    /// q4_0 on one slot, per layer: `[keys, values]`.
+    pub q4: [Vec<f64>; 2],
+    /// q8_0 on every slot of one half: `[keys, values]`.
+    pub q8_all: [f64; 2],
+    pub shares: Vec<ShareCost>,
+    /// Calibration runs made, and how long they took.
+    pub runs: usize,
+    pub seconds: f64,
+}
+
+fn half_index(h: Half) -> usize {
+    match h {
+        Half::Keys => 0,
+        Half::Values => 1,
+    }
+}
+
+impl MoveCosts {
+    /// The predicted KLD of `layer`'s own `half` slot held in `ty`.
+    pub fn type_cost(&self, half: Half, layer: usize, ty: GgmlType) -> f64 {
+        let q4 = &self.q4[half_index(half)];
+        match ty {
+            GgmlType::Q4_0 => q4[layer].max(0.0),
+            GgmlType::Q8_0 => {
+                let total: f64 = q4.iter().map(|c| c.max(0.0)).sum();
+                if total > 0.0 {
+                    self.q8_all[half_index(half)].max(0.0) * q4[layer].max(0.0) / total
+                } else {
+                    self.q8_all[half_index(half)].max(0.0) / self.n_layers as f64
+                }
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// What `measure` reports while it runs.
+#[derive(Clone, Copy, Debug)]
+pub struct MeasureProgress {
+    pub done: usize,
+    pub total: usize,
+}
+
+/// Measures every move on `eval`'s calibration set (see the module docs).
+pub fn measure(
+    eval: &mut Evaluator<'_>,
+    opts: &PlannerOptions,
+    mut progress: impl FnMut(MeasureProgress),
+) -> Result<MoveCosts, CalibrateError> {
+    let t0 = Instant::now();
+    let c = &eval.model().config;
+    let (n_layers, n_embd_kv, n_vocab, head_dim) =
+        (c.n_layers, c.n_embd_kv(), c.n_vocab, c.head_dim);
+    let (base, capture) = eval.capture(true)?;
+    let reference = KlReference::new(&base.logits, n_vocab);
+    let distances = [
+        half_distances(&capture.keys, head_dim),
+        half_distances(&capture.values, head_dim),
+    ];
+    drop(capture);
+
+    let unshared = KvPlan::unshared(n_layers, GgmlType::F16, GgmlType::F16);
+    // Every move to measure: its plan and the first layer it changes.
+    let mut moves: Vec<(KvPlan, usize)> = Vec::new();
+    for half in Half::BOTH {
+        for l in 0..n_layers {
+            moves.push((unshared.with_type(half, l, GgmlType::Q4_0), l));
+        }
+    }
+    for half in Half::BOTH {
+        let mut all = unshared.clone();
+        for l in 0..n_layers {
+            all = all.with_type(half, l, GgmlType::Q8_0);
+        }
+        moves.push((all, 0));
+    }
+    let mut share_moves = Vec::new();
+    for half in Half::BOTH {
+        let d = &distances[half_index(half)];
+        for l in 1..n_layers {
+            let mut near: Vec<usize> = (0..l).collect();
+            near.sort_by(|&a, &b| d[l][a].total_cmp(&d[l][b]));
+            for &j in near.iter().take(opts.sources.max(1)) {
+                share_moves.push((half, l, j));
+                moves.push((unshared.with_shared(half, l, j)?, l));
+            }
+        }
+    }
+    let total = moves.len();
+    let mut klds = Vec::with_capacity(total);
+    for (done, (plan, changed)) in moves.iter().enumerate() {
+        progress(MeasureProgress { done, total });
+        let logits = eval.plan_logits(plan, &base, plan_start_layer(plan, *changed))?;
+        klds.push(reference.mean_kld(&logits, opts.threads));
+    }
+    progress(MeasureProgress { done: total, total });
+    let n = n_layers;
+    Ok(MoveCosts {
+        n_layers,
+        n_embd_kv,
+        q4: [klds[..n].to_vec(), klds[n..2 * n].to_vec()],
+        q8_all: [klds[2 * n], klds[2 * n + 1]],
+        shares: share_moves
+            .into_iter()
+            .zip(&klds[2 * n + 2..])
+            .map(|((half, layer, source), &kld)| ShareCost {
+                half,
+                layer,
+                source,
+                kld,
+            })
+            .collect(),
+        runs: total + 1,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Why no plan was made.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlannerError {
+    #[error("a KV budget must be more than 0% and at most 100% of the unshared f16 cache, got {pct:.1}%", pct = .0 * 100.0)]
+    OutOfRange(f64),
+    #[error("no plan reaches {:.1}% of the f16 KV cache: the smallest the planner found takes {:.1}%", .asked * 100.0, .reached * 100.0)]
+    Unreachable { asked: f64, reached: f64 },
+    #[error("the measured move costs are for a model of {found} layers, this one has {expected}")]
+    Mismatch { expected: usize, found: usize },
+}
+
+/// A plan for a budget, with what it should cost.
+#[derive(Clone, Debug)]
+pub struct PlannedKv {
+    pub plan: KvPlan,
+    /// The budget asked for, as a fraction of the unshared f16 cache.
+    pub budget: f64,
+    /// The plan's KV bytes as a fraction of the unshared f16 cache.
+    pub fraction: f64,
+    /// Sum of the measured single-move costs (see the module docs).
+    pub predicted_kld: f64,
+    /// Moves taken, in order, in words.
+    pub steps: Vec<String>,
+}
+
+/// One point of the greedy walk: bytes fraction after a move and the predicted
+/// KLD there.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct WalkPoint {
+    pub fraction: f64,
+    pub predicted_kld: f64,
+}
+
+struct Walk<'c> {
+    costs: &'c MoveCosts,
+    plan: KvPlan,
+    readers: [Vec<usize>; 2],
+}
+
+/// A move and what it does.
+struct Move {
+    half: Half,
+    layer: usize,
+    kind: MoveKind,
+    bytes_saved: usize,
+    cost: f64,
+}
+
+enum MoveKind {
+    Lower(GgmlType),
+    Share(usize, f64),
+}
+
+impl<'c> Walk<'c> {
+    fn new(costs: &'c MoveCosts) -> Self {
+        Walk {
+            costs,
+            plan: KvPlan::unshared(costs.n_layers, GgmlType::F16, GgmlType::F16),
+            readers: [vec![0; costs.n_layers], vec![0; costs.n_layers]],
+        }
+    }
+
+    fn row(&self, ty: GgmlType) -> usize {
+        ty.row_bytes(self.costs.n_embd_kv as u64).unwrap_or(0) as usize
+    }
+
+    fn bytes(&self) -> usize {
+        self.plan.bytes_per_token(self.costs.n_embd_kv)
+    }
+
+    fn fraction(&self) -> f64 {
+        self.plan.fraction_of_f16(self.costs.n_embd_kv)
+    }
+
+    /// The predicted KLD of the current plan.
+    fn predicted(&self) -> f64 {
+        let mut total = 0.0;
+        for half in Half::BOTH {
+            for l in 0..self.costs.n_layers {
+                if self.plan.owns(half, l) {
+                    let r = self.readers[half_index(half)][l] as f64;
+                    total += (1.0 + r) * self.costs.type_cost(half, l, self.plan.types(half)[l]);
+                } else {
+                    let src = self.plan.source(half, l);
+                    total += self
+                        .costs
+                        .shares
+                        .iter()
+                        .find(|s| s.half == half && s.layer == l && s.source == src)
+                        .map_or(0.0, |s| s.kld.max(0.0));
+                }
+            }
+        }
+        total
+    }
+
+    fn moves(&self) -> Vec<Move> {
+        let mut out = Vec::new();
+        for half in Half::BOTH {
+            let hi = half_index(half);
+            for l in (0..self.costs.n_layers).filter(|&l| self.plan.owns(half, l)) {
+                let ty = self.plan.types(half)[l];
+                let rank = LADDER.iter().position(|&t| t == ty).unwrap_or(0);
+                for &lower in &LADDER[rank + 1..] {
+                    let weight = 1.0 + self.readers[hi][l] as f64;
+                    out.push(Move {
+                        half,
+                        layer: l,
+                        kind: MoveKind::Lower(lower),
+                        bytes_saved: self.row(ty) - self.row(lower),
+                        cost: weight
+                            * (self.costs.type_cost(half, l, lower)
+                                - self.costs.type_cost(half, l, ty)),
+                    });
+                }
+            }
+        }
+        for s in &self.costs.shares {
+            let (hi, half) = (half_index(s.half), s.half);
+            if !self.plan.owns(half, s.layer)
+                || self.readers[hi][s.layer] > 0
+                || !self.plan.owns(half, s.source)
+            {
+                continue;
+            }
+            let own = self.plan.types(half)[s.layer];
+            let src = self.plan.types(half)[s.source];
+            out.push(Move {
+                half,
+                layer: s.layer,
+                kind: MoveKind::Share(s.source, s.kld),
+                bytes_saved: self.row(own),
+                cost: s.kld.max(0.0) + self.costs.type_cost(half, s.source, src)
+                    - self.costs.type_cost(half, s.layer, own),
+            });
+        }
+        out
+    }
+
+    /// Takes the move with the least predicted KLD per byte saved; false when none
+    /// is left.
+    fn step(&mut self) -> Option<String> {
+        let best = self
+            .moves()
+            .into_iter()
+            .filter(|m| m.bytes_saved > 0)
+            .min_by(|a, b| {
+                let ra = a.cost.max(0.0) / a.bytes_saved as f64;
+                let rb = b.cost.max(0.0) / b.bytes_saved as f64;
+                ra.total_cmp(&rb)
+                    .then(b.bytes_saved.cmp(&a.bytes_saved))
+                    .then(a.layer.cmp(&b.layer))
+            })?;
+        let letter = best.half.letter();
+        let text = match best.kind {
+            MoveKind::Lower(ty) => {
+                self.plan = self.plan.with_type(best.half, best.layer, ty);
+                format!("{letter}{} -> {ty}", best.layer)
+            }
+            MoveKind::Share(src, kld) => {
+                self.plan = self
+                    .plan
+                    .with_shared(best.half, best.layer, src)
+                    .expect("the move list offers only resolved shares");
+                self.readers[half_index(best.half)][src] += 1;
+                format!(
+                    "{letter}{} <- {letter}{src} (alone: KLD {kld:.4})",
+                    best.layer
+                )
+            }
+        };
+        Some(text)
+    }
+}
+
+/// The greedy walk from the unshared f16 model down to `budget` (a fraction of the
+/// unshared f16 cache).
+pub fn plan(costs: &MoveCosts, budget: f64) -> Result<PlannedKv, PlannerError> {
+    if !(budget > 0.0 && budget <= 1.0) {
+        return Err(PlannerError::OutOfRange(budget));
+    }
+    let mut walk = Walk::new(costs);
+    let target = budget * walk.plan.f16_bytes_per_token(costs.n_embd_kv) as f64;
+    let mut steps = Vec::new();
+    while walk.bytes() as f64 > target + 1e-9 {
+        match walk.step() {
+            Some(s) => steps.push(s),
+            None => {
+                return Err(PlannerError::Unreachable {
+                    asked: budget,
+                    reached: walk.fraction(),
+                })
+            }
+        }
+    }
+    Ok(PlannedKv {
+        predicted_kld: walk.predicted(),
+        fraction: walk.fraction(),
+        plan: walk.plan,
+        budget,
+        steps,
+    })
+}
+
+/// Every point of the walk, from the unshared f16 model to where no move is left
+/// (for the plot).
+pub fn walk(costs: &MoveCosts) -> Vec<WalkPoint> {
+    let mut walk = Walk::new(costs);
+    let mut points = vec![WalkPoint {
+        fraction: walk.fraction(),
+        predicted_kld: 0.0,
+    }];
+    while walk.step().is_some() {
+        points.push(WalkPoint {
+            fraction: walk.fraction(),
+            predicted_kld: walk.predicted(),
+        });
+    }
+    points
+}
+
+/// Checks that `costs` were measured on a model of `n_layers` layers.
+pub fn check_costs(
+    costs: &MoveCosts,
+    n_layers: usize,
+    n_embd_kv: usize,
+) -> Result<(), PlannerError> {
+    if costs.n_layers != n_layers
+        || costs.q4[0].len() != n_layers
+        || costs.q4[1].len() != n_layers
+        || costs.n_embd_kv != n_embd_kv
+    {
+        return Err(PlannerError::Mismatch {
+            expected: n_layers,
+            found: costs.n_layers,
+        });
+    }
+    if costs
+        .shares
+        .iter()
+        .any(|s| s.layer >= n_layers || s.source >= s.layer)
+    {
+        return Err(PlannerError::Mismatch {
+            expected: n_layers,
+            found: costs.n_layers,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Four layers of 64 KV elements: q4_0 hurts layer 0's keys most, sharing
+    /// layer 3's values from layer 2 is nearly free.
+    fn costs() -> MoveCosts {
+        MoveCosts {
+            n_layers: 4,
+            n_embd_kv: 64,
+            q4: [vec![0.5, 0.02, 0.02, 0.02], vec![0.01, 0.01, 0.01, 0.01]],
+            q8_all: [0.004, 0.001],
+            shares: vec![
+                ShareCost {
+                    half: Half::Values,
+                    layer: 3,
+                    source: 2,
+                    kld: 0.001,
+                },
+                ShareCost {
+                    half: Half::Keys,
+                    layer: 1,
+                    source: 0,
+                    kld: 0.9,
+                },
+            ],
+            runs: 0,
+            seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_walk_takes_the_cheapest_bytes_first_and_meets_the_budget() {
+        let c = costs();
+        let p = plan(&c, 0.75).unwrap();
+        assert!(p.fraction <= 0.75 + 1e-9, "{}", p.fraction);
+        // The nearly free value share comes before any key loses precision.
+        assert!(!p.plan.owns(Half::Values, 3), "{:?}", p.steps);
+        assert_eq!(p.plan.types(Half::Keys)[0], GgmlType::F16);
+        let tight = plan(&c, 0.30).unwrap();
+        assert!(tight.fraction <= 0.30 + 1e-9);
+        assert!(tight.predicted_kld >= p.predicted_kld);
+        // Layer 0's keys are the last slot q4_0 reaches.
+        let walk = walk(&c);
+        assert!(walk.windows(2).all(|w| w[1].fraction < w[0].fraction));
+        assert!(walk
+            .windows(2)
+            .all(|w| w[1].predicted_kld >= w[0].predicted_kld - 1e-12));
+    }
+
+    #[test]
+    fn budgets_out_of_range_or_out_of_reach_are_refused() {
+        let c = costs();
+        assert!(matches!(plan(&c, 0.0), Err(PlannerError::OutOfRange(_))));
+        assert!(matches!(plan(&c, 1.5), Err(PlannerError::OutOfRange(_))));
+        let e = plan(&c, 0.05).unwrap_err();
+        assert!(matches!(e, PlannerError::Unreachable { .. }), "{e}");
+        assert!(e.to_string().contains("5.0%"), "{e}");
+        assert!(plan(&c, 1.0).unwrap().plan.is_unshared());
+    }
+
+    #[test]
+    fn costs_for_another_model_are_refused() {
+        let c = costs();
+        assert!(check_costs(&c, 4, 64).is_ok());
+        assert!(check_costs(&c, 5, 64).is_err());
+        assert!(check_costs(&c, 4, 128).is_err());
+    }
+}
