@@ -28,13 +28,13 @@ pub struct PlannerArgs {
     #[arg(long = "calib", value_name = "FILE")]
     pub calib: Option<PathBuf>,
     /// Calibration texts the planner measures on (the first N lines)
-    #[arg(long = "plan-samples", default_value_t = 16, value_name = "N")]
+    #[arg(long = "plan-samples", default_value_t = 4, value_name = "N")]
     pub samples: usize,
     /// Tokens per calibration text
-    #[arg(long = "plan-tokens", default_value_t = 64, value_name = "N")]
+    #[arg(long = "plan-tokens", default_value_t = 48, value_name = "N")]
     pub tokens: usize,
     /// Earlier layers tried as the source of each shared K or V slot
-    #[arg(long = "plan-sources", default_value_t = 2, value_name = "N")]
+    #[arg(long = "plan-sources", default_value_t = 1, value_name = "N")]
     pub sources: usize,
     /// Measure the move costs again even when they are cached
     #[arg(long = "replan")]
@@ -45,9 +45,9 @@ impl Default for PlannerArgs {
     fn default() -> Self {
         PlannerArgs {
             calib: None,
-            samples: 16,
-            tokens: 64,
-            sources: 2,
+            samples: 4,
+            tokens: 48,
+            sources: 1,
             replan: false,
         }
     }

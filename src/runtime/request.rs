@@ -84,4 +84,8 @@ pub struct PackedBatch<'a> {
     pub tokens: &'a [u32],
     pub seq_len: usize,
     pub start: Option<(usize, &'a [f32])>,
+    /// With `start`: layers below it whose slots the run reads, each with the
+    /// residual stream entering it; their keys and values are computed again from
+    /// it, so their slots need not hold an earlier run's (at most 128 layers).
+    pub refill: &'a [(usize, &'a [f32])],
 }

@@ -129,6 +129,7 @@ impl<'m> Evaluator<'m> {
                     tokens: &self.set.tokens,
                     seq_len: self.set.seq_len,
                     start: None,
+                    refill: &[],
                 },
                 req,
             )?
@@ -229,6 +230,7 @@ impl<'m> Evaluator<'m> {
                 tokens: &self.set.tokens,
                 seq_len: self.set.seq_len,
                 start: Some((start, current.layer_inputs[start].as_slice())),
+                refill: &[],
             },
             req,
         )?;
@@ -236,15 +238,15 @@ impl<'m> Evaluator<'m> {
         Ok(map_run(map, out, below, start))
     }
 
-    /// Every position's logits under `plan`, from layer `start` with `base`'s layer
-    /// input there where the prefix is cached (`base` must be a run whose plan
-    /// agrees with `plan` below `start`, and `start` must be at most
-    /// `plan_start_layer` of every layer that differs), else from the tokens.
+    /// Every position's logits under `plan`, which agrees with `base`'s plan below
+    /// layer `changed`. Where the prefix is cached the run starts at `changed` with
+    /// `base`'s layer input there, and the slots of earlier layers it reads are
+    /// refilled from `base`'s inputs to those layers; elsewhere it runs in full.
     pub fn plan_logits(
         &mut self,
         plan: &KvPlan,
         base: &MapRun,
-        start: usize,
+        changed: usize,
     ) -> Result<Vec<f32>, CalibrateError> {
         self.state.set_plan(plan)?;
         let req = ForwardRequest {
@@ -252,14 +254,36 @@ impl<'m> Evaluator<'m> {
             hidden: false,
             layer_inputs: false,
         };
-        let start = (self.prefix && start > 0 && base.layer_inputs.len() > start)
-            .then(|| (start, base.layer_inputs[start].as_slice()));
+        let n = plan.n_layers();
+        let mut below: Vec<usize> = (changed..n)
+            .flat_map(|l| Half::BOTH.map(|h| plan.source(h, l)))
+            .filter(|&j| j < changed)
+            .collect();
+        below.sort_unstable();
+        below.dedup();
+        let usable = self.prefix
+            && changed > 0
+            && changed < base.layer_inputs.len()
+            && below.iter().all(|&j| j < 128);
+        let refill: Vec<(usize, &[f32])> = below
+            .iter()
+            .map(|&j| (j, base.layer_inputs[j].as_slice()))
+            .collect();
+        let (start, refill) = if usable {
+            (
+                Some((changed, base.layer_inputs[changed].as_slice())),
+                refill.as_slice(),
+            )
+        } else {
+            (None, &[][..])
+        };
         let out = if self.state.capabilities().packed {
             self.state.forward_packed(
                 PackedBatch {
                     tokens: &self.set.tokens,
                     seq_len: self.set.seq_len,
                     start,
+                    refill,
                 },
                 req,
             )?
@@ -319,16 +343,6 @@ pub fn start_layer(map: &ShareMap, changed: usize) -> usize {
         }
         s = lowest;
     }
-}
-
-/// `start_layer` for a plan: the first layer a run must start from so that every
-/// slot read at or after `changed` is filled by the run itself, over both halves.
-pub fn plan_start_layer(plan: &KvPlan, changed: usize) -> usize {
-    Half::BOTH
-        .iter()
-        .map(|&h| start_layer(plan.sources(h), changed))
-        .min()
-        .unwrap_or(0)
 }
 
 /// One map's pass over the calibration set: the residual stream entering every

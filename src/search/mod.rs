@@ -26,7 +26,7 @@ pub use calibration::{
     CalibrationOptions, CalibrationSet, Capture, Corpus, PairOrder, DEFAULT_CORPUS,
     MIN_TOKENS_PER_SAMPLE,
 };
-pub use evaluator::{plan_start_layer, start_layer, Evaluator, MapRun};
+pub use evaluator::{start_layer, Evaluator, MapRun};
 pub use paper::{capture, random_map};
 pub use result::{Objective, PairTrial, Progress, SearchResult, Strategy};
 pub use strategy::{

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::gguf::GgmlType;
 use crate::kvplan::{Half, KvPlan};
 use crate::search::calibration::{half_distances, CalibrateError};
-use crate::search::evaluator::{plan_start_layer, Evaluator};
+use crate::search::evaluator::Evaluator;
 use crate::search::strategy::KlReference;
 
 /// The precisions the planner moves a slot through, highest first.
@@ -45,7 +45,7 @@ pub struct PlannerOptions {
 impl Default for PlannerOptions {
     fn default() -> Self {
         PlannerOptions {
-            sources: 2,
+            sources: 1,
             threads: crate::runtime::default_threads(),
         }
     }
@@ -157,7 +157,7 @@ pub fn measure(
     let mut klds = Vec::with_capacity(total);
     for (done, (plan, changed)) in moves.iter().enumerate() {
         progress(MeasureProgress { done, total });
-        let logits = eval.plan_logits(plan, &base, plan_start_layer(plan, *changed))?;
+        let logits = eval.plan_logits(plan, &base, *changed)?;
         klds.push(reference.mean_kld(&logits, opts.threads));
     }
     progress(MeasureProgress { done: total, total });

@@ -365,6 +365,7 @@ fn a_run_started_mid_network_equals_a_full_run() {
                 tokens: &set.tokens,
                 seq_len: set.seq_len,
                 start: Some((*layer, input)),
+                refill: &[],
             },
             req,
         )
@@ -387,6 +388,7 @@ fn a_run_started_mid_network_equals_a_full_run() {
                 tokens: &set.tokens,
                 seq_len: set.seq_len,
                 start: Some((3, input)),
+                refill: &[],
             },
             req,
         )

@@ -138,7 +138,7 @@ fn kv_bytes_are_exactly_the_owned_fraction() {
         let map = ShareMap::new(sources).unwrap();
         let s = Session::new(&loaded.model, &map, &opts).unwrap();
         assert_eq!(s.kv_bytes() * 4, full * owners, "map {map}");
-        assert_eq!(s.cache().bytes_unshared(), full);
+        assert_eq!(s.cache().bytes_per_token_unshared() * 128, full);
     }
     // f16, 2 KV heads x 16 dims, K and V, 128 cells, 4 layers.
     assert_eq!(full, 2 * 2 * 32 * 128 * 4);

@@ -12,7 +12,7 @@ use crate::support;
 use kvsharer::backend::ggml::session::{Session, SessionError};
 use kvsharer::backend::ggml::weights::{self, PlacedWeights};
 use kvsharer::backend::ggml::{DeviceKind, GgmlBackend, GgmlError};
-use kvsharer::kvplan::ShareMap;
+use kvsharer::kvplan::{Half, ShareMap};
 use kvsharer::loader;
 use kvsharer::model::{LayerRole, Model};
 use kvsharer::runtime::RunOptions;
@@ -119,7 +119,7 @@ fn device_session<'m>(
     match Session::on_device(kind, model, map, &session_options(512)) {
         Ok(s) => {
             assert!(!s.backend().is_cpu());
-            assert_eq!(s.cache().n_slots(), map.owner_count());
+            assert_eq!(s.cache().plan().owner_count(Half::Keys), map.owner_count());
             Some(s)
         }
         Err(SessionError::Ggml(e @ GgmlError::NoDevice { .. })) => {

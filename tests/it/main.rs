@@ -26,6 +26,7 @@ mod examples;
 mod forward_reference;
 mod ggml_devices;
 mod hostile_models;
+mod kv_plan;
 mod kv_window;
 mod llama_parity;
 mod perplexity;

@@ -378,7 +378,7 @@ fn set_map_equals_a_fresh_session_and_refuses_missing_slots() {
     s.eval(&tokens[..5], Logits::None).unwrap();
     s.set_map(&shared).unwrap();
     assert_eq!(s.n_past(), 0, "set_map keeps stale cells");
-    assert_eq!(s.map(), &shared);
+    assert_eq!(s.plan().as_map(), Some(&shared));
     let (logits, hidden) = s.eval_with_hidden(&tokens, Logits::All).unwrap();
     assert_eq!(logits, want_shared);
     assert_eq!(hidden.len(), tokens.len() * model.config.n_embd);

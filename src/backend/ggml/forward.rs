@@ -19,10 +19,18 @@ use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits};
 /// a given residual stream (`[n_tokens][n_embd]`, as captured by `layer_inputs`).
 /// Layers before `layer` do not run and their cache slots are left as they are,
 /// which lets a search re-evaluate only the layers a candidate map changes.
+/// `refill` lists layers below `layer` whose slots the run reads, each with its own
+/// residual input: their keys and values are computed again from it (a projection,
+/// not a whole layer), so a candidate that reads an early layer's slot still starts
+/// at the layer it changes.
 #[derive(Clone, Copy, Debug)]
 pub enum Start<'a> {
     Tokens,
-    Layer { layer: usize, input: &'a [f32] },
+    Layer {
+        layer: usize,
+        input: &'a [f32],
+        refill: &'a [(usize, &'a [f32])],
+    },
 }
 
 /// How cache rows map to sequences. One conversation is one sequence whose row `r`
@@ -64,6 +72,8 @@ pub struct GraphShape {
     n_tokens: usize,
     n_kv: usize,
     first_layer: usize,
+    /// Layers below `first_layer` whose K/V are recomputed (bit `l` for layer `l`).
+    refill: u128,
     logits: Logits,
     hidden: bool,
     layer_inputs: bool,
@@ -113,6 +123,10 @@ pub fn forward(
             Start::Tokens => 0,
             Start::Layer { layer, .. } => layer,
         },
+        refill: match start {
+            Start::Tokens => 0,
+            Start::Layer { refill, .. } => refill.iter().fold(0, |m, (l, _)| m | 1u128 << l),
+        },
         logits: req.logits,
         hidden: req.hidden,
         layer_inputs: req.layer_inputs,
@@ -143,6 +157,13 @@ pub fn forward(
     }
     if let (Some(t), Start::Layer { input: x, .. }) = (input("inp_hidden"), start) {
         t.write(x);
+    }
+    if let Start::Layer { refill, .. } = start {
+        for (l, x) in refill {
+            if let Some(t) = input(&format!("inp_refill_{l}")) {
+                t.write(x);
+            }
+        }
     }
     backend.compute(&graph)?;
 
@@ -209,6 +230,33 @@ fn build(
             )
     };
 
+    // Slots of layers below the start that later layers read: written again from
+    // those layers' inputs, before anything reads them.
+    for (il, lw) in w.layers().iter().enumerate().take(shape.first_layer) {
+        if shape.refill & (1u128 << il) == 0 {
+            continue;
+        }
+        let lt = |role: LayerRole| weights.get(lw[role]);
+        let x = g.input(
+            GgmlType::F32,
+            &[c.n_embd as i64, n],
+            &format!("inp_refill_{il}"),
+        );
+        let cur = g.mul(g.rms_norm(x, c.rms_eps), lt(LayerRole::AttnNorm));
+        write_kv(
+            &g,
+            cache,
+            il,
+            cur,
+            lt,
+            inp_pos,
+            inp_rows,
+            rope_freqs,
+            &rope,
+            [hd, n_head_kv, n],
+        );
+    }
+
     // The graph's first input: token ids, or a residual stream to start from.
     let mut x = if shape.first_layer == 0 {
         let ids = g.input(GgmlType::I32, &[n], "inp_tokens");
@@ -232,15 +280,18 @@ fn build(
         let q = g.rope(q, inp_pos, rope_freqs, &rope);
         let (k_slot, v_slot) = (cache.k(il), cache.v(il));
         // Cache writes go into the graph before the attention that reads the slot.
-        if cache.plan().owns(Half::Keys, il) {
-            let k = g.reshape_3d(g.mul_mat(lt(LayerRole::AttnK), cur), hd, n_head_kv, n);
-            let k = g.rope(k, inp_pos, rope_freqs, &rope);
-            g.expand(g.set_rows(k_slot, g.reshape_2d(k, hd * n_head_kv, n), inp_rows));
-        }
-        if cache.plan().owns(Half::Values, il) {
-            let v = g.mul_mat(lt(LayerRole::AttnV), cur);
-            g.expand(g.set_rows(v_slot, v, inp_rows));
-        }
+        write_kv(
+            &g,
+            cache,
+            il,
+            cur,
+            lt,
+            inp_pos,
+            inp_rows,
+            rope_freqs,
+            &rope,
+            [hd, n_head_kv, n],
+        );
         let cur = if use_decode_kernel(il) {
             g.decode_attention(q, k_slot, v_slot, inp_mask, kq_scale)
         } else {
@@ -281,6 +332,32 @@ fn build(
         g.expand(t);
     }
     Ok(g)
+}
+
+/// Layer `il`'s keys and values from its normed input `cur`, written into the
+/// halves it owns (RoPE on the keys).
+#[allow(clippy::too_many_arguments)]
+fn write_kv<'a>(
+    g: &'a GraphCtx,
+    cache: &'a KvCache,
+    il: usize,
+    cur: Tensor<'a>,
+    lt: impl Fn(LayerRole) -> Tensor<'a>,
+    pos: Tensor<'a>,
+    rows: Tensor<'a>,
+    rope_freqs: Option<Tensor<'a>>,
+    rope: &RopeParams,
+    [hd, n_head_kv, n]: [i64; 3],
+) {
+    if cache.plan().owns(Half::Keys, il) {
+        let k = g.reshape_3d(g.mul_mat(lt(LayerRole::AttnK), cur), hd, n_head_kv, n);
+        let k = g.rope(k, pos, rope_freqs, rope);
+        g.expand(g.set_rows(cache.k(il), g.reshape_2d(k, hd * n_head_kv, n), rows));
+    }
+    if cache.plan().owns(Half::Values, il) {
+        let v = g.mul_mat(lt(LayerRole::AttnV), cur);
+        g.expand(g.set_rows(cache.v(il), v, rows));
+    }
 }
 
 /// Flash attention of `q` ([hd, n_head, n]) over the first `n_kv` cells of a slot.
@@ -325,9 +402,9 @@ fn write_inputs(
     n_kv: usize,
     inputs: [Option<Tensor<'_>>; 3],
 ) {
-    let [Some(inp_pos), Some(inp_rows), Some(inp_mask)] = inputs else {
-        unreachable!("every forward graph has positions, cache rows and a mask");
-    };
+    // A graph that writes no slot (a restart above every owning layer) has no
+    // cache-row input; one always has positions and a mask.
+    let [inp_pos, inp_rows, inp_mask] = inputs;
     let pos: Vec<i32> = (0..n).map(|i| layout.position(row0 + i) as i32).collect();
     let rows: Vec<i64> = (0..n).map(|i| (row0 + i) as i64).collect();
     let mut mask = vec![NEG_INF_F16; n_kv * n];
@@ -337,9 +414,15 @@ fn write_inputs(
             mask[t * n_kv + j] = 0;
         }
     }
-    inp_pos.write(&pos);
-    inp_rows.write(&rows);
-    inp_mask.write(&mask);
+    if let Some(t) = inp_pos {
+        t.write(&pos);
+    }
+    if let Some(t) = inp_rows {
+        t.write(&rows);
+    }
+    if let Some(t) = inp_mask {
+        t.write(&mask);
+    }
 }
 
 fn rope_params(model: &Model) -> RopeParams {

@@ -164,6 +164,7 @@ impl<'m> Session<'m> {
                 tokens,
                 seq_len,
                 start: None,
+                refill: &[],
             },
             req,
         )
@@ -380,6 +381,7 @@ impl<'m> RunState<'m> for Session<'m> {
             tokens,
             seq_len,
             start,
+            refill,
         } = batch;
         if seq_len == 0 || !tokens.len().is_multiple_of(seq_len) {
             return Err(RuntimeError::InvalidRequest(format!(
@@ -399,7 +401,21 @@ impl<'m> RunState<'m> for Session<'m> {
                         input.len()
                     )));
                 }
-                Start::Layer { layer, input }
+                let n_inputs = tokens.len() * n_embd;
+                if let Some((l, x)) = refill
+                    .iter()
+                    .find(|(l, x)| *l >= layer || *l >= 128 || x.len() != n_inputs)
+                {
+                    return Err(RuntimeError::InvalidRequest(format!(
+                        "a refill of layer {l} ({} values) must be below the start ({layer}) and hold {n_inputs} values",
+                        x.len()
+                    )));
+                }
+                Start::Layer {
+                    layer,
+                    input,
+                    refill,
+                }
             }
         };
         let chunk = match start {

@@ -160,11 +160,27 @@ pub fn reference_forward_with(
     tokens: &[u32],
     precision: RefPrecision,
 ) -> RefOutput {
-    assert_eq!(
-        map.n_layers(),
-        spec.n_layers,
-        "reference: share map vs spec layers"
-    );
+    reference_forward_split(w, spec, map, map, tokens, precision)
+}
+
+/// The reference forward pass with keys and values shared apart (a KV plan's
+/// sources): layer `l` reads keys from `k_map.source(l)` and values from
+/// `v_map.source(l)`, computing (and caching) only the halves it owns.
+pub fn reference_forward_split(
+    w: &RefWeights,
+    spec: &TinySpec,
+    k_map: &ShareMap,
+    v_map: &ShareMap,
+    tokens: &[u32],
+    precision: RefPrecision,
+) -> RefOutput {
+    for map in [k_map, v_map] {
+        assert_eq!(
+            map.n_layers(),
+            spec.n_layers,
+            "reference: share map vs spec layers"
+        );
+    }
     assert_eq!(
         w.layers.len(),
         spec.n_layers,
@@ -197,27 +213,38 @@ pub fn reference_forward_with(
             .iter()
             .map(|xi| rms_norm(xi, &layer.attn_norm, spec.rms_eps))
             .collect();
-        let source = map.source(l);
-        if source == l {
-            let (mut ks, mut vs) = (Vec::new(), Vec::new());
-            for (pos, xn) in normed.iter().enumerate() {
-                let mut k = layer.wk.matvec(xn);
-                rope_norm(&mut k, hd, pos, spec.rope_base);
-                maybe_f16(precision.kv_cache_f16, &mut k);
-                let mut v = layer.wv.matvec(xn);
-                maybe_f16(precision.kv_cache_f16, &mut v);
-                ks.push(k);
-                vs.push(v);
-            }
+        let (k_source, v_source) = (k_map.source(l), v_map.source(l));
+        assert!(
+            k_source <= l && v_source <= l,
+            "reference: layer {l} reads a later layer"
+        );
+        if k_source == l {
+            let ks = normed
+                .iter()
+                .enumerate()
+                .map(|(pos, xn)| {
+                    let mut k = layer.wk.matvec(xn);
+                    rope_norm(&mut k, hd, pos, spec.rope_base);
+                    maybe_f16(precision.kv_cache_f16, &mut k);
+                    k
+                })
+                .collect();
             k_cache.push(ks);
+        } else {
+            k_cache.push(k_cache[k_source].clone());
+        }
+        if v_source == l {
+            let vs = normed
+                .iter()
+                .map(|xn| {
+                    let mut v = layer.wv.matvec(xn);
+                    maybe_f16(precision.kv_cache_f16, &mut v);
+                    v
+                })
+                .collect();
             v_cache.push(vs);
         } else {
-            assert!(
-                source < l,
-                "reference: layer {l} reads later layer {source}"
-            );
-            k_cache.push(k_cache[source].clone());
-            v_cache.push(v_cache[source].clone());
+            v_cache.push(v_cache[v_source].clone());
         }
 
         let mut attn_layer = Vec::with_capacity(x.len());
