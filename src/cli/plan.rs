@@ -24,8 +24,9 @@ use super::{human_bytes, ModelArgs};
 /// minute on a 2-core laptop for a 135M model).
 #[derive(Args, Debug, Clone)]
 pub struct PlannerArgs {
-    /// Calibration text, one text per non-empty line [default: the built-in corpus]
-    #[arg(long = "calib", value_name = "FILE")]
+    /// Calibration text for the planner, one text per non-empty line [default: the
+    /// built-in corpus]
+    #[arg(long = "plan-calib", value_name = "FILE")]
     pub calib: Option<PathBuf>,
     /// Calibration texts the planner measures on (the first N lines)
     #[arg(long = "plan-samples", default_value_t = 4, value_name = "N")]
@@ -36,6 +37,14 @@ pub struct PlannerArgs {
     /// Earlier layers tried as the source of each shared K or V slot
     #[arg(long = "plan-sources", default_value_t = 1, value_name = "N")]
     pub sources: usize,
+    /// Precisions slots may take, comma-separated (f16,q8_0,q4_0); `f16` alone
+    /// plans by sharing only
+    #[arg(
+        long = "plan-types",
+        default_value = "f16,q8_0,q4_0",
+        value_name = "LIST"
+    )]
+    pub types: String,
     /// Measure the move costs again even when they are cached
     #[arg(long = "replan")]
     pub replan: bool,
@@ -48,6 +57,7 @@ impl Default for PlannerArgs {
             samples: 4,
             tokens: 48,
             sources: 1,
+            types: "f16,q8_0,q4_0".into(),
             replan: false,
         }
     }
@@ -127,6 +137,29 @@ impl PlannerArgs {
         }
     }
 
+    /// `--plan-types` as ggml types, highest precision first; f16 is always allowed
+    /// (the walk starts there).
+    fn ladder(&self) -> Result<Vec<kvsharer::gguf::GgmlType>> {
+        let mut types = vec![kvsharer::gguf::GgmlType::F16];
+        for name in self
+            .types
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let ty = kvsharer::gguf::GgmlType::from_name(name)
+                .filter(|t| planner::LADDER.contains(t))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--plan-types: '{name}' is not one of f16, q8_0, q4_0")
+                })?;
+            if !types.contains(&ty) {
+                types.push(ty);
+            }
+        }
+        types.sort_by_key(|t| planner::LADDER.iter().position(|l| l == t));
+        Ok(types)
+    }
+
     fn check(&self) -> Result<()> {
         if self.samples == 0 {
             bail!("--plan-samples must be at least 1");
@@ -156,6 +189,7 @@ pub struct Measured {
 /// and cached.
 pub fn move_costs(loaded: &LoadedModel, p: &PlannerArgs, threads: usize) -> Result<Measured> {
     p.check()?;
+    p.ladder()?;
     let corpus = p.corpus()?;
     let c = &loaded.model.config;
     let key = format!(
@@ -291,7 +325,7 @@ pub fn plan_for(
 ) -> Result<(Measured, PlannedKv, f64)> {
     let budget = parse_budget(spec, &loaded.model.config, n_ctx)?;
     let m = move_costs(loaded, p, threads)?;
-    let planned = planner::plan(&m.costs, budget)?;
+    let planned = planner::plan_with(&m.costs, budget, &p.ladder()?)?;
     let measured = measure_plan(loaded, &m, &planned.plan, threads)?;
     Ok((m, planned, measured))
 }
@@ -322,7 +356,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         "calibration KLD: predicted {:.4} (sum of single moves), measured {:.4} ({} texts x {} tokens)",
         planned.predicted_kld, measured, m.samples, m.tokens
     );
-    let walk = planner::walk(&m.costs);
+    let walk = planner::walk(&m.costs, &a.planner.ladder()?);
     let report = PlanReport {
         budget: planned.budget,
         fraction: planned.fraction,

@@ -217,6 +217,8 @@ pub struct WalkPoint {
 
 struct Walk<'c> {
     costs: &'c MoveCosts,
+    /// The precisions slots may take, highest first (a subset of `LADDER`).
+    ladder: &'c [GgmlType],
     plan: KvPlan,
     readers: [Vec<usize>; 2],
 }
@@ -236,9 +238,10 @@ enum MoveKind {
 }
 
 impl<'c> Walk<'c> {
-    fn new(costs: &'c MoveCosts) -> Self {
+    fn new(costs: &'c MoveCosts, ladder: &'c [GgmlType]) -> Self {
         Walk {
             costs,
+            ladder,
             plan: KvPlan::unshared(costs.n_layers, GgmlType::F16, GgmlType::F16),
             readers: [vec![0; costs.n_layers], vec![0; costs.n_layers]],
         }
@@ -285,7 +288,10 @@ impl<'c> Walk<'c> {
             for l in (0..self.costs.n_layers).filter(|&l| self.plan.owns(half, l)) {
                 let ty = self.plan.types(half)[l];
                 let rank = LADDER.iter().position(|&t| t == ty).unwrap_or(0);
-                for &lower in &LADDER[rank + 1..] {
+                for &lower in LADDER[rank + 1..]
+                    .iter()
+                    .filter(|t| self.ladder.contains(t))
+                {
                     let weight = 1.0 + self.readers[hi][l] as f64;
                     out.push(Move {
                         half,
@@ -358,12 +364,21 @@ impl<'c> Walk<'c> {
 }
 
 /// The greedy walk from the unshared f16 model down to `budget` (a fraction of the
-/// unshared f16 cache).
+/// unshared f16 cache), over every precision of `LADDER`.
 pub fn plan(costs: &MoveCosts, budget: f64) -> Result<PlannedKv, PlannerError> {
+    plan_with(costs, budget, &LADDER)
+}
+
+/// `plan` with slots kept to the precisions in `types` (`[F16]`: sharing only).
+pub fn plan_with(
+    costs: &MoveCosts,
+    budget: f64,
+    types: &[GgmlType],
+) -> Result<PlannedKv, PlannerError> {
     if !(budget > 0.0 && budget <= 1.0) {
         return Err(PlannerError::OutOfRange(budget));
     }
-    let mut walk = Walk::new(costs);
+    let mut walk = Walk::new(costs, types);
     let target = budget * walk.plan.f16_bytes_per_token(costs.n_embd_kv) as f64;
     let mut steps = Vec::new();
     while walk.bytes() as f64 > target + 1e-9 {
@@ -388,8 +403,8 @@ pub fn plan(costs: &MoveCosts, budget: f64) -> Result<PlannedKv, PlannerError> {
 
 /// Every point of the walk, from the unshared f16 model to where no move is left
 /// (for the plot).
-pub fn walk(costs: &MoveCosts) -> Vec<WalkPoint> {
-    let mut walk = Walk::new(costs);
+pub fn walk(costs: &MoveCosts, types: &[GgmlType]) -> Vec<WalkPoint> {
+    let mut walk = Walk::new(costs, types);
     let mut points = vec![WalkPoint {
         fraction: walk.fraction(),
         predicted_kld: 0.0,
@@ -475,7 +490,15 @@ mod tests {
         assert!(tight.fraction <= 0.30 + 1e-9);
         assert!(tight.predicted_kld >= p.predicted_kld);
         // Layer 0's keys are the last slot q4_0 reaches.
-        let walk = walk(&c);
+        let walk = walk(&c, &LADDER);
+        // Sharing only: every slot stays f16.
+        let shared_only = plan_with(&c, 0.9, &[GgmlType::F16]).unwrap();
+        assert!((0..4).all(|l| shared_only.plan.types(Half::Keys)[l] == GgmlType::F16));
+        assert!(shared_only.plan.shared_halves() >= 1);
+        assert!(
+            plan_with(&c, 0.5, &[GgmlType::F16]).is_err(),
+            "2 shares cannot reach 50%"
+        );
         assert!(walk.windows(2).all(|w| w[1].fraction < w[0].fraction));
         assert!(walk
             .windows(2)

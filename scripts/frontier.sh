@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The KV memory frontier (issue 14) on the default model: KV bytes against quality on
+# held-out text, for every uniform configuration a llama.cpp user has (f16, q8_0,
+# q4_0, K q8_0 + V q4_0; each unshared and with the greedy whole-layer maps N = 4, 8,
+# 12) and for the planner (`--kv-budget`) at 60%, 50%, 37.5%, 28.125% (q4_0's
+# bytes), 20%, 15% and 10% of the unshared f16 cache.
+#
+# Each point is `kvsharer perplexity -c 512 --chunks $CHUNKS --json` against the
+# unshared f16 model on the same chunks, on two held-out texts of different kinds
+# (data/heldout.txt: prose; data/heldout-dialogue.txt: dialogue), neither of which
+# overlaps the calibration corpus (data/calibration.txt) the maps and plans are
+# found on.
+#
+# Usage: bash scripts/frontier.sh [OUT_DIR]   (default: frontier/)
+#   CHUNKS (default 6) chunks of 512 tokens per text; THREADS (default 2).
+# Takes ~45 min on a 2-core machine (the greedy N = 12 search is ~15 of them; it,
+# the shared models and the planner's move costs are reused when present).
+# Results: OUT_DIR/<text>-<config>.json, OUT_DIR/frontier.md (the table README
+# shows) and OUT_DIR/frontier-<text>.svg (bytes vs KLD, log scale, every point
+# labelled).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-frontier}"
+mkdir -p "$OUT"
+cargo build --release --quiet
+K=target/release/kvsharer
+T="${THREADS:-2}"
+CHUNKS="${CHUNKS:-6}"
+MODEL="$($K info 2>/dev/null | sed -n 's/^file: *\(.*\) (.*/\1/p')"
+echo "model: $MODEL" >&2
+TEXTS="prose:data/heldout.txt dialogue:data/heldout-dialogue.txt"
+
+# Greedy whole-layer maps: one search to 12 shared layers; greedy accepts one pair
+# per step, so its first 4 and 8 acceptances are the N = 4 and 8 maps.
+if [ ! -f "$OUT/greedy-12/report.json" ]; then
+    echo "greedy whole-layer search to N = 12 (the slow part)" >&2
+    "$K" calibrate -m "$MODEL" -t "$T" --layers 12 --report "$OUT/greedy-12" > /dev/null 2> "$OUT/greedy-12.log"
+fi
+python3 scripts/frontier.py maps "$OUT"
+for N in 4 8 12; do
+    [ -f "$OUT/model-greedy-$N.gguf" ] || \
+        "$K" share -m "$MODEL" -t "$T" --map "$OUT/map-$N.json" -o "$OUT/model-greedy-$N.gguf" 2> /dev/null
+done
+
+ppl() { # out name, text file, model, extra args...
+    local name="$1" text="$2" model="$3"; shift 3
+    [ -s "$OUT/$name.json" ] && return 0
+    echo "  $name" >&2
+    # A budget no plan reaches fails with a clear error: the log says so, and the
+    # table leaves the point out.
+    "$K" perplexity -m "$model" -f "$text" -c 512 -t "$T" --chunks "$CHUNKS" --json "$@" \
+        > "$OUT/$name.json" 2> "$OUT/$name.log" || { echo "    failed: $(tail -n 2 "$OUT/$name.log" | head -n 1)" >&2; rm -f "$OUT/$name.json"; }
+}
+
+# Sharing only (every slot f16) at 75% of the f16 bytes, stored in a model copy.
+[ -f "$OUT/model-plan-75-f16.gguf" ] || \
+    "$K" share -m "$MODEL" -t "$T" --kv-budget 75% --plan-types f16 -o "$OUT/model-plan-75-f16.gguf" 2> "$OUT/share-plan-75-f16.log"
+
+for entry in $TEXTS; do
+    tname="${entry%%:*}"; text="${entry#*:}"
+    echo "$tname ($text)" >&2
+    for N in 0 4 8 12; do
+        if [ "$N" = 0 ]; then model="$MODEL"; share=(); else model="$OUT/model-greedy-$N.gguf"; share=(--kv-share); fi
+        for types in q8_0:q8_0 q4_0:q4_0 q8_0:q4_0 f16:f16; do
+            k="${types%%:*}"; v="${types#*:}"
+            [ "$N" = 0 ] && [ "$k" = f16 ] && continue  # the reference itself
+            ppl "$tname-n$N-$k-$v" "$text" "$model" "${share[@]}" --cache-type-k "$k" --cache-type-v "$v"
+        done
+    done
+    for B in 60 50 37.5 28.125 20 15 10; do
+        ppl "$tname-plan-$B" "$text" "$MODEL" --kv-budget "$B%"
+    done
+    ppl "$tname-share-75" "$text" "$OUT/model-plan-75-f16.gguf" --kv-share
+done
+
+python3 scripts/frontier.py table "$OUT" > "$OUT/frontier.md"
+cat "$OUT/frontier.md"
