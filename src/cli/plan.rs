@@ -26,16 +26,31 @@ use super::{human_bytes, ModelArgs};
 pub struct PlannerArgs {
     /// Calibration text for the planner, one text per non-empty line [default: the
     /// built-in corpus]
-    #[arg(long = "plan-calib", value_name = "FILE")]
+    #[arg(id = "plan_calib", long = "plan-calib", value_name = "FILE")]
     pub calib: Option<PathBuf>,
     /// Calibration texts the planner measures on (the first N lines)
-    #[arg(long = "plan-samples", default_value_t = 4, value_name = "N")]
+    #[arg(
+        id = "plan_samples",
+        long = "plan-samples",
+        default_value_t = 4,
+        value_name = "N"
+    )]
     pub samples: usize,
     /// Tokens per calibration text
-    #[arg(long = "plan-tokens", default_value_t = 48, value_name = "N")]
+    #[arg(
+        id = "plan_tokens",
+        long = "plan-tokens",
+        default_value_t = 48,
+        value_name = "N"
+    )]
     pub tokens: usize,
     /// Earlier layers tried as the source of each shared K or V slot
-    #[arg(long = "plan-sources", default_value_t = 1, value_name = "N")]
+    #[arg(
+        id = "plan_sources",
+        long = "plan-sources",
+        default_value_t = 1,
+        value_name = "N"
+    )]
     pub sources: usize,
     /// Precisions slots may take, comma-separated (f16,q8_0,q4_0); `f16` alone
     /// plans by sharing only

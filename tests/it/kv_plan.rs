@@ -326,3 +326,123 @@ fn stored_plans_round_trip_and_malformed_ones_are_refused() {
         assert!(err.contains(needle), "{what}: {err}");
     }
 }
+
+fn kvsharer(args: &[&str], cache: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kvsharer"))
+        .args(args)
+        .env("KVSHARER_CACHE_DIR", cache)
+        .output()
+        .expect("run kvsharer")
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `plan` prints a plan within the budget and writes its report; `share
+/// --kv-budget` stores it (version 2), `info` shows it, `run --kv-share` uses it
+/// and `--no-kv-share` ignores it; bad budgets fail with one clear line, a
+/// non-zero exit and nothing written.
+#[test]
+fn cli_plans_stores_and_runs_a_budget() {
+    let spec = spec();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_model(&spec, &model);
+    let m = model.to_str().unwrap();
+    let small = ["--plan-samples", "2", "--plan-tokens", "8", "-t", "2"];
+    let report = dir.path().join("report");
+    let mut args = vec!["plan", "-m", m, "--kv-budget", "40%", "--json", "--report"];
+    args.push(report.to_str().unwrap());
+    args.extend(small);
+    let o = kvsharer(&args, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let fraction = v["fraction"].as_f64().unwrap();
+    assert!(fraction <= 0.40 + 1e-9 && fraction > 0.2, "{fraction}");
+    assert_eq!(v["layers"].as_array().unwrap().len(), 4);
+    assert!(v["measured_kld"].as_f64().unwrap() >= 0.0);
+    assert!(report.join("plan.json").exists() && report.join("plan.svg").exists());
+    assert!(stderr(&o).contains("predicted"), "{}", stderr(&o));
+    // The second plan reuses the cached move costs.
+    let o = kvsharer(&args, &cache);
+    assert!(stderr(&o).contains("measured before"), "{}", stderr(&o));
+
+    let out = dir.path().join("planned.gguf");
+    let mut share = vec![
+        "share",
+        "-m",
+        m,
+        "--kv-budget",
+        "40%",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    share.extend(small);
+    let o = kvsharer(&share, &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let loaded = loader::load(&out).unwrap();
+    let stored = loaded.model.stored_plan.clone().expect("a stored plan");
+    assert!(stored.fraction_of_f16(spec.head_dim() * spec.n_head_kv) <= 0.40 + 1e-9);
+    let o = kvsharer(&["info", out.to_str().unwrap()], &cache);
+    let info = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        info.contains("KV plan:") && info.contains("K type"),
+        "{info}"
+    );
+
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "run",
+            "-m",
+            out.to_str().unwrap(),
+            "-p",
+            "hello",
+            "-n",
+            "4",
+            "--temp",
+            "0",
+        ];
+        a.extend(extra);
+        kvsharer(&a, &cache)
+    };
+    let o = run(&["--kv-share"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("KV plan"), "{}", stderr(&o));
+    let o = run(&["--no-kv-share"]);
+    assert!(stderr(&o).contains("KV sharing off"), "{}", stderr(&o));
+    let o = run(&["--kv-share", "--cache-type-k", "q8_0"]);
+    assert!(
+        stderr(&o).contains("override") || stderr(&o).contains("set every slot"),
+        "{}",
+        stderr(&o)
+    );
+
+    for (budget, needle) in [
+        ("150%", "at most 100%"),
+        ("0%", "more than 0%"),
+        ("abc", "expected a percentage"),
+        ("1%", "no plan reaches"),
+    ] {
+        let bad = dir.path().join("bad.gguf");
+        let mut a = vec![
+            "share",
+            "-m",
+            m,
+            "--kv-budget",
+            budget,
+            "-o",
+            bad.to_str().unwrap(),
+        ];
+        a.extend(small);
+        let o = kvsharer(&a, &cache);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{budget}: {err}");
+        assert!(
+            !err.contains("panicked") && err.contains(needle),
+            "{budget}: {err}"
+        );
+        assert!(!bad.exists(), "{budget}: wrote a file");
+    }
+}
