@@ -144,9 +144,9 @@ pub fn measure(
     let mut share_moves = Vec::new();
     for half in Half::BOTH {
         let d = &distances[half_index(half)];
-        for l in 1..n_layers {
+        for (l, row) in d.iter().enumerate().skip(1) {
             let mut near: Vec<usize> = (0..l).collect();
-            near.sort_by(|&a, &b| d[l][a].total_cmp(&d[l][b]));
+            near.sort_by(|&a, &b| row[a].total_cmp(&row[b]));
             for &j in near.iter().take(opts.sources.max(1)) {
                 share_moves.push((half, l, j));
                 moves.push((unshared.with_shared(half, l, j)?, l));
