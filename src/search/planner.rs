@@ -327,6 +327,45 @@ impl<'c> Walk<'c> {
         out
     }
 
+    /// Spends bytes the last move left under `target` on raising precision back:
+    /// repeatedly the raise that removes the most predicted KLD and still fits.
+    fn refund(&mut self, target: f64) -> Vec<String> {
+        let mut steps = Vec::new();
+        loop {
+            let spare = target - self.bytes() as f64;
+            let mut best: Option<(f64, Half, usize, GgmlType)> = None;
+            for half in Half::BOTH {
+                for l in (0..self.costs.n_layers).filter(|&l| self.plan.owns(half, l)) {
+                    let ty = self.plan.types(half)[l];
+                    let Some(rank) = self.ladder.iter().position(|&t| t == ty) else {
+                        continue;
+                    };
+                    let Some(&higher) = rank.checked_sub(1).and_then(|r| self.ladder.get(r)) else {
+                        continue;
+                    };
+                    if (self.row(higher) - self.row(ty)) as f64 > spare {
+                        continue;
+                    }
+                    let weight = 1.0 + self.readers[half_index(half)][l] as f64;
+                    let gain = weight
+                        * (self.costs.type_cost(half, l, ty)
+                            - self.costs.type_cost(half, l, higher));
+                    if gain > 0.0 && best.is_none_or(|b| gain > b.0) {
+                        best = Some((gain, half, l, higher));
+                    }
+                }
+            }
+            let Some((_, half, l, higher)) = best else {
+                return steps;
+            };
+            self.plan = self.plan.with_type(half, l, higher);
+            steps.push(format!(
+                "{}{l} back to {higher} (spare bytes)",
+                half.letter()
+            ));
+        }
+    }
+
     /// Takes the move with the least predicted KLD per byte saved; false when none
     /// is left.
     fn step(&mut self) -> Option<String> {
@@ -392,6 +431,7 @@ pub fn plan_with(
             }
         }
     }
+    steps.extend(walk.refund(target));
     Ok(PlannedKv {
         predicted_kld: walk.predicted(),
         fraction: walk.fraction(),
@@ -458,7 +498,7 @@ mod tests {
             n_layers: 4,
             n_embd_kv: 64,
             q4: [vec![0.5, 0.02, 0.02, 0.02], vec![0.01, 0.01, 0.01, 0.01]],
-            q8_all: [0.004, 0.001],
+            q8_all: [0.05, 0.03],
             shares: vec![
                 ShareCost {
                     half: Half::Values,
@@ -486,6 +526,26 @@ mod tests {
         // The nearly free value share comes before any key loses precision.
         assert!(!p.plan.owns(Half::Values, 3), "{:?}", p.steps);
         assert_eq!(p.plan.types(Half::Keys)[0], GgmlType::F16);
+        // No slot could go back up a precision within the budget (spare bytes are
+        // spent on raises).
+        let target = 0.75 * p.plan.f16_bytes_per_token(64) as f64;
+        let bytes = p.plan.bytes_per_token(64) as f64;
+        for half in Half::BOTH {
+            for l in (0..4).filter(|&l| p.plan.owns(half, l)) {
+                let ty = p.plan.types(half)[l];
+                let pos = LADDER.iter().position(|&t| t == ty).filter(|&r| r > 0);
+                if let Some(r) =
+                    pos.filter(|&r| c.type_cost(half, l, LADDER[r - 1]) < c.type_cost(half, l, ty))
+                {
+                    let up = LADDER[r - 1].row_bytes(64).unwrap() - ty.row_bytes(64).unwrap();
+                    assert!(
+                        bytes + up as f64 > target,
+                        "{half:?}{l} fits back at {:?}",
+                        LADDER[r - 1]
+                    );
+                }
+            }
+        }
         let tight = plan(&c, 0.30).unwrap();
         assert!(tight.fraction <= 0.30 + 1e-9);
         assert!(tight.predicted_kld >= p.predicted_kld);
