@@ -50,7 +50,7 @@ def load(out):
     texts = {}
     for path in sorted(glob.glob(os.path.join(out, "*.json"))):
         name = os.path.basename(path)[:-5]
-        if "-" not in name or name.startswith("map-"):
+        if "-" not in name or name.startswith(("map-", "calib-")):
             continue
         text, config = name.split("-", 1)
         try:
@@ -103,7 +103,34 @@ def svg(rows, title):
     return "\n".join(s) + "\n"
 
 
+def additivity(out):
+    rows = []
+    for path in glob.glob(os.path.join(out, "calib-plan-*.json")):
+        try:
+            d = json.load(open(path))
+        except ValueError:
+            continue
+        rows.append(d)
+    if not rows:
+        return
+    rows.sort(key=lambda d: -d["budget"])
+    print("### The planner on its calibration set: predicted (sum of single moves) vs measured KLD\n")
+    print("| budget | plan's bytes | shared K/V slots | slot types (K / V) | predicted KLD | measured KLD |")
+    print("| ---: | ---: | ---: | --- | ---: | ---: |")
+    for d in rows:
+        shared = sum(1 for l in d["layers"] for h in ("k", "v") if l[f"{h}_from"] != l["layer"])
+        def counts(h):
+            c = {}
+            for l in d["layers"]:
+                if l[f"{h}_from"] == l["layer"]:
+                    c[l[f"{h}_type"]] = c.get(l[f"{h}_type"], 0) + 1
+            return ", ".join(f"{t} x{n}" for t, n in sorted(c.items()))
+        print(f"| {100*d['budget']:.3g}% | {100*d['fraction']:.1f}% | {shared} | {counts('k')} / {counts('v')} | {d['predicted_kld']:.4f} | {d['measured_kld']:.4f} |")
+    print()
+
+
 def table(out):
+    additivity(out)
     texts = load(out)
     for text, rows in sorted(texts.items()):
         rows.sort(key=lambda r: (-r["bytes"], r["kld"]))

@@ -73,5 +73,12 @@ for entry in $TEXTS; do
     ppl "$tname-share-75" "$text" "$OUT/model-plan-75-f16.gguf" --kv-share
 done
 
+# Additivity: each budget's plan, its predicted calibration KLD (sum of single
+# moves) and the KLD measured on the calibration set.
+for B in 60 50 37.5 28.125 20 15 10; do
+    [ -s "$OUT/calib-plan-$B.json" ] || "$K" plan -m "$MODEL" -t "$T" --kv-budget "$B%" --json \
+        > "$OUT/calib-plan-$B.json" 2> "$OUT/calib-plan-$B.log" || rm -f "$OUT/calib-plan-$B.json"
+done
+
 python3 scripts/frontier.py table "$OUT" > "$OUT/frontier.md"
 cat "$OUT/frontier.md"
