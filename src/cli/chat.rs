@@ -312,7 +312,10 @@ fn print_stats(engine: &ChatEngine<'_>) {
         human_bytes(saved),
         if unshared == 0 { 0.0 } else { 100.0 * saved as f64 / unshared as f64 }
     );
-    println!("KV plan: {plan}");
+    match plan.as_map() {
+        Some(map) => println!("sharing map: {map}"),
+        None => println!("KV plan: {plan}"),
+    }
 }
 
 fn save_transcript(engine: &ChatEngine<'_>, settings: &Settings, path: &Path) -> Result<()> {
