@@ -210,13 +210,22 @@ impl KvPlan {
         next
     }
 
-    /// The same types, with both halves following `map`.
-    pub fn with_map(&self, map: &ShareMap) -> Self {
-        KvPlan {
+    /// The same types, with both halves following `map` (of as many layers).
+    pub fn with_map(&self, map: &ShareMap) -> Result<Self, KvPlanError> {
+        if map.n_layers() != self.n_layers() {
+            return Err(KvPlanError::Sources {
+                half: Half::Keys,
+                source: ShareMapError::WrongLength {
+                    expected: self.n_layers(),
+                    found: map.n_layers(),
+                },
+            });
+        }
+        Ok(KvPlan {
             k_source: map.clone(),
             v_source: map.clone(),
             ..self.clone()
-        }
+        })
     }
 
     /// Every owned slot of both halves set to the given types (the CLI's

@@ -91,7 +91,14 @@ pub trait RunState<'m> {
 
     /// `set_plan` with both halves following `map`, the types kept.
     fn set_map(&mut self, map: &ShareMap) -> Result<(), RuntimeError> {
-        let plan = self.plan().with_map(map);
+        if map.n_layers() != self.plan().n_layers() {
+            return Err(crate::kvplan::ShareMapError::WrongLength {
+                expected: self.plan().n_layers(),
+                found: map.n_layers(),
+            }
+            .into());
+        }
+        let plan = self.plan().with_map(map)?;
         self.set_plan(&plan)
     }
 
