@@ -12,7 +12,7 @@ use crate::backend::ggml::decode_attention;
 use crate::backend::ggml::kv::KvCache;
 use crate::gguf::GgmlType;
 use crate::kvplan::Half;
-use crate::model::{LayerRole, Model};
+use crate::model::{LayerRole, LayerWeights, Model};
 use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits};
 
 /// Where a forward pass starts: at the token embeddings, or at layer `layer` with
@@ -230,6 +230,20 @@ fn build(
             )
     };
 
+    // A layer's keys and values from its normed input, into the halves it owns.
+    let write_layer_kv = |il: usize, lw: &LayerWeights, cur: Tensor<'_>| {
+        write_kv(
+            &g,
+            cache,
+            il,
+            cur,
+            |role| weights.get(lw[role]),
+            [inp_pos, inp_rows],
+            rope_freqs,
+            &rope,
+            [hd, n_head_kv, n],
+        )
+    };
     // Slots of layers below the start that later layers read: written again from
     // those layers' inputs, before anything reads them.
     for (il, lw) in w.layers().iter().enumerate().take(shape.first_layer) {
@@ -243,18 +257,7 @@ fn build(
             &format!("inp_refill_{il}"),
         );
         let cur = g.mul(g.rms_norm(x, c.rms_eps), lt(LayerRole::AttnNorm));
-        write_kv(
-            &g,
-            cache,
-            il,
-            cur,
-            lt,
-            inp_pos,
-            inp_rows,
-            rope_freqs,
-            &rope,
-            [hd, n_head_kv, n],
-        );
+        write_layer_kv(il, lw, cur);
     }
 
     // The graph's first input: token ids, or a residual stream to start from.
@@ -280,18 +283,7 @@ fn build(
         let q = g.rope(q, inp_pos, rope_freqs, &rope);
         let (k_slot, v_slot) = (cache.k(il), cache.v(il));
         // Cache writes go into the graph before the attention that reads the slot.
-        write_kv(
-            &g,
-            cache,
-            il,
-            cur,
-            lt,
-            inp_pos,
-            inp_rows,
-            rope_freqs,
-            &rope,
-            [hd, n_head_kv, n],
-        );
+        write_layer_kv(il, lw, cur);
         let cur = if use_decode_kernel(il) {
             g.decode_attention(q, k_slot, v_slot, inp_mask, kq_scale)
         } else {
@@ -343,8 +335,7 @@ fn write_kv<'a>(
     il: usize,
     cur: Tensor<'a>,
     lt: impl Fn(LayerRole) -> Tensor<'a>,
-    pos: Tensor<'a>,
-    rows: Tensor<'a>,
+    [pos, rows]: [Tensor<'a>; 2],
     rope_freqs: Option<Tensor<'a>>,
     rope: &RopeParams,
     [hd, n_head_kv, n]: [i64; 3],
