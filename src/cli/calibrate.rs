@@ -195,20 +195,25 @@ impl SearchArgs {
     }
 
     fn corpus(&self) -> Result<Corpus> {
-        match &self.calib {
-            None => Ok(Corpus::default_corpus()),
-            Some(p) => {
-                let bytes = std::fs::read(p)
-                    .with_context(|| format!("cannot read calibration file {}", p.display()))?;
-                let text = String::from_utf8(bytes).map_err(|e| {
-                    anyhow::anyhow!(
-                        "calibration file {} is not UTF-8 text (byte {})",
-                        p.display(),
-                        e.utf8_error().valid_up_to()
-                    )
-                })?;
-                Ok(Corpus::from_text(&text))
-            }
+        read_corpus(self.calib.as_deref())
+    }
+}
+
+/// The calibration corpus in `path`, or the built-in one.
+pub fn read_corpus(path: Option<&Path>) -> Result<Corpus> {
+    match path {
+        None => Ok(Corpus::default_corpus()),
+        Some(p) => {
+            let bytes = std::fs::read(p)
+                .with_context(|| format!("cannot read calibration file {}", p.display()))?;
+            let text = String::from_utf8(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "calibration file {} is not UTF-8 text (byte {})",
+                    p.display(),
+                    e.utf8_error().valid_up_to()
+                )
+            })?;
+            Ok(Corpus::from_text(&text))
         }
     }
 }

@@ -66,15 +66,14 @@ pub struct PlannerArgs {
 }
 
 impl Default for PlannerArgs {
+    /// The flags' own defaults (stated once, in the attributes above).
     fn default() -> Self {
-        PlannerArgs {
-            calib: None,
-            samples: 4,
-            tokens: 48,
-            sources: 1,
-            types: "f16,q8_0,q4_0".into(),
-            replan: false,
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            planner: PlannerArgs,
         }
+        <Defaults as clap::Parser>::parse_from(["kvsharer"]).planner
     }
 }
 
@@ -142,14 +141,7 @@ pub fn parse_budget(spec: &str, config: &LlamaConfig, n_ctx: usize) -> Result<f6
 
 impl PlannerArgs {
     fn corpus(&self) -> Result<Corpus> {
-        match &self.calib {
-            None => Ok(Corpus::default_corpus()),
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("cannot read calibration file {}", p.display()))?;
-                Ok(Corpus::from_text(&text))
-            }
-        }
+        super::calibrate::read_corpus(self.calib.as_deref())
     }
 
     /// `--plan-types` as ggml types, highest precision first; f16 is always allowed
