@@ -261,6 +261,7 @@ impl ModelArgs {
             type_k,
             type_v,
             window: self.window()?,
+            n_seq: 1,
         })
     }
 

@@ -12,6 +12,10 @@ pub enum Capability {
     Window,
     ContextShift,
     Packed,
+    /// Several sequences in one run state (`RunOptions::n_seq`).
+    Sequences,
+    /// A KV window on a run state of several sequences.
+    WindowedSequences,
 }
 
 impl std::fmt::Display for Capability {
@@ -24,6 +28,12 @@ impl std::fmt::Display for Capability {
             Capability::Window => f.write_str("a KV window (StreamingLLM eviction)"),
             Capability::ContextShift => f.write_str("context shift"),
             Capability::Packed => f.write_str("packed multi-text evaluation"),
+            Capability::Sequences => {
+                f.write_str("several sequences decoded together (parallel slots)")
+            }
+            Capability::WindowedSequences => {
+                f.write_str("a KV window with several sequences (parallel slots)")
+            }
         }
     }
 }

@@ -18,6 +18,9 @@ pub struct RunOptions {
     /// StreamingLLM-style eviction; when set, the cache holds exactly
     /// `sink + recent` cells whatever `n_ctx` says.
     pub window: Option<KvWindow>,
+    /// Sequences the cache holds, each `n_ctx` cells of its own (serve's slots,
+    /// decoded together by `RunState::forward_seqs`); 1 for one conversation.
+    pub n_seq: usize,
 }
 
 impl Default for RunOptions {
@@ -29,6 +32,7 @@ impl Default for RunOptions {
             type_k: GgmlType::F16,
             type_v: GgmlType::F16,
             window: None,
+            n_seq: 1,
         }
     }
 }
@@ -89,6 +93,9 @@ pub struct Capabilities {
     /// Many texts in one packed pass, optionally from a cached layer input
     /// (`RunState::forward_packed`); the search falls back to one text at a time.
     pub packed: bool,
+    /// Several sequences in one cache, stepped together (`RunOptions::n_seq`,
+    /// `RunState::forward_seqs`).
+    pub sequences: bool,
 }
 
 impl Capabilities {
@@ -101,6 +108,17 @@ impl Capabilities {
         }
         if opts.window.is_some() && !self.window {
             return Err(self.lacks(Capability::Window));
+        }
+        if opts.n_seq == 0 {
+            return Err(RuntimeError::InvalidRequest(
+                "a run state needs at least one sequence".into(),
+            ));
+        }
+        if opts.n_seq > 1 && !self.sequences {
+            return Err(self.lacks(Capability::Sequences));
+        }
+        if opts.n_seq > 1 && opts.window.is_some() {
+            return Err(self.lacks(Capability::WindowedSequences));
         }
         Ok(())
     }

@@ -102,6 +102,40 @@ pub trait RunState<'m> {
         self.set_plan(&plan)
     }
 
+    /// Sequences the cache holds (`RunOptions::n_seq`), each `n_ctx()` cells of its
+    /// own. Sequence 0 is the one `forward`, `n_past` and `truncate` work on.
+    fn n_seq(&self) -> usize {
+        1
+    }
+
+    /// Tokens cached in sequence `seq`.
+    fn seq_past(&self, seq: usize) -> usize {
+        if seq == 0 {
+            self.n_past()
+        } else {
+            0
+        }
+    }
+
+    /// Keeps the first `n` tokens of sequence `seq`.
+    fn truncate_seq(&mut self, seq: usize, n: usize) {
+        if seq == 0 {
+            self.truncate(n);
+        }
+    }
+
+    /// One step over several sequences: each entry `(seq, tokens)` appends its
+    /// tokens to its sequence (distinct sequences, all in one forward pass, so the
+    /// weights are read once for every sequence). Returns each entry's last-token
+    /// logits, row-major `[entries][n_vocab]`. A single entry may be longer than
+    /// the batch size (it runs in passes); several must fit one pass together.
+    fn forward_seqs(&mut self, batch: &[(usize, &[u32])]) -> Result<Vec<f32>, RuntimeError> {
+        match batch {
+            [(0, tokens)] => self.eval(tokens, Logits::Last),
+            _ => Err(self.capabilities().lacks(Capability::Sequences)),
+        }
+    }
+
     /// Evaluates a packed batch of equal-length texts from cache row 0, replacing
     /// whatever the run state held (see `PackedBatch`).
     fn forward_packed(

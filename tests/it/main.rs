@@ -33,6 +33,7 @@ mod perplexity;
 mod quantized_cache;
 mod reference_selftest;
 mod search;
+mod sequences;
 mod share_crash;
 mod tokenizer_parity;
 #[cfg(feature = "wgpu")]

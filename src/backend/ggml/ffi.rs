@@ -888,6 +888,12 @@ impl GraphCtx {
         })
     }
 
+    /// `a` and `b` joined along dimension `dim` (their other dimensions agree).
+    pub fn concat<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>, dim: i32) -> Tensor<'a> {
+        // SAFETY: as for mul_mat.
+        Tensor::from_raw(unsafe { sys::ggml_concat(self.c(), a.ptr(), b.ptr(), dim) })
+    }
+
     pub fn cont<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
         // SAFETY: as for mul_mat.
         Tensor::from_raw(unsafe { sys::ggml_cont(self.c(), a.ptr()) })

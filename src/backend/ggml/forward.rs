@@ -59,17 +59,29 @@ impl Layout {
     }
 }
 
+/// The tokens of a batch that belong to one sequence: the sequence's cells start at
+/// cache row `base`, and these `n` tokens go to its cells `row0..row0 + n`. A
+/// conversation is one span at base 0; serve's decode step is one span per slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub base: usize,
+    pub row0: usize,
+    pub n: usize,
+}
+
 /// Mask rows are padded to this many cache cells, as llama.cpp does for flash
 /// attention, so graphs of neighbouring lengths share allocations.
 const KV_PAD: usize = 256;
-const MAX_NODES: usize = 8192;
+const MAX_NODES: usize = 16384;
 const NEG_INF_F16: u16 = 0xFC00;
 
 /// What decides a graph's topology; graphs with equal shapes differ only in their
 /// inputs' values (tokens, positions, cache rows, mask), so one can be reused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GraphShape {
     n_tokens: usize,
+    /// `(base, n)` of every span (a view's offset is part of the graph).
+    spans: Vec<(usize, usize)>,
     n_kv: usize,
     first_layer: usize,
     /// Layers below `first_layer` whose K/V are recomputed (bit `l` for layer `l`).
@@ -98,9 +110,12 @@ pub struct GraphCache {
     last: Option<(GraphShape, GraphCtx)>,
 }
 
-/// Runs `tokens` into cache rows `row0..row0+n` through the model, writing the owning
-/// layers' K/V into `cache`. The caller guarantees `row0 + n <= cache.n_ctx()` and
-/// every token id `< n_vocab` (the session checks both).
+/// Runs `tokens` (the spans' tokens, span after span) through the model, writing
+/// the owning layers' K/V into `cache`. Every sequence has `cells` cells. With
+/// `Logits::Last`, each span's last token gets a row of logits. The caller
+/// guarantees `row0 + n <= cells` for every span, that several spans only come
+/// with `Layout::Single` and no `start` or captures, and every token id
+/// `< n_vocab` (the session checks them).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     model: &Model,
@@ -110,15 +125,19 @@ pub fn forward(
     alloc: &mut GraphAllocator,
     graphs: &mut GraphCache,
     tokens: &[u32],
-    row0: usize,
+    spans: &[Span],
+    cells: usize,
     layout: Layout,
     start: Start<'_>,
     req: ForwardRequest,
 ) -> Result<ForwardOutput, GgmlError> {
     let n = tokens.len();
+    debug_assert_eq!(n, spans.iter().map(|s| s.n).sum::<usize>());
+    let end = spans.iter().map(|s| s.row0 + s.n).max().unwrap_or(0);
     let shape = GraphShape {
         n_tokens: n,
-        n_kv: (row0 + n).next_multiple_of(KV_PAD).min(cache.n_ctx()),
+        spans: spans.iter().map(|s| (s.base, s.n)).collect(),
+        n_kv: end.next_multiple_of(KV_PAD).min(cells),
         first_layer: match start {
             Start::Tokens => 0,
             Start::Layer { layer, .. } => layer,
@@ -135,7 +154,7 @@ pub fn forward(
     if graphs.last.as_ref().is_none_or(|(s, _)| *s != shape) {
         let g = build(model, weights, cache, &shape)?;
         backend.check_supported(&g.graph())?;
-        graphs.last = Some((shape, g));
+        graphs.last = Some((shape.clone(), g));
     }
     let g = &graphs.last.as_ref().expect("just built").1;
     let graph = g.graph();
@@ -143,8 +162,7 @@ pub fn forward(
 
     let input = |name: &str| g.get(name);
     write_inputs(
-        row0,
-        n,
+        spans,
         layout,
         shape.n_kv,
         [input("inp_pos"), input("inp_kv_rows"), input("inp_kq_mask")],
@@ -153,7 +171,11 @@ pub fn forward(
         ids.write(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>());
     }
     if let Some(last) = input("inp_out_ids") {
-        last.write(&[(n - 1) as i32]);
+        let ends = spans.iter().scan(0, |end, s| {
+            *end += s.n;
+            Some(*end as i32 - 1)
+        });
+        last.write(&ends.collect::<Vec<_>>());
     }
     if let (Some(t), Start::Layer { input: x, .. }) = (input("inp_hidden"), start) {
         t.write(x);
@@ -171,7 +193,7 @@ pub fn forward(
     if let Some(t) = g.get("result_logits") {
         let all = t.read_f32();
         let rows = t.ne()[1] as usize;
-        if req.logits == Logits::Last && rows > 1 {
+        if req.logits == Logits::Last && shape.all_rows() && rows > 1 {
             out.logits = all[(rows - 1) * model.config.n_vocab..].to_vec();
             out.logit_rows = 1;
         } else {
@@ -210,8 +232,10 @@ fn build(
     let inp_pos = g.input(GgmlType::I32, &[n], "inp_pos");
     let inp_rows = g.input(GgmlType::I64, &[n], "inp_kv_rows");
     let inp_mask = g.input(GgmlType::F16, &[shape.n_kv as i64, n], "inp_kq_mask");
-    // Only the last row leaves the final layer unless every row is wanted.
-    let inp_last = (!shape.all_rows()).then(|| g.input(GgmlType::I32, &[1], "inp_out_ids"));
+    // Only each span's last row leaves the final layer unless every row is wanted.
+    let n_spans = shape.spans.len();
+    let inp_last = (!shape.all_rows())
+        .then(|| g.input(GgmlType::I32, &[n_spans as i64], "inp_out_ids"));
     let rope_freqs = w.rope_freqs().map(|i| weights.get(i));
     let kq_scale = 1.0 / (c.head_dim as f32).sqrt();
     // One new token over a quantized cache on the CPU: kvsharer's grouped kernel
@@ -219,7 +243,7 @@ fn build(
     // backend); everything else: ggml's flash attention. Decided per layer, since
     // each layer may read slots of other types.
     let use_decode_kernel = |il: usize| {
-        n == 1
+        shape.spans.iter().all(|&(_, len)| len == 1)
             && shape.on_cpu
             && decode_attention::supports(
                 cache.type_k(il),
@@ -284,20 +308,30 @@ fn build(
         let (k_slot, v_slot) = (cache.k(il), cache.v(il));
         // Cache writes go into the graph before the attention that reads the slot.
         write_layer_kv(il, lw, cur);
-        let cur = if use_decode_kernel(il) {
-            g.decode_attention(q, k_slot, v_slot, inp_mask, kq_scale)
-        } else {
-            attention(
-                &g,
-                q,
-                k_slot,
-                v_slot,
-                inp_mask,
-                c.n_head_kv,
-                c.head_dim,
-                shape.n_kv,
-                kq_scale,
-            )
+        // Each span attends over its own sequence's cells.
+        let decode = use_decode_kernel(il);
+        let span_attention = |q, mask, base| {
+            let dims = [c.n_head_kv, c.head_dim, shape.n_kv];
+            span_attention(&g, q, [k_slot, v_slot], mask, base, dims, kq_scale, decode)
+        };
+        let cur = match shape.spans.as_slice() {
+            [(base, _)] => span_attention(q, inp_mask, *base),
+            spans => {
+                let mut out: Option<Tensor<'_>> = None;
+                let mut t0 = 0;
+                for &(base, len) in spans {
+                    let q_s = g.view_3d(q, [hd, n_head, len as i64], q.nb()[1], q.nb()[2], t0 * q.nb()[2]);
+                    let m = inp_mask.nb()[1];
+                    let mask_s = g.view_2d(inp_mask, shape.n_kv as i64, len as i64, m, t0 * m);
+                    let a = span_attention(q_s, mask_s, base);
+                    out = Some(match out {
+                        None => a,
+                        Some(prev) => g.concat(prev, a, 2),
+                    });
+                    t0 += len;
+                }
+                out.expect("a batch has at least one span")
+            }
         };
         let mut cur = g.mul_mat(lt(LayerRole::AttnOutput), g.reshape_2d(cur, hd * n_head, n));
         let mut residual = residual;
@@ -351,17 +385,41 @@ fn write_kv<'a>(
     }
 }
 
-/// Flash attention of `q` ([hd, n_head, n]) over the first `n_kv` cells of a slot.
+/// Attention of one span's queries over its sequence's cells from row `base` on:
+/// kvsharer's decode kernel (one token per span, quantized cache, CPU) or ggml's
+/// flash attention.
 #[allow(clippy::too_many_arguments)]
+fn span_attention<'a>(
+    g: &'a GraphCtx,
+    q: Tensor<'a>,
+    [k_slot, v_slot]: [Tensor<'a>; 2],
+    mask: Tensor<'a>,
+    base: usize,
+    dims: [usize; 3],
+    scale: f32,
+    decode_kernel: bool,
+) -> Tensor<'a> {
+    if decode_kernel {
+        let n_kv = dims[2] as i64;
+        let cells = |slot: Tensor<'a>| {
+            let row = slot_row_bytes(slot);
+            g.view_2d(slot, slot.ne()[0], n_kv, row, base * row)
+        };
+        g.decode_attention(q, cells(k_slot), cells(v_slot), mask, scale)
+    } else {
+        attention(g, q, [k_slot, v_slot], mask, base, dims, scale)
+    }
+}
+
+/// Flash attention of `q` ([hd, n_head, n]) over the `n_kv` cells of a slot from
+/// row `base` on.
 fn attention<'a>(
     g: &'a GraphCtx,
     q: Tensor<'a>,
-    k_slot: Tensor<'a>,
-    v_slot: Tensor<'a>,
+    [k_slot, v_slot]: [Tensor<'a>; 2],
     mask: Tensor<'a>,
-    n_head_kv: usize,
-    head_dim: usize,
-    n_kv: usize,
+    base: usize,
+    [n_head_kv, head_dim, n_kv]: [usize; 3],
     scale: f32,
 ) -> Tensor<'a> {
     let kv_view = |slot: Tensor<'a>, ty_row: usize, ty_head: usize| {
@@ -370,7 +428,7 @@ fn attention<'a>(
             [head_dim as i64, n_head_kv as i64, n_kv as i64],
             ty_head,
             ty_row,
-            0,
+            base * ty_row,
         );
         g.permute(view, [0, 2, 1, 3])
     };
@@ -386,9 +444,10 @@ fn slot_row_bytes(slot: Tensor<'_>) -> usize {
     slot.nb()[1]
 }
 
+/// Positions, cache rows and the mask of every token: a span's mask rows are
+/// relative to its sequence's first cell.
 fn write_inputs(
-    row0: usize,
-    n: usize,
+    spans: &[Span],
     layout: Layout,
     n_kv: usize,
     inputs: [Option<Tensor<'_>>; 3],
@@ -396,11 +455,16 @@ fn write_inputs(
     // A graph that writes no slot (a restart above every owning layer) has no
     // cache-row input; one always has positions and a mask.
     let [inp_pos, inp_rows, inp_mask] = inputs;
-    let pos: Vec<i32> = (0..n).map(|i| layout.position(row0 + i) as i32).collect();
-    let rows: Vec<i64> = (0..n).map(|i| (row0 + i) as i64).collect();
+    let n: usize = spans.iter().map(|s| s.n).sum();
+    let mut pos = Vec::with_capacity(n);
+    let mut rows = Vec::with_capacity(n);
     let mut mask = vec![NEG_INF_F16; n_kv * n];
-    for t in 0..n {
-        let row = row0 + t;
+    let token_rows = spans
+        .iter()
+        .flat_map(|s| (s.row0..s.row0 + s.n).map(move |row| (s.base, row)));
+    for (t, (base, row)) in token_rows.enumerate() {
+        pos.push(layout.position(row) as i32);
+        rows.push((base + row) as i64);
         for j in layout.first_visible_row(row)..=row.min(n_kv - 1) {
             mask[t * n_kv + j] = 0;
         }

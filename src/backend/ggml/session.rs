@@ -5,16 +5,16 @@
 use std::ops::Range;
 
 use super::ffi::{DeviceKind, GgmlBackend, GgmlError, GraphAllocator};
-use super::forward::{self, GraphCache, Layout, Start};
+use super::forward::{self, GraphCache, Layout, Span, Start};
 use super::kv::{KvCache, KvError, KvPart};
 use super::weights::{self, PlacedWeights};
 use crate::gguf::GgmlType;
 use crate::kvplan::{KvPlan, ShareMap};
 use crate::model::Model;
 use crate::runtime::chunks;
-use crate::runtime::error::RuntimeError;
+use crate::runtime::error::{Capability, RuntimeError};
 use crate::runtime::options::{Capabilities, KvWindow, RunOptions};
-use crate::runtime::request::{ForwardOutput, ForwardRequest, PackedBatch};
+use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits, PackedBatch};
 use crate::runtime::state::RunState;
 
 /// Why a ggml session could not be opened.
@@ -57,7 +57,11 @@ pub struct Session<'m> {
     alloc: GraphAllocator,
     cache: KvCache,
     weights: PlacedWeights<'m>,
-    n_past: usize,
+    /// Tokens cached in each sequence (`RunOptions::n_seq`); sequence `s` owns
+    /// cache rows `s * cells..(s + 1) * cells`.
+    past: Vec<usize>,
+    /// Cells per sequence.
+    cells: usize,
     n_batch: usize,
     window: Option<KvWindow>,
     evicted: usize,
@@ -96,7 +100,7 @@ impl<'m> Session<'m> {
         opts: &RunOptions,
     ) -> Result<Self, SessionError> {
         let backend = GgmlBackend::on_device(device, opts.n_threads)?;
-        let cache = Self::cache_for(model, plan, opts, &backend)?;
+        let (cache, cells) = Self::cache_for(model, plan, opts, &backend)?;
         let weights = weights::place(model, &backend)?;
         let alloc = GraphAllocator::new(&backend)?;
         Ok(Session {
@@ -105,7 +109,8 @@ impl<'m> Session<'m> {
             alloc,
             cache,
             weights,
-            n_past: 0,
+            past: vec![0; opts.n_seq.max(1)],
+            cells,
             n_batch: opts.n_batch.max(1),
             window: opts.window,
             evicted: 0,
@@ -114,12 +119,13 @@ impl<'m> Session<'m> {
         })
     }
 
+    /// The cache for `opts.n_seq` sequences of the returned cell count each.
     fn cache_for(
         model: &Model,
         plan: &KvPlan,
         opts: &RunOptions,
         backend: &GgmlBackend,
-    ) -> Result<KvCache, SessionError> {
+    ) -> Result<(KvCache, usize), SessionError> {
         let n_cells = match opts.window {
             Some(w) if w.recent == 0 => {
                 return Err(SessionError::Window(
@@ -129,7 +135,11 @@ impl<'m> Session<'m> {
             Some(w) => w.cells(),
             None => opts.n_ctx,
         };
-        Ok(KvCache::new(&model.config, plan, n_cells, backend)?)
+        let n_seq = opts.n_seq.max(1);
+        Ok((
+            KvCache::new(&model.config, plan, n_cells * n_seq, backend)?,
+            n_cells,
+        ))
     }
 
     pub fn cache(&self) -> &KvCache {
@@ -179,35 +189,71 @@ impl<'m> Session<'m> {
         start: Start<'_>,
         req: ForwardRequest,
     ) -> Result<ForwardOutput, RuntimeError> {
-        chunks::check_tokens(
-            tokens,
-            self.n_past,
-            self.cache.n_ctx(),
-            self.model.config.n_vocab,
-        )?;
+        chunks::check_tokens(tokens, self.past[0], self.cells, self.model.config.n_vocab)?;
         let mut out = ForwardOutput::default();
         for (chunk, logits) in chunks::plan(tokens, chunk_len, req.logits) {
             if self.window.is_some() {
                 // Windows shift the cache between blocks; keep their graphs fresh.
                 self.graphs = GraphCache::default();
             }
-            let r = forward::forward(
-                self.model,
-                &self.weights,
-                &self.cache,
-                &self.backend,
-                &mut self.alloc,
-                &mut self.graphs,
-                chunk,
-                self.n_past,
-                layout,
-                start,
-                ForwardRequest { logits, ..req },
-            )?;
-            self.n_past += chunk.len();
+            let span = Span {
+                base: 0,
+                row0: self.past[0],
+                n: chunk.len(),
+            };
+            let r = self.run(chunk, &[span], layout, start, ForwardRequest { logits, ..req })?;
+            self.past[0] += chunk.len();
             out.append(r);
         }
         Ok(out)
+    }
+
+    /// One forward pass of `tokens` laid out by `spans`.
+    fn run(
+        &mut self,
+        tokens: &[u32],
+        spans: &[Span],
+        layout: Layout,
+        start: Start<'_>,
+        req: ForwardRequest,
+    ) -> Result<ForwardOutput, RuntimeError> {
+        Ok(forward::forward(
+            self.model,
+            &self.weights,
+            &self.cache,
+            &self.backend,
+            &mut self.alloc,
+            &mut self.graphs,
+            tokens,
+            spans,
+            self.cells,
+            layout,
+            start,
+            req,
+        )?)
+    }
+
+    /// Refuses a batch of sequences that name one twice or one that does not
+    /// exist, or whose tokens do not fit.
+    fn check_seqs(&self, batch: &[(usize, &[u32])]) -> Result<(), RuntimeError> {
+        if batch.is_empty() {
+            return Err(RuntimeError::Empty);
+        }
+        for (i, &(seq, tokens)) in batch.iter().enumerate() {
+            if seq >= self.past.len() {
+                return Err(RuntimeError::InvalidRequest(format!(
+                    "sequence {seq} does not exist (the run state holds {})",
+                    self.past.len()
+                )));
+            }
+            if batch[..i].iter().any(|&(s, _)| s == seq) {
+                return Err(RuntimeError::InvalidRequest(format!(
+                    "sequence {seq} appears twice in one step"
+                )));
+            }
+            chunks::check_tokens(tokens, self.past[seq], self.cells, self.model.config.n_vocab)?;
+        }
+        Ok(())
     }
 }
 
@@ -228,6 +274,7 @@ impl<'m> RunState<'m> for Session<'m> {
             window: true,
             context_shift: true,
             packed: true,
+            sequences: true,
         }
     }
 
@@ -248,11 +295,11 @@ impl<'m> RunState<'m> for Session<'m> {
     }
 
     fn n_past(&self) -> usize {
-        self.n_past
+        self.past[0]
     }
 
     fn n_ctx(&self) -> usize {
-        self.cache.n_ctx()
+        self.cells
     }
 
     fn window(&self) -> Option<KvWindow> {
@@ -260,13 +307,88 @@ impl<'m> RunState<'m> for Session<'m> {
     }
 
     fn reset(&mut self) {
-        self.n_past = 0;
+        self.past.fill(0);
         self.evicted = 0;
     }
 
     /// Cells past `n_past` are masked out, so their stale contents are never read.
     fn truncate(&mut self, n: usize) {
-        self.n_past = self.n_past.min(n);
+        self.truncate_seq(0, n);
+    }
+
+    fn n_seq(&self) -> usize {
+        self.past.len()
+    }
+
+    fn seq_past(&self, seq: usize) -> usize {
+        self.past.get(seq).copied().unwrap_or(0)
+    }
+
+    fn truncate_seq(&mut self, seq: usize, n: usize) {
+        if let Some(p) = self.past.get_mut(seq) {
+            *p = (*p).min(n);
+        }
+    }
+
+    /// A single entry runs in passes of the batch size; several run as one graph
+    /// in which every span attends over its own sequence's cells.
+    fn forward_seqs(&mut self, batch: &[(usize, &[u32])]) -> Result<Vec<f32>, RuntimeError> {
+        if self.window.is_some() {
+            // Windows evict through `forward` (one sequence only, by capability).
+            return match batch {
+                [(0, tokens)] => self.eval(tokens, Logits::Last),
+                _ => Err(self.capabilities().lacks(Capability::WindowedSequences)),
+            };
+        }
+        self.check_seqs(batch)?;
+        let cells = self.cells;
+        if let [(seq, tokens)] = *batch {
+            let mut logits = Vec::new();
+            for (chunk, want) in chunks::plan(tokens, self.n_batch, Logits::Last) {
+                let span = Span {
+                    base: seq * cells,
+                    row0: self.past[seq],
+                    n: chunk.len(),
+                };
+                let r = self.run(
+                    chunk,
+                    &[span],
+                    Layout::Single,
+                    Start::Tokens,
+                    ForwardRequest::logits(want),
+                )?;
+                self.past[seq] += chunk.len();
+                logits = r.logits;
+            }
+            return Ok(logits);
+        }
+        let total: usize = batch.iter().map(|(_, t)| t.len()).sum();
+        if total > self.n_batch {
+            return Err(RuntimeError::InvalidRequest(format!(
+                "a step of several sequences takes at most the batch size ({}) in tokens, got {total}",
+                self.n_batch
+            )));
+        }
+        let tokens: Vec<u32> = batch.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+        let spans: Vec<Span> = batch
+            .iter()
+            .map(|&(seq, t)| Span {
+                base: seq * cells,
+                row0: self.past[seq],
+                n: t.len(),
+            })
+            .collect();
+        let r = self.run(
+            &tokens,
+            &spans,
+            Layout::Single,
+            Start::Tokens,
+            ForwardRequest::logits(Logits::Last),
+        )?;
+        for &(seq, t) in batch {
+            self.past[seq] += t.len();
+        }
+        Ok(r.logits)
     }
 
     fn forward(
@@ -286,7 +408,7 @@ impl<'m> RunState<'m> for Session<'m> {
         let block = (w.recent / 2).clamp(1, self.n_batch);
         let mut out = ForwardOutput::default();
         for (b, logits) in chunks::plan(tokens, block, req.logits) {
-            let overflow = (self.n_past + b.len()).saturating_sub(w.cells());
+            let overflow = (self.past[0] + b.len()).saturating_sub(w.cells());
             if overflow > 0 {
                 self.context_shift(w.sink, overflow)?;
                 self.evicted += overflow;
@@ -306,12 +428,13 @@ impl<'m> RunState<'m> for Session<'m> {
     /// Frees room in a full context the way llama.cpp's context shift does. Works
     /// on every slot, so shared layers keep following their sources.
     fn context_shift(&mut self, n_keep: usize, n_discard: usize) -> Result<(), RuntimeError> {
-        let n_keep = n_keep.min(self.n_past);
-        let n_discard = n_discard.min(self.n_past - n_keep);
+        let n_past = self.past[0];
+        let n_keep = n_keep.min(n_past);
+        let n_discard = n_discard.min(n_past - n_keep);
         if n_discard == 0 {
             return Ok(());
         }
-        let moved = n_keep + n_discard..self.n_past;
+        let moved = n_keep + n_discard..n_past;
         self.cache.move_rows(moved.clone(), n_keep);
         let new_rows = n_keep..n_keep + moved.len();
         forward::shift_keys(
@@ -326,7 +449,7 @@ impl<'m> RunState<'m> for Session<'m> {
         // The shift graph took over the allocator's memory, so a kept graph's
         // tensors would point into freed buffers.
         self.graphs = GraphCache::default();
-        self.n_past -= n_discard;
+        self.past[0] -= n_discard;
         Ok(())
     }
 
@@ -363,7 +486,8 @@ impl<'m> RunState<'m> for Session<'m> {
         self.capabilities().check_plan(plan)?;
         if plan != self.cache.plan() {
             // The cache holds slots for the owning layers only: lay it out anew.
-            self.cache = Self::cache_for(self.model, plan, &self.opts, &self.backend)?;
+            (self.cache, self.cells) =
+                Self::cache_for(self.model, plan, &self.opts, &self.backend)?;
             self.graphs = GraphCache::default();
         }
         self.reset();
@@ -389,7 +513,7 @@ impl<'m> RunState<'m> for Session<'m> {
                 tokens.len()
             )));
         }
-        self.n_past = 0;
+        self.past[0] = 0;
         let start = match start {
             None => Start::Tokens,
             Some((layer, input)) => {

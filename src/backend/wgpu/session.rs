@@ -64,6 +64,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     window: false,
     context_shift: false,
     packed: false,
+    sequences: false,
 };
 
 impl Default for GpuOptions {
