@@ -20,4 +20,5 @@ pub mod oracle;
 pub mod runtime;
 pub mod sample;
 pub mod search;
+pub mod serve;
 pub mod tokenizer;

@@ -273,6 +273,27 @@ pub fn apply_repeat_penalty(logits: &mut [f32], history: &[u32], penalty: f32, l
     }
 }
 
+/// OpenAI's presence and frequency penalties: every token already in `generated`
+/// loses `presence` once and `frequency` per occurrence from its logit. Ids
+/// outside `logits` are ignored.
+pub fn apply_presence_frequency(
+    logits: &mut [f32],
+    generated: &[u32],
+    presence: f32,
+    frequency: f32,
+) {
+    if presence == 0.0 && frequency == 0.0 {
+        return;
+    }
+    let mut counts: Vec<u32> = generated.to_vec();
+    counts.sort_unstable();
+    for run in counts.chunk_by(|a, b| a == b) {
+        if let Some(logit) = logits.get_mut(run[0] as usize) {
+            *logit -= presence + frequency * run.len() as f32;
+        }
+    }
+}
+
 /// [`math::argmax`] as a token id: the first largest logit; NaN entries never win;
 /// an empty or all-NaN slice gives 0.
 pub fn argmax(logits: &[f32]) -> u32 {
@@ -319,6 +340,16 @@ mod tests {
     /// Logits whose softmax is exactly `probs` (up to a constant).
     fn logits_from_probs(probs: &[f64]) -> Vec<f32> {
         probs.iter().map(|p| p.ln() as f32).collect()
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_occurrences() {
+        let mut logits = vec![1.0f32; 5];
+        apply_presence_frequency(&mut logits, &[1, 3, 3, 3, 9], 0.5, 0.25);
+        assert_eq!(logits, [1.0, 0.25, 1.0, -0.25, 1.0]);
+        let mut same = vec![1.0f32; 3];
+        apply_presence_frequency(&mut same, &[0, 1], 0.0, 0.0);
+        assert_eq!(same, [1.0; 3]);
     }
 
     #[test]

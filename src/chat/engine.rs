@@ -240,15 +240,7 @@ impl<'m> ChatEngine<'m> {
     /// tokens, and BOS is added when the model wants one and the template did not
     /// write it. EOS is never appended: a chat prompt is not a finished document.
     fn encode_rendered(&self, text: &str) -> Result<Vec<u32>, TurnError> {
-        let mut tokens = self.tokenizer.encode(text, false, true)?;
-        if self.tokenizer.add_bos() {
-            if let Some(bos) = self.tokenizer.bos() {
-                if tokens.first() != Some(&bos) {
-                    tokens.insert(0, bos);
-                }
-            }
-        }
-        Ok(tokens)
+        Ok(super::encode_rendered(self.tokenizer, text)?)
     }
 
     fn tokens_of(

@@ -17,6 +17,7 @@
 mod conversation;
 pub mod engine;
 
+pub use conversation::common_prefix_len;
 pub use engine::{ChatEngine, PreparedTurn, TurnError};
 
 use std::io;
@@ -213,6 +214,42 @@ impl ChatTemplate {
         };
         Ok(full.strip_prefix(prefix.as_str()).map(str::to_owned))
     }
+}
+
+/// The template a model file carries, or ChatML when it has none or it does not
+/// compile; the second value says why ChatML was chosen (for a warning).
+pub fn model_template(
+    loaded: &crate::loader::LoadedModel,
+) -> Result<(ChatTemplate, Option<String>), ChatError> {
+    let tok = &loaded.tokenizer;
+    let token_text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_owned();
+    let (bos, eos) = (token_text(tok.bos()), token_text(tok.eos()));
+    let why = match &loaded.chat_template {
+        Some(source) => match ChatTemplate::new(Some(source), &bos, &eos) {
+            Ok(t) => return Ok((t, None)),
+            Err(e) => format!("the model's chat template is unusable ({e}); using ChatML instead"),
+        },
+        None => "the model file has no chat template; using ChatML, which it may not have been trained on".to_string(),
+    };
+    Ok((ChatTemplate::new(None, &bos, &eos)?, Some(why)))
+}
+
+/// Text rendered by a chat template to tokens: special-token text becomes those
+/// tokens, and BOS is added when the model wants one and the template did not
+/// write it. EOS is never appended: a chat prompt is not a finished document.
+pub fn encode_rendered(
+    tokenizer: &crate::tokenizer::Tokenizer,
+    text: &str,
+) -> Result<Vec<u32>, crate::tokenizer::TokenizerError> {
+    let mut tokens = tokenizer.encode(text, false, true)?;
+    if tokenizer.add_bos() {
+        if let Some(bos) = tokenizer.bos() {
+            if tokens.first() != Some(&bos) {
+                tokens.insert(0, bos);
+            }
+        }
+    }
+    Ok(tokens)
 }
 
 /// Error text without minijinja's debug dump of the template source.

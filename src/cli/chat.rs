@@ -130,18 +130,12 @@ pub fn run(a: ChatArgs) -> Result<()> {
 }
 
 /// The model's template, or ChatML (with a warning) when it has none or it is broken.
-fn chat_template(loaded: &LoadedModel) -> Result<ChatTemplate> {
-    let tok = &loaded.tokenizer;
-    let token_text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_owned();
-    let (bos, eos) = (token_text(tok.bos()), token_text(tok.eos()));
-    match &loaded.chat_template {
-        Some(source) => match ChatTemplate::new(Some(source), &bos, &eos) {
-            Ok(t) => return Ok(t),
-            Err(e) => eprintln!("warning: the model's chat template is unusable ({e}); using ChatML instead"),
-        },
-        None => eprintln!("warning: the model file has no chat template; using ChatML, which it may not have been trained on"),
+pub(crate) fn chat_template(loaded: &LoadedModel) -> Result<ChatTemplate> {
+    let (template, warning) = kvsharer::chat::model_template(loaded)?;
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
     }
-    Ok(ChatTemplate::new(None, &bos, &eos)?)
+    Ok(template)
 }
 
 fn new_editor() -> Result<Editor<ChatHelper, DefaultHistory>> {

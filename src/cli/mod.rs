@@ -8,6 +8,7 @@ pub mod info;
 pub mod perplexity;
 pub mod plan;
 pub mod run;
+pub mod serve;
 
 use std::path::{Path, PathBuf};
 
@@ -55,6 +56,8 @@ pub enum Command {
     Share(calibrate::ShareArgs),
     /// Plan the KV cache for a memory budget: share keys and values apart and pick a precision per slot, by measured KLD
     Plan(plan::PlanArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API, several conversations at once in parallel slots
+    Serve(serve::ServeArgs),
     /// Measure perplexity on a text file (llama-perplexity's method); with --kv-share, also KL divergence against the unshared model
     Perplexity(perplexity::PerplexityArgs),
 }
@@ -70,6 +73,7 @@ pub fn main() -> Result<()> {
         Command::Share(a) => calibrate::share(a),
         Command::Plan(a) => plan::run(a),
         Command::Perplexity(a) => perplexity::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 
@@ -355,6 +359,25 @@ impl SamplingArgs {
         }
         Ok(p)
     }
+}
+
+/// A size with a unit (`512MiB`, `1.5G`, `64KiB`, `100B`) in bytes: `None` when `s`
+/// ends in no unit, an error when the number before it does not parse.
+pub fn parse_bytes(s: &str) -> Option<Result<f64, std::num::ParseFloatError>> {
+    const UNITS: [(&str, u64); 7] = [
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+        ("B", 1),
+    ];
+    let s = s.trim();
+    let (num, unit) = UNITS
+        .iter()
+        .find_map(|(u, m)| s.strip_suffix(u).map(|n| (n, *m)))?;
+    Some(num.trim().parse::<f64>().map(|n| n * unit as f64))
 }
 
 /// "12.3 MiB" style sizes for people.

@@ -98,30 +98,15 @@ pub fn parse_budget(spec: &str, config: &LlamaConfig, n_ctx: usize) -> Result<f6
     let f16 = kvsharer::gguf::GgmlType::F16;
     let f16_per_token =
         KvPlan::unshared(config.n_layers, f16, f16).f16_bytes_per_token(config.n_embd_kv());
-    let units = [
-        ("GiB", 1u64 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-        ("G", 1 << 30),
-        ("M", 1 << 20),
-        ("K", 1 << 10),
-        ("B", 1),
-    ];
     let fraction = if let Some(p) = s.strip_suffix('%') {
         let pct: f64 = p
             .trim()
             .parse()
             .map_err(|_| anyhow::anyhow!("--kv-budget {spec}: not a percentage"))?;
         pct / 100.0
-    } else if let Some((num, unit)) = units
-        .iter()
-        .find_map(|(u, m)| s.strip_suffix(u).map(|n| (n, *m)))
-    {
-        let n: f64 = num
-            .trim()
-            .parse()
-            .map_err(|_| anyhow::anyhow!("--kv-budget {spec}: not a size"))?;
-        n * unit as f64 / (f16_per_token as f64 * n_ctx as f64)
+    } else if let Some(bytes) = super::parse_bytes(s) {
+        let bytes = bytes.map_err(|_| anyhow::anyhow!("--kv-budget {spec}: not a size"))?;
+        bytes / (f16_per_token as f64 * n_ctx as f64)
     } else {
         s.parse::<f64>().map_err(|_| {
             anyhow::anyhow!(
