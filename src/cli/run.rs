@@ -37,6 +37,10 @@ pub struct RunArgs {
     /// Do not echo the prompt before the continuation
     #[arg(long = "no-display-prompt")]
     pub no_display_prompt: bool,
+    /// Send the prompt as one user message through the model's chat template (as
+    /// `chat` and `serve`'s /v1/chat/completions do) and print the reply
+    #[arg(long = "chat")]
+    pub chat: bool,
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
@@ -68,7 +72,14 @@ pub fn run(a: RunArgs) -> Result<()> {
     let (path, loaded) = a.model.load()?;
     let plan = a.model.kv_plan(&loaded)?;
     let tok = &loaded.tokenizer;
-    let mut prompt_ids = tok.encode(&prompt, true, false)?;
+    let mut prompt_ids = if a.chat {
+        let template = super::chat::chat_template(&loaded)?;
+        let user = kvsharer::chat::Message::new(kvsharer::chat::Role::User, prompt.as_str());
+        let text = template.render(&[user], true)?;
+        kvsharer::chat::encode_rendered(tok, &text)?
+    } else {
+        tok.encode(&prompt, true, false)?
+    };
     if prompt_ids.is_empty() {
         match tok.bos() {
             Some(b) => prompt_ids.push(b),
@@ -94,7 +105,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     );
 
     let mut out = std::io::stdout().lock();
-    if !a.no_display_prompt {
+    if !a.no_display_prompt && !a.chat {
         write!(out, "{prompt}")?;
         out.flush()?;
     }

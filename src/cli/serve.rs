@@ -37,7 +37,12 @@ pub struct ServeArgs {
     #[arg(long = "queue", default_value_t = 64)]
     pub queue: usize,
     /// Require `Authorization: Bearer KEY` on /v1/* (also read from KVSHARER_API_KEY)
-    #[arg(long = "api-key", value_name = "KEY", env = "KVSHARER_API_KEY", hide_env_values = true)]
+    #[arg(
+        long = "api-key",
+        value_name = "KEY",
+        env = "KVSHARER_API_KEY",
+        hide_env_values = true
+    )]
     pub api_key: Option<String>,
 }
 

@@ -155,10 +155,10 @@ pub fn check_common(
     }
     let max = match c.max_completion_tokens.or(c.max_tokens) {
         Some(m) if m < 0 => {
-            return Err(ApiError::invalid(format!(
-                "max_tokens must be >= 0, got {m}"
-            ))
-            .with_code("invalid_value"))
+            return Err(
+                ApiError::invalid(format!("max_tokens must be >= 0, got {m}"))
+                    .with_code("invalid_value"),
+            )
         }
         Some(m) => Some(m as usize),
         None => default_max,
@@ -166,8 +166,10 @@ pub fn check_common(
     let mut sampling = defaults.clone();
     if let Some(t) = c.temperature {
         if !(0.0..=2.0).contains(&t) {
-            return Err(ApiError::invalid(format!("temperature must be in [0, 2], got {t}"))
-                .with_code("invalid_value"));
+            return Err(
+                ApiError::invalid(format!("temperature must be in [0, 2], got {t}"))
+                    .with_code("invalid_value"),
+            );
         }
         sampling.temperature = t;
     }
@@ -219,8 +221,9 @@ pub fn check_common(
 /// The conversation of a chat request, as the chat template sees it.
 pub fn chat_messages(messages: &[ApiMessage]) -> Result<Vec<Message>, ApiError> {
     if messages.is_empty() {
-        return Err(ApiError::invalid("messages must hold at least one message")
-            .with_code("invalid_value"));
+        return Err(
+            ApiError::invalid("messages must hold at least one message").with_code("invalid_value")
+        );
     }
     messages
         .iter()
@@ -232,8 +235,8 @@ pub fn chat_messages(messages: &[ApiMessage]) -> Result<Vec<Message>, ApiError> 
                 "assistant" => Role::Assistant,
                 other => {
                     return Err(ApiError::invalid(format!(
-                        "messages[{i}].role '{other}' is not one of system, developer, user, assistant"
-                    ))
+                    "messages[{i}].role '{other}' is not one of system, developer, user, assistant"
+                ))
                     .with_code("invalid_value"))
                 }
             };
@@ -403,7 +406,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (g.sampling.temperature, g.max_tokens, g.stop, g.sampling.seed),
+            (
+                g.sampling.temperature,
+                g.max_tokens,
+                g.stop,
+                g.sampling.seed
+            ),
             (0.0, Some(5), vec!["x".to_string()], 3)
         );
         for bad in [
@@ -418,7 +426,9 @@ mod tests {
             assert_eq!(e.status, 400, "{bad}");
         }
         assert_eq!(
-            check_common(&common(json!({})), &d, Some(16)).unwrap().max_tokens,
+            check_common(&common(json!({})), &d, Some(16))
+                .unwrap()
+                .max_tokens,
             Some(16)
         );
     }

@@ -135,7 +135,11 @@ impl<'m> Engine<'m> {
     /// Frees the slots of jobs whose client went away.
     fn drop_cancelled(&mut self) {
         for slot in &mut self.slots {
-            if slot.active.as_ref().is_some_and(|a| a.job.events.is_closed()) {
+            if slot
+                .active
+                .as_ref()
+                .is_some_and(|a| a.job.events.is_closed())
+            {
                 slot.active = None;
                 self.metrics.active.fetch_sub(1, Ordering::Relaxed);
                 Metrics::add(&self.metrics.requests_cancelled, 1);
@@ -152,11 +156,13 @@ impl<'m> Engine<'m> {
         }
         let n_ctx = self.state.n_ctx();
         if job.prompt.is_empty() || job.prompt.len() >= n_ctx {
-            let _ = job.events.send(Event::Failed(ApiError::invalid(format!(
-                "the prompt is {} tokens but a slot's context holds {n_ctx}",
-                job.prompt.len()
-            ))
-            .with_code("context_length_exceeded")));
+            let _ = job.events.send(Event::Failed(
+                ApiError::invalid(format!(
+                    "the prompt is {} tokens but a slot's context holds {n_ctx}",
+                    job.prompt.len()
+                ))
+                .with_code("context_length_exceeded"),
+            ));
             return;
         }
         let (slot, shared) = self
@@ -209,7 +215,12 @@ impl<'m> Engine<'m> {
             .find(|&i| self.active(i).is_some_and(|a| !a.pending.is_empty()));
         let mut entries: Vec<(usize, Vec<u32>)> = decoding
             .iter()
-            .map(|&i| (i, vec![self.active(i).and_then(|a| a.next).expect("decoding")]))
+            .map(|&i| {
+                (
+                    i,
+                    vec![self.active(i).and_then(|a| a.next).expect("decoding")],
+                )
+            })
             .collect();
         if let Some(i) = prefill {
             self.last_prefill = i;
@@ -231,7 +242,10 @@ impl<'m> Engine<'m> {
                     // The sequence may hold part of the pass: start it afresh.
                     self.state.truncate_seq(*slot, 0);
                     self.slots[*slot].cached.clear();
-                    self.fail(*slot, ApiError::server(format!("the forward pass failed: {e}")));
+                    self.fail(
+                        *slot,
+                        ApiError::server(format!("the forward pass failed: {e}")),
+                    );
                 }
                 return;
             }
@@ -264,7 +278,10 @@ impl<'m> Engine<'m> {
         let n_ctx = self.state.n_ctx();
         let cached = self.slots[slot].cached.len();
         let tokenizer = self.tokenizer;
-        let a = self.slots[slot].active.as_mut().expect("sampling an active slot");
+        let a = self.slots[slot]
+            .active
+            .as_mut()
+            .expect("sampling an active slot");
         let mut row = logits.to_vec();
         apply_presence_frequency(
             &mut row,

@@ -71,7 +71,11 @@ pub fn router(state: Shared, body_limit: usize) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::status(404, "not_found_error", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
-            ApiError::status(405, "invalid_request_error", "method not allowed on this endpoint")
+            ApiError::status(
+                405,
+                "invalid_request_error",
+                "method not allowed on this endpoint",
+            )
         })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
@@ -86,9 +90,13 @@ async fn require_key(State(s): State<Shared>, req: Request, next: Next) -> Respo
             .and_then(|v| v.strip_prefix("Bearer "));
         if given != Some(key.as_str()) {
             Metrics::add(&s.metrics.requests_failed, 1);
-            return ApiError::status(401, "invalid_request_error", "invalid or missing API key (send Authorization: Bearer KEY)")
-                .with_code("invalid_api_key")
-                .into_response();
+            return ApiError::status(
+                401,
+                "invalid_request_error",
+                "invalid or missing API key (send Authorization: Bearer KEY)",
+            )
+            .with_code("invalid_api_key")
+            .into_response();
         }
     }
     next.run(req).await
@@ -123,10 +131,9 @@ async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> R
     let prepared = parse::<ChatRequest>(&s, body).and_then(|req| {
         let gen = api::check_common(&req.common, &s.defaults, None)?;
         let messages = api::chat_messages(&req.messages)?;
-        let text = s
-            .template
-            .render(&messages, true)
-            .map_err(|e| ApiError::invalid(format!("the chat template refused the messages: {e}")))?;
+        let text = s.template.render(&messages, true).map_err(|e| {
+            ApiError::invalid(format!("the chat template refused the messages: {e}"))
+        })?;
         let prompt = encode_rendered(s.tokenizer, &text)
             .map_err(|e| ApiError::invalid(format!("cannot tokenize the messages: {e}")))?;
         Ok((prompt, gen))
@@ -167,7 +174,10 @@ fn parse<T: serde::de::DeserializeOwned + HasModel>(
             Err(ApiError::status(
                 404,
                 "invalid_request_error",
-                format!("the model '{m}' does not exist (this server has '{}')", s.model_id),
+                format!(
+                    "the model '{m}' does not exist (this server has '{}')",
+                    s.model_id
+                ),
             )
             .with_code("model_not_found"))
         }
@@ -220,9 +230,15 @@ async fn respond(
             return Err(match e {
                 TrySendError::Full(_) => ApiError {
                     retry_after: Some(1),
-                    ..ApiError::status(503, "server_error", "every slot is busy and the queue is full; retry shortly")
+                    ..ApiError::status(
+                        503,
+                        "server_error",
+                        "every slot is busy and the queue is full; retry shortly",
+                    )
                 },
-                TrySendError::Disconnected(_) => ApiError::status(503, "server_error", "the server is shutting down"),
+                TrySendError::Disconnected(_) => {
+                    ApiError::status(503, "server_error", "the server is shutting down")
+                }
             });
         }
         let id = endpoint.id(s.next_id.fetch_add(1, Ordering::Relaxed));
@@ -233,7 +249,13 @@ async fn respond(
             return Err(e);
         }
         if stream {
-            let head = Head { endpoint, id, created, model: s.model_id.clone(), include_usage };
+            let head = Head {
+                endpoint,
+                id,
+                created,
+                model: s.model_id.clone(),
+                include_usage,
+            };
             return Ok(sse(head, first, rx).into_response());
         }
         let mut text = String::new();
@@ -300,15 +322,18 @@ fn sse(
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let head = Arc::new(head);
     let opening = match head.endpoint {
-        Endpoint::Chat => vec![head.data(head.endpoint.chunk(&head.id, head.created, &head.model, None, None))],
+        Endpoint::Chat => {
+            vec![head.data(
+                head.endpoint
+                    .chunk(&head.id, head.created, &head.model, None, None),
+            )]
+        }
         Endpoint::Completion => Vec::new(),
     };
     let rest = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
-    let events = stream::iter(first)
-        .chain(rest)
-        .flat_map({
-            let head = head.clone();
-            move |e| stream::iter(head.events(e))
-        });
+    let events = stream::iter(first).chain(rest).flat_map({
+        let head = head.clone();
+        move |e| stream::iter(head.events(e))
+    });
     Sse::new(stream::iter(opening).chain(events).map(Ok))
 }

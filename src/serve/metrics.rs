@@ -47,22 +47,96 @@ impl Metrics {
             let _ = writeln!(out, "kvsharer_{name} {value}");
         };
         let get = |c: &AtomicU64| c.load(Relaxed) as f64;
-        metric("requests_total", "counter", "Completion requests received.", get(&self.requests));
-        metric("requests_failed_total", "counter", "Requests answered with an error.", get(&self.requests_failed));
-        metric("requests_cancelled_total", "counter", "Requests whose client disconnected first.", get(&self.requests_cancelled));
-        metric("prompt_tokens_total", "counter", "Prompt tokens of all requests.", get(&self.prompt_tokens));
-        metric("prompt_tokens_cached_total", "counter", "Prompt tokens reused from a slot's cache.", get(&self.prompt_tokens_cached));
-        metric("generated_tokens_total", "counter", "Tokens generated.", get(&self.generated_tokens));
+        metric(
+            "requests_total",
+            "counter",
+            "Completion requests received.",
+            get(&self.requests),
+        );
+        metric(
+            "requests_failed_total",
+            "counter",
+            "Requests answered with an error.",
+            get(&self.requests_failed),
+        );
+        metric(
+            "requests_cancelled_total",
+            "counter",
+            "Requests whose client disconnected first.",
+            get(&self.requests_cancelled),
+        );
+        metric(
+            "prompt_tokens_total",
+            "counter",
+            "Prompt tokens of all requests.",
+            get(&self.prompt_tokens),
+        );
+        metric(
+            "prompt_tokens_cached_total",
+            "counter",
+            "Prompt tokens reused from a slot's cache.",
+            get(&self.prompt_tokens_cached),
+        );
+        metric(
+            "generated_tokens_total",
+            "counter",
+            "Tokens generated.",
+            get(&self.generated_tokens),
+        );
         let busy = get(&self.busy_micros) / 1e6;
-        metric("busy_seconds_total", "counter", "Seconds spent in forward passes.", busy);
-        let tps = if busy > 0.0 { get(&self.generated_tokens) / busy } else { 0.0 };
-        metric("generated_tokens_per_second", "gauge", "Generated tokens per busy second since start.", tps);
-        metric("step_tokens_per_second", "gauge", "Generated tokens per second in the last step.", get(&self.step_tps_milli) / 1000.0);
-        metric("requests_active", "gauge", "Requests holding a slot.", get(&self.active));
-        metric("requests_queued", "gauge", "Requests waiting for a slot.", get(&self.queued));
-        metric("slots", "gauge", "Slots (conversations decoded together).", facts.slots as f64);
-        metric("slot_context_tokens", "gauge", "Context tokens per slot.", facts.n_ctx as f64);
-        metric("kv_cache_bytes", "gauge", "KV cache bytes allocated for all slots.", facts.kv_bytes as f64);
+        metric(
+            "busy_seconds_total",
+            "counter",
+            "Seconds spent in forward passes.",
+            busy,
+        );
+        let tps = if busy > 0.0 {
+            get(&self.generated_tokens) / busy
+        } else {
+            0.0
+        };
+        metric(
+            "generated_tokens_per_second",
+            "gauge",
+            "Generated tokens per busy second since start.",
+            tps,
+        );
+        metric(
+            "step_tokens_per_second",
+            "gauge",
+            "Generated tokens per second in the last step.",
+            get(&self.step_tps_milli) / 1000.0,
+        );
+        metric(
+            "requests_active",
+            "gauge",
+            "Requests holding a slot.",
+            get(&self.active),
+        );
+        metric(
+            "requests_queued",
+            "gauge",
+            "Requests waiting for a slot.",
+            get(&self.queued),
+        );
+        metric(
+            "slots",
+            "gauge",
+            "Slots (conversations decoded together).",
+            facts.slots as f64,
+        );
+        metric(
+            "slot_context_tokens",
+            "gauge",
+            "Context tokens per slot.",
+            facts.n_ctx as f64,
+        );
+        metric(
+            "kv_cache_bytes",
+            "gauge",
+            "KV cache bytes allocated for all slots.",
+            facts.kv_bytes as f64,
+        );
         metric(
             "kv_cache_saved_bytes",
             "gauge",

@@ -107,7 +107,7 @@ pub fn serve<'m>(
     let app = http::router(app_state, config.body_limit);
     let stopping = Arc::new(AtomicBool::new(false));
     let engine = Engine::new(state, tokenizer, config.n_batch, metrics);
-    std::thread::scope(|scope| {
+    let served = std::thread::scope(|scope| {
         let http = scope.spawn(|| {
             let served = rt.block_on(async {
                 let signal = {
@@ -139,12 +139,9 @@ pub fn serve<'m>(
         // (it failed): make sure the HTTP side stops as well.
         stopping.store(true, Ordering::SeqCst);
         http.join().unwrap_or(Ok(()))
-    })
-    .inspect(|_| ())
-    .and_then(|()| {
-        rt.shutdown_timeout(Duration::from_secs(1));
-        Ok(())
-    })
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    served
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

@@ -44,7 +44,9 @@ impl StopText {
             .filter(|&n| h.is_char_boundary(h.len() - n))
             .find(|&n| {
                 let tail = &h[h.len() - n..];
-                self.stops.iter().any(|s| s.len() > n && s.starts_with(tail))
+                self.stops
+                    .iter()
+                    .any(|s| s.len() > n && s.starts_with(tail))
             })
             .unwrap_or(0)
     }

@@ -34,6 +34,8 @@ mod quantized_cache;
 mod reference_selftest;
 mod search;
 mod sequences;
+#[cfg(unix)]
+mod serve;
 mod share_crash;
 mod tokenizer_parity;
 #[cfg(feature = "wgpu")]

@@ -20,7 +20,6 @@ use kvsharer::loader;
 use kvsharer::runtime::{KvWindow, Logits, RunOptions, RunState, RuntimeError};
 use support::{max_abs_diff, write_tiny_model, TinySpec};
 
-
 fn spec() -> TinySpec {
     TinySpec {
         n_layers: 4,
@@ -94,7 +93,11 @@ fn check_plan(plan: &KvPlan, tol: f32) {
         let apart = max_abs_diff(&got[..n_vocab], &got[n_vocab..2 * n_vocab]);
         assert!(apart > 0.5, "two sequences' logits differ by only {apart}");
         for (i, (seq, tokens)) in step.iter().enumerate() {
-            check(&got[i * n_vocab..(i + 1) * n_vocab], &mut singles[*seq], tokens);
+            check(
+                &got[i * n_vocab..(i + 1) * n_vocab],
+                &mut singles[*seq],
+                tokens,
+            );
         }
     }
     // A sequence cut back and continued sees only what it kept.
@@ -146,7 +149,10 @@ fn bad_sequence_batches_are_refused() {
     assert_eq!((s.seq_past(0), s.seq_past(1)), (0, 0));
     // Windows evict per run state: refused with several sequences.
     let windowed = RunOptions {
-        window: Some(KvWindow { sink: 4, recent: 32 }),
+        window: Some(KvWindow {
+            sink: 4,
+            recent: 32,
+        }),
         ..opts(2)
     };
     let err = s.sibling(&ShareMap::identity(4), &windowed).err().unwrap();

@@ -234,8 +234,8 @@ fn build(
     let inp_mask = g.input(GgmlType::F16, &[shape.n_kv as i64, n], "inp_kq_mask");
     // Only each span's last row leaves the final layer unless every row is wanted.
     let n_spans = shape.spans.len();
-    let inp_last = (!shape.all_rows())
-        .then(|| g.input(GgmlType::I32, &[n_spans as i64], "inp_out_ids"));
+    let inp_last =
+        (!shape.all_rows()).then(|| g.input(GgmlType::I32, &[n_spans as i64], "inp_out_ids"));
     let rope_freqs = w.rope_freqs().map(|i| weights.get(i));
     let kq_scale = 1.0 / (c.head_dim as f32).sqrt();
     // One new token over a quantized cache on the CPU: kvsharer's grouped kernel
@@ -320,7 +320,13 @@ fn build(
                 let mut out: Option<Tensor<'_>> = None;
                 let mut t0 = 0;
                 for &(base, len) in spans {
-                    let q_s = g.view_3d(q, [hd, n_head, len as i64], q.nb()[1], q.nb()[2], t0 * q.nb()[2]);
+                    let q_s = g.view_3d(
+                        q,
+                        [hd, n_head, len as i64],
+                        q.nb()[1],
+                        q.nb()[2],
+                        t0 * q.nb()[2],
+                    );
                     let m = inp_mask.nb()[1];
                     let mask_s = g.view_2d(inp_mask, shape.n_kv as i64, len as i64, m, t0 * m);
                     let a = span_attention(q_s, mask_s, base);
@@ -446,12 +452,7 @@ fn slot_row_bytes(slot: Tensor<'_>) -> usize {
 
 /// Positions, cache rows and the mask of every token: a span's mask rows are
 /// relative to its sequence's first cell.
-fn write_inputs(
-    spans: &[Span],
-    layout: Layout,
-    n_kv: usize,
-    inputs: [Option<Tensor<'_>>; 3],
-) {
+fn write_inputs(spans: &[Span], layout: Layout, n_kv: usize, inputs: [Option<Tensor<'_>>; 3]) {
     // A graph that writes no slot (a restart above every owning layer) has no
     // cache-row input; one always has positions and a mask.
     let [inp_pos, inp_rows, inp_mask] = inputs;

@@ -201,7 +201,13 @@ impl<'m> Session<'m> {
                 row0: self.past[0],
                 n: chunk.len(),
             };
-            let r = self.run(chunk, &[span], layout, start, ForwardRequest { logits, ..req })?;
+            let r = self.run(
+                chunk,
+                &[span],
+                layout,
+                start,
+                ForwardRequest { logits, ..req },
+            )?;
             self.past[0] += chunk.len();
             out.append(r);
         }
@@ -251,7 +257,12 @@ impl<'m> Session<'m> {
                     "sequence {seq} appears twice in one step"
                 )));
             }
-            chunks::check_tokens(tokens, self.past[seq], self.cells, self.model.config.n_vocab)?;
+            chunks::check_tokens(
+                tokens,
+                self.past[seq],
+                self.cells,
+                self.model.config.n_vocab,
+            )?;
         }
         Ok(())
     }
