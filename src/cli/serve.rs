@@ -44,6 +44,9 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub api_key: Option<String>,
+    /// Print the slots and the KV memory they take, then exit without listening
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
 }
 
 /// Default slot count without --kv-memory (llama-server's default is 4 too).
@@ -61,6 +64,16 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let plan = a.model.kv_plan(&loaded)?;
     let n_embd_kv = loaded.model.config.n_embd_kv();
     let slots = slot_count(&a, &plan, n_embd_kv, opts.n_ctx)?;
+    if a.dry_run {
+        let per_slot = plan.bytes_per_token(n_embd_kv) * opts.n_ctx;
+        eprintln!(
+            "kvsharer serve --dry-run: {slots} slots x {} tokens, KV cache {} ({} per slot)",
+            opts.n_ctx,
+            human_bytes(per_slot * slots),
+            human_bytes(per_slot)
+        );
+        return Ok(());
+    }
     opts.n_seq = slots;
     opts.n_batch = opts.n_batch.max(slots);
     let template = chat_template(&loaded)?;

@@ -102,6 +102,10 @@ pub struct CommonFields {
     pub frequency_penalty: Option<f32>,
     pub repeat_penalty: Option<f32>,
     pub n: Option<i64>,
+    /// llama-server's extension: keep generating past end-of-text tokens
+    /// (benchmarks that need a fixed length).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -136,6 +140,7 @@ pub struct Generation {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    pub ignore_eos: bool,
 }
 
 /// Checks the fields both endpoints share. `default_max` is what a request without
@@ -215,6 +220,7 @@ pub fn check_common(
         stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
         stream: c.stream,
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        ignore_eos: c.ignore_eos,
     })
 }
 

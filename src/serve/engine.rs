@@ -290,7 +290,7 @@ impl<'m> Engine<'m> {
             a.job.gen.frequency_penalty,
         );
         let token = a.sampler.sample(&row, &a.history);
-        if tokenizer.is_eog(token) {
+        if tokenizer.is_eog(token) && !a.job.gen.ignore_eos {
             return self.finish(slot, FinishReason::Stop, true);
         }
         Metrics::add(&self.metrics.generated_tokens, 1);
