@@ -21,6 +21,8 @@ for pattern in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-
 done
 [ "$have_libclang" = yes ] || need_pkgs+=(libclang-dev clang)
 python3 -m pip --version >/dev/null 2>&1 || need_pkgs+=(python3-pip)
+# serve's tests install the official openai client into a virtual environment.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 # The wgpu backend's tests run on lavapipe (software Vulkan) where there is no GPU.
 ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || need_pkgs+=(mesa-vulkan-drivers)
 
