@@ -37,6 +37,9 @@ pub fn run(a: InfoArgs) -> Result<()> {
     };
     let file = GgufFile::open(&path)?;
     let cfg = LlamaConfig::from_gguf(&file)?;
+    // The weights' plan, for what the variant adds; `info` still describes a file
+    // whose weights do not check out.
+    let weights = kvsharer::model::WeightPlan::from_gguf(&file, &cfg).ok();
     let name = file
         .get("general.name")
         .and_then(|v| v.as_str())
@@ -53,7 +56,10 @@ pub fn run(a: InfoArgs) -> Result<()> {
         file.metadata().len(),
         file.tensors().len()
     );
-    println!("architecture:  {}", cfg.architecture);
+    println!(
+        "architecture:  {}",
+        describe_variant(&cfg, weights.as_ref())
+    );
     println!("layers:        {}", cfg.n_layers);
     println!("embedding:     {} (feed-forward {})", cfg.n_embd, cfg.n_ff);
     println!(
@@ -66,8 +72,15 @@ pub fn run(a: InfoArgs) -> Result<()> {
     println!("context:       {} (trained)", cfg.n_ctx_train);
     println!("vocabulary:    {}", cfg.n_vocab);
     println!(
-        "rope:          base {}, scale {}",
-        cfg.rope_freq_base, cfg.rope_freq_scale
+        "rope:          {}, base {}, scale {}{}",
+        if cfg.arch.rope_neox() { "neox" } else { "norm" },
+        cfg.rope_freq_base,
+        cfg.rope_freq_scale,
+        if weights.as_ref().is_some_and(|w| w.rope_freqs().is_some()) {
+            ", per-dimension factors (rope_freqs)"
+        } else {
+            ""
+        }
     );
 
     let mut hist: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
@@ -164,4 +177,26 @@ pub fn run(a: InfoArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The variant and what is unusual about it: biases, per-head norms, tied output.
+fn describe_variant(cfg: &LlamaConfig, weights: Option<&kvsharer::model::WeightPlan>) -> String {
+    use kvsharer::model::LayerRole;
+    let layers = weights.map_or(&[][..], |w| w.layers());
+    let has = |r: LayerRole| layers.iter().any(|l| l.get(r).is_some());
+    let mut notes = Vec::new();
+    if has(LayerRole::AttnQBias) || has(LayerRole::AttnKBias) || has(LayerRole::AttnVBias) {
+        notes.push("Q/K/V biases");
+    }
+    if has(LayerRole::AttnQNorm) {
+        notes.push("per-head Q/K RMS norm");
+    }
+    if weights.is_some_and(|w| w.tied_output()) {
+        notes.push("tied output embeddings");
+    }
+    if notes.is_empty() {
+        cfg.architecture.clone()
+    } else {
+        format!("{} ({})", cfg.architecture, notes.join(", "))
+    }
 }

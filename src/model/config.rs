@@ -4,13 +4,63 @@ use super::role::Role;
 use super::ModelError;
 use crate::gguf::GgufFile;
 
-/// Architectures whose GGUF layout and graph are the Llama one.
-const LLAMA_ARCHS: &[&str] = &["llama"];
+/// The Llama-family variants kvsharer runs: the Llama graph with small
+/// differences, each a property of the variant rather than a forward pass of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama 1-3.x, Mistral, SmolLM: the reference graph (optional Q/K/V biases and
+    /// `rope_freqs` as llama.cpp reads them).
+    Llama,
+    /// Qwen2 / Qwen2.5: biases on Q, K and V; NEOX RoPE.
+    Qwen2,
+    /// Qwen3: an RMS norm on each head's queries and keys before RoPE; NEOX RoPE.
+    Qwen3,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 3] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3];
+
+    /// The `general.architecture` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Arch> {
+        Arch::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// RoPE rotates pairs `(i, i + head_dim/2)` (llama.cpp's NEOX type) rather
+    /// than adjacent pairs.
+    pub fn rope_neox(self) -> bool {
+        matches!(self, Arch::Qwen2 | Arch::Qwen3)
+    }
+
+    /// Q, K and V projections carry biases (required).
+    pub fn qkv_bias(self) -> bool {
+        self == Arch::Qwen2
+    }
+
+    /// Queries and keys are RMS-normed per head before RoPE (required).
+    pub fn qk_norm(self) -> bool {
+        self == Arch::Qwen3
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Llama hyper-parameters, from `{arch}.*` metadata keys.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
     pub architecture: String,
+    pub arch: Arch,
     pub n_layers: usize,
     pub n_embd: usize,
     pub n_ff: usize,
@@ -29,9 +79,9 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
         let arch = file.get_str("general.architecture")?.to_string();
-        if !LLAMA_ARCHS.contains(&arch.as_str()) {
+        let Some(variant) = Arch::from_name(&arch) else {
             return Err(ModelError::UnsupportedArchitecture(arch));
-        }
+        };
         let key = |k: &str| format!("{arch}.{k}");
         let req = |k: &str| -> Result<usize, ModelError> { Ok(file.get_u32(&key(k))? as usize) };
         let opt = |k: &str| -> Result<Option<usize>, ModelError> {
@@ -113,6 +163,7 @@ impl LlamaConfig {
         let n_vocab = token_embd.dims.get(1).copied().unwrap_or(0) as usize;
         Ok(LlamaConfig {
             architecture: arch,
+            arch: variant,
             n_layers,
             n_embd,
             n_ff,

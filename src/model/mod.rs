@@ -13,7 +13,7 @@ pub mod config;
 pub mod role;
 pub mod weights;
 
-pub use config::LlamaConfig;
+pub use config::{Arch, LlamaConfig};
 pub use role::{LayerRole, Role};
 pub use weights::{LayerWeights, PlannedTensor, WeightPlan, MATMUL_TYPES};
 
@@ -21,7 +21,7 @@ pub use weights::{LayerWeights, PlannedTensor, WeightPlan, MATMUL_TYPES};
 pub enum ModelError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    #[error("unsupported architecture '{0}': kvsharer runs Llama-family models (general.architecture = llama)")]
+    #[error("unsupported architecture '{0}': kvsharer runs llama (Llama, Mistral, SmolLM), qwen2 and qwen3 models")]
     UnsupportedArchitecture(String),
     #[error("model metadata: {0}")]
     Metadata(String),

@@ -13,6 +13,13 @@ pub enum LayerRole {
     FfnGate,
     FfnUp,
     FfnDown,
+    /// Biases of the Q, K, V projections (`qwen2`; optional on `llama`).
+    AttnQBias,
+    AttnKBias,
+    AttnVBias,
+    /// Per-head RMS norm weights of queries and keys (`qwen3`).
+    AttnQNorm,
+    AttnKNorm,
 }
 
 impl LayerRole {
@@ -28,9 +35,26 @@ impl LayerRole {
         LayerRole::FfnDown,
     ];
 
-    /// The K/V projections, which a layer that reads another layer's cache never runs.
+    /// Tensors some variants have and others lack (`LayerWeights::get`).
+    pub const OPTIONAL: [LayerRole; 5] = [
+        LayerRole::AttnQBias,
+        LayerRole::AttnKBias,
+        LayerRole::AttnVBias,
+        LayerRole::AttnQNorm,
+        LayerRole::AttnKNorm,
+    ];
+
+    /// What computes keys or values (projections, their biases, the key norm),
+    /// which a layer that reads another layer's cache never runs.
     pub fn is_kv_projection(self) -> bool {
-        matches!(self, LayerRole::AttnK | LayerRole::AttnV)
+        matches!(
+            self,
+            LayerRole::AttnK
+                | LayerRole::AttnV
+                | LayerRole::AttnKBias
+                | LayerRole::AttnVBias
+                | LayerRole::AttnKNorm
+        )
     }
 }
 
@@ -49,26 +73,30 @@ pub enum Role {
 impl Role {
     /// The tensor's name in a GGUF file: the one place kvsharer spells them.
     pub fn tensor_name(self) -> String {
-        let layer = |il: usize, stem: &str| format!("blk.{il}.{stem}.weight");
         match self {
             Role::TokenEmbd => "token_embd.weight".into(),
             Role::OutputNorm => "output_norm.weight".into(),
             Role::Output => "output.weight".into(),
             Role::RopeFreqs => "rope_freqs.weight".into(),
-            Role::Layer(il, r) => layer(
-                il,
-                match r {
-                    LayerRole::AttnNorm => "attn_norm",
-                    LayerRole::AttnQ => "attn_q",
-                    LayerRole::AttnK => "attn_k",
-                    LayerRole::AttnV => "attn_v",
-                    LayerRole::AttnOutput => "attn_output",
-                    LayerRole::FfnNorm => "ffn_norm",
-                    LayerRole::FfnGate => "ffn_gate",
-                    LayerRole::FfnUp => "ffn_up",
-                    LayerRole::FfnDown => "ffn_down",
-                },
-            ),
+            Role::Layer(il, r) => {
+                let (stem, kind) = match r {
+                    LayerRole::AttnNorm => ("attn_norm", "weight"),
+                    LayerRole::AttnQ => ("attn_q", "weight"),
+                    LayerRole::AttnK => ("attn_k", "weight"),
+                    LayerRole::AttnV => ("attn_v", "weight"),
+                    LayerRole::AttnOutput => ("attn_output", "weight"),
+                    LayerRole::FfnNorm => ("ffn_norm", "weight"),
+                    LayerRole::FfnGate => ("ffn_gate", "weight"),
+                    LayerRole::FfnUp => ("ffn_up", "weight"),
+                    LayerRole::FfnDown => ("ffn_down", "weight"),
+                    LayerRole::AttnQBias => ("attn_q", "bias"),
+                    LayerRole::AttnKBias => ("attn_k", "bias"),
+                    LayerRole::AttnVBias => ("attn_v", "bias"),
+                    LayerRole::AttnQNorm => ("attn_q_norm", "weight"),
+                    LayerRole::AttnKNorm => ("attn_k_norm", "weight"),
+                };
+                format!("blk.{il}.{stem}.{kind}")
+            }
         }
     }
 
@@ -79,7 +107,16 @@ impl Role {
             self,
             Role::OutputNorm
                 | Role::RopeFreqs
-                | Role::Layer(_, LayerRole::AttnNorm | LayerRole::FfnNorm)
+                | Role::Layer(
+                    _,
+                    LayerRole::AttnNorm
+                        | LayerRole::FfnNorm
+                        | LayerRole::AttnQBias
+                        | LayerRole::AttnKBias
+                        | LayerRole::AttnVBias
+                        | LayerRole::AttnQNorm
+                        | LayerRole::AttnKNorm
+                )
         )
     }
 }

@@ -6,7 +6,7 @@
 
 use std::ops::Index;
 
-use super::config::LlamaConfig;
+use super::config::{Arch, LlamaConfig};
 use super::role::{LayerRole, Role};
 use super::ModelError;
 use crate::gguf::{GgmlType, GgufFile};
@@ -55,6 +55,9 @@ fn expected_shape(role: Role, c: &LlamaConfig) -> Vec<usize> {
             LayerRole::AttnOutput => vec![q, e],
             LayerRole::FfnGate | LayerRole::FfnUp => vec![e, c.n_ff],
             LayerRole::FfnDown => vec![c.n_ff, e],
+            LayerRole::AttnQBias => vec![q],
+            LayerRole::AttnKBias | LayerRole::AttnVBias => vec![kv],
+            LayerRole::AttnQNorm | LayerRole::AttnKNorm => vec![c.head_dim],
         },
     }
 }
@@ -74,27 +77,60 @@ pub struct PlannedTensor {
 
 /// Where one decoder layer's tensors are in a list, by `LayerRole`: in
 /// `WeightPlan::tensors` for the plan's own; a backend may index its placed copies
-/// the same way (the wgpu session: its buffers).
+/// the same way (the wgpu session: its buffers). Every role of `LayerRole::ALL` is
+/// there; those of `LayerRole::OPTIONAL` where the variant has them.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LayerWeights([usize; 9]);
+pub struct LayerWeights {
+    required: [usize; 9],
+    optional: [Option<usize>; 5],
+}
 
 impl LayerWeights {
-    /// The index of every role's tensor, as `index` gives them in `LayerRole::ALL`
-    /// order; the first error stops it.
+    /// The index of every required role's tensor, as `index` gives them in
+    /// `LayerRole::ALL` order; the first error stops it. No optional ones.
     pub fn try_from_fn<E>(mut index: impl FnMut(LayerRole) -> Result<usize, E>) -> Result<Self, E> {
-        let mut ids = [0; 9];
-        for (id, role) in ids.iter_mut().zip(LayerRole::ALL) {
+        let mut required = [0; 9];
+        for (id, role) in required.iter_mut().zip(LayerRole::ALL) {
             *id = index(role)?;
         }
-        Ok(LayerWeights(ids))
+        Ok(LayerWeights {
+            required,
+            optional: [None; 5],
+        })
+    }
+
+    /// The tensor of `role`, if the layer has one.
+    pub fn get(&self, role: LayerRole) -> Option<usize> {
+        match LayerRole::OPTIONAL.iter().position(|&r| r == role) {
+            Some(i) => self.optional[i],
+            None => Some(self.required[role as usize]),
+        }
+    }
+
+    fn set_optional(&mut self, role: LayerRole, index: usize) {
+        let i = LayerRole::OPTIONAL
+            .iter()
+            .position(|&r| r == role)
+            .expect("an optional role");
+        self.optional[i] = Some(index);
+    }
+
+    /// True when the layer has any of the optional tensors.
+    pub fn has_optional(&self) -> bool {
+        self.optional.iter().any(Option::is_some)
     }
 }
 
+/// A required role's tensor (`LayerRole::ALL`); optional roles go through `get`.
 impl Index<LayerRole> for LayerWeights {
     type Output = usize;
 
     fn index(&self, role: LayerRole) -> &usize {
-        &self.0[role as usize]
+        assert!(
+            !LayerRole::OPTIONAL.contains(&role),
+            "{role:?} is optional: use LayerWeights::get"
+        );
+        &self.required[role as usize]
     }
 }
 
@@ -171,17 +207,46 @@ impl WeightPlan {
             });
             Ok(Some(tensors.len() - 1))
         };
-        let mut need = |role: Role| -> Result<usize, ModelError> {
-            plan(role)?.ok_or_else(|| ModelError::MissingTensor(role.tensor_name()))
+        // A tensor the variant may have (`None` when absent), or must have.
+        let mut need_if = |role: Role, required: bool| -> Result<Option<usize>, ModelError> {
+            match plan(role)? {
+                None if required => Err(ModelError::MissingTensor(role.tensor_name())),
+                found => Ok(found),
+            }
         };
-        let token_embd = need(Role::TokenEmbd)?;
-        let output_norm = need(Role::OutputNorm)?;
+        let token_embd = need_if(Role::TokenEmbd, true)?.expect("required");
+        let output_norm = need_if(Role::OutputNorm, true)?.expect("required");
         let mut layers = Vec::with_capacity(config.n_layers);
+        let arch = config.arch;
         for il in 0..config.n_layers {
-            layers.push(LayerWeights::try_from_fn(|r| need(Role::Layer(il, r)))?);
+            let mut lw = LayerWeights::try_from_fn(|r| {
+                need_if(Role::Layer(il, r), true).map(|t| t.expect("required"))
+            })?;
+            // Biases: required on qwen2, read where present on llama (as llama.cpp
+            // does); the per-head norms only on qwen3.
+            for role in LayerRole::OPTIONAL {
+                let is_bias = matches!(
+                    role,
+                    LayerRole::AttnQBias | LayerRole::AttnKBias | LayerRole::AttnVBias
+                );
+                let (read, required) = if is_bias {
+                    (arch != Arch::Qwen3, arch.qkv_bias())
+                } else {
+                    (arch.qk_norm(), arch.qk_norm())
+                };
+                let index = if read {
+                    need_if(Role::Layer(il, role), required)?
+                } else {
+                    None
+                };
+                if let Some(index) = index {
+                    lw.set_optional(role, index);
+                }
+            }
+            layers.push(lw);
         }
-        let output = plan(Role::Output)?;
-        let rope_freqs = plan(Role::RopeFreqs)?;
+        let output = need_if(Role::Output, false)?;
+        let rope_freqs = need_if(Role::RopeFreqs, false)?;
         Ok(WeightPlan {
             tensors,
             token_embd,
@@ -236,6 +301,7 @@ pub(crate) fn write_test_model(path: &std::path::Path, tied_output: bool) {
     use crate::gguf::{GgufBuilder, Value};
     let config = LlamaConfig {
         architecture: "llama".into(),
+        arch: Arch::Llama,
         n_layers: 1,
         n_embd: 32,
         n_ff: 64,

@@ -17,6 +17,8 @@
 
 mod support;
 
+mod architectures;
+
 mod calibrate;
 #[cfg(unix)]
 mod chat_pty;

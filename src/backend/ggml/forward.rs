@@ -261,8 +261,9 @@ fn build(
             cache,
             il,
             cur,
-            |role| weights.get(lw[role]),
+            |role| lw.get(role).map(|i| weights.get(i)),
             [inp_pos, inp_rows],
+            c.rms_eps,
             rope_freqs,
             &rope,
             [hd, n_head_kv, n],
@@ -303,7 +304,9 @@ fn build(
         let residual = x;
         let cur = g.mul(g.rms_norm(x, c.rms_eps), lt(LayerRole::AttnNorm));
 
-        let q = g.reshape_3d(g.mul_mat(lt(LayerRole::AttnQ), cur), hd, n_head, n);
+        let has = |role: LayerRole| lw.get(role).map(|i| weights.get(i));
+        let q_roles = [LayerRole::AttnQ, LayerRole::AttnQBias, LayerRole::AttnQNorm];
+        let q = project_heads(&g, has, q_roles, cur, [hd, n_head, n], c.rms_eps);
         let q = g.rope(q, inp_pos, rope_freqs, &rope);
         let (k_slot, v_slot) = (cache.k(il), cache.v(il));
         // Cache writes go into the graph before the attention that reads the slot.
@@ -374,20 +377,48 @@ fn write_kv<'a>(
     cache: &'a KvCache,
     il: usize,
     cur: Tensor<'a>,
-    lt: impl Fn(LayerRole) -> Tensor<'a>,
+    has: impl Fn(LayerRole) -> Option<Tensor<'a>> + Copy,
     [pos, rows]: [Tensor<'a>; 2],
+    eps: f32,
     rope_freqs: Option<Tensor<'a>>,
     rope: &RopeParams,
     [hd, n_head_kv, n]: [i64; 3],
 ) {
     if cache.plan().owns(Half::Keys, il) {
-        let k = g.reshape_3d(g.mul_mat(lt(LayerRole::AttnK), cur), hd, n_head_kv, n);
+        let k_roles = [LayerRole::AttnK, LayerRole::AttnKBias, LayerRole::AttnKNorm];
+        let k = project_heads(g, has, k_roles, cur, [hd, n_head_kv, n], eps);
         let k = g.rope(k, pos, rope_freqs, rope);
         g.expand(g.set_rows(cache.k(il), g.reshape_2d(k, hd * n_head_kv, n), rows));
     }
     if cache.plan().owns(Half::Values, il) {
-        let v = g.mul_mat(lt(LayerRole::AttnV), cur);
+        let v = g.mul_mat(has(LayerRole::AttnV).expect("a required role"), cur);
+        let v = match has(LayerRole::AttnVBias) {
+            Some(b) => g.add(v, b),
+            None => v,
+        };
         g.expand(g.set_rows(cache.v(il), v, rows));
+    }
+}
+
+/// Queries or keys as `[hd, heads, n]` from the normed input: the projection
+/// `[proj, bias, norm]`, plus its bias where the variant has one (qwen2), then the
+/// per-head RMS norm where it has one (qwen3), as llama.cpp builds them.
+fn project_heads<'a>(
+    g: &'a GraphCtx,
+    has: impl Fn(LayerRole) -> Option<Tensor<'a>>,
+    [proj, bias, norm]: [LayerRole; 3],
+    cur: Tensor<'a>,
+    [hd, heads, n]: [i64; 3],
+    eps: f32,
+) -> Tensor<'a> {
+    let mut t = g.mul_mat(has(proj).expect("a required role"), cur);
+    if let Some(b) = has(bias) {
+        t = g.add(t, b);
+    }
+    let t = g.reshape_3d(t, hd, heads, n);
+    match has(norm) {
+        Some(w) => g.mul(g.rms_norm(t, eps), w),
+        None => t,
     }
 }
 
@@ -485,7 +516,8 @@ fn rope_params(model: &Model) -> RopeParams {
     let c = &model.config;
     RopeParams {
         n_dims: c.rope_dim as i32,
-        mode: 0, // LLAMA_ROPE_TYPE_NORM: adjacent pairs
+        // LLAMA_ROPE_TYPE_NEOX (2): pairs (i, i + n_dims/2); NORM (0): adjacent pairs.
+        mode: if c.arch.rope_neox() { 2 } else { 0 },
         n_ctx_orig: c.n_ctx_train as i32,
         freq_base: c.rope_freq_base,
         freq_scale: c.rope_freq_scale,

@@ -286,6 +286,8 @@ impl<'m> RunState<'m> for Session<'m> {
             context_shift: true,
             packed: true,
             sequences: true,
+            architectures: &crate::model::Arch::ALL,
+            layer_extras: true,
         }
     }
 

@@ -65,6 +65,8 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     context_shift: false,
     packed: false,
     sequences: false,
+    architectures: &[crate::model::Arch::Llama],
+    layer_extras: false,
 };
 
 impl Default for GpuOptions {
@@ -177,6 +179,7 @@ impl<'m> GpuSession<'m> {
         policy: AdapterPolicy,
     ) -> Result<Self, RuntimeError> {
         CAPABILITIES.check(opts)?;
+        CAPABILITIES.check_model(model)?;
         Ok(Self::new(model, map, &GpuOptions::from_run(opts, policy))?)
     }
 

@@ -75,6 +75,50 @@ pub fn rope_norm(x: &mut [f32], head_dim: usize, pos: usize, base: f32) {
     }
 }
 
+/// llama.cpp's NEOX RoPE (`rope_type` 2, Qwen2/Qwen3): within each head, `x[i]`
+/// is rotated with `x[i + head_dim/2]` by `pos * base^(-2i/head_dim)`.
+pub fn rope_neox(x: &mut [f32], head_dim: usize, pos: usize, base: f32) {
+    let half = head_dim / 2;
+    for head in x.chunks_exact_mut(head_dim) {
+        for i in 0..half {
+            let theta = pos as f64 * (base as f64).powf(-2.0 * i as f64 / head_dim as f64);
+            let (sin, cos) = theta.sin_cos();
+            let (x0, x1) = (head[i] as f64, head[i + half] as f64);
+            head[i] = (x0 * cos - x1 * sin) as f32;
+            head[i + half] = (x0 * sin + x1 * cos) as f32;
+        }
+    }
+}
+
+/// Queries or keys of one position as the variant computes them: projection, bias
+/// (qwen2), per-head RMS norm (qwen3), RoPE of the variant's type.
+fn project_heads(
+    spec: &TinySpec,
+    w: &super::tiny_model::RefMatrix,
+    bias: Option<&Vec<f32>>,
+    norm: Option<&Vec<f32>>,
+    xn: &[f32],
+    pos: usize,
+) -> Vec<f32> {
+    let hd = spec.head_dim();
+    let mut t = w.matvec(xn);
+    if let Some(b) = bias {
+        t.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+    }
+    if let Some(n) = norm {
+        t = t
+            .chunks_exact(hd)
+            .flat_map(|head| rms_norm(head, n, spec.rms_eps))
+            .collect();
+    }
+    if spec.arch.rope_neox() {
+        rope_neox(&mut t, hd, pos, spec.rope_base);
+    } else {
+        rope_norm(&mut t, hd, pos, spec.rope_base);
+    }
+    t
+}
+
 /// GQA: query head `h` reads KV head `h / (n_head / n_head_kv)`, consecutive query
 /// heads sharing one KV head (ggml's `mul_mat` broadcast over dim 2).
 pub fn kv_head_for(h: usize, n_head: usize, n_head_kv: usize) -> usize {
@@ -223,8 +267,9 @@ pub fn reference_forward_split(
                 .iter()
                 .enumerate()
                 .map(|(pos, xn)| {
-                    let mut k = layer.wk.matvec(xn);
-                    rope_norm(&mut k, hd, pos, spec.rope_base);
+                    let bias = layer.biases.as_ref().map(|b| &b[1]);
+                    let norm = layer.qk_norm.as_ref().map(|n| &n[1]);
+                    let mut k = project_heads(spec, &layer.wk, bias, norm, xn, pos);
                     maybe_f16(precision.kv_cache_f16, &mut k);
                     k
                 })
@@ -238,6 +283,9 @@ pub fn reference_forward_split(
                 .iter()
                 .map(|xn| {
                     let mut v = layer.wv.matvec(xn);
+                    if let Some([_, _, bv]) = &layer.biases {
+                        v.iter_mut().zip(bv).for_each(|(a, b)| *a += b);
+                    }
                     maybe_f16(precision.kv_cache_f16, &mut v);
                     v
                 })
@@ -249,8 +297,9 @@ pub fn reference_forward_split(
 
         let mut attn_layer = Vec::with_capacity(x.len());
         for (pos, xn) in normed.iter().enumerate() {
-            let mut q = layer.wq.matvec(xn);
-            rope_norm(&mut q, hd, pos, spec.rope_base);
+            let bias = layer.biases.as_ref().map(|b| &b[0]);
+            let norm = layer.qk_norm.as_ref().map(|n| &n[0]);
+            let mut q = project_heads(spec, &layer.wq, bias, norm, xn, pos);
             maybe_f16(precision.attn_inputs_f16, &mut q);
             let mut attn = Vec::with_capacity(spec.n_head * hd);
             for h in 0..spec.n_head {

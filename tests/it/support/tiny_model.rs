@@ -7,6 +7,7 @@ use std::path::Path;
 
 use kvsharer::backend::ggml::{dequantize, quantize};
 use kvsharer::gguf::{Array, GgmlType, GgufBuilder, Value};
+use kvsharer::model::Arch;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -28,6 +29,9 @@ pub struct TinySpec {
     pub tied_output: bool,
     pub rope_base: f32,
     pub rms_eps: f32,
+    /// The variant written: `qwen2` adds Q/K/V biases, `qwen3` per-head Q/K norms;
+    /// both use NEOX RoPE.
+    pub arch: Arch,
 }
 
 impl Default for TinySpec {
@@ -45,6 +49,7 @@ impl Default for TinySpec {
             tied_output: false,
             rope_base: 10000.0,
             rms_eps: 1e-5,
+            arch: Arch::Llama,
         }
     }
 }
@@ -157,6 +162,10 @@ pub struct RefLayer {
     pub up: RefMatrix,
     /// `[n_embd rows][n_ff]`
     pub down: RefMatrix,
+    /// Q, K, V biases (`qwen2`).
+    pub biases: Option<[Vec<f32>; 3]>,
+    /// Per-head Q and K RMS norm weights (`qwen3`).
+    pub qk_norm: Option<[Vec<f32>; 2]>,
 }
 
 /// Every tensor of a tiny model as f32.
@@ -199,6 +208,11 @@ impl Normal {
     }
 
     /// RMSNorm gains near 1, so every channel matters but none dominates.
+    /// Biases of the size real Qwen2 ones have relative to their projections.
+    fn bias(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| 0.2 * self.sample()).collect()
+    }
+
     fn norm(&mut self, n: usize) -> Vec<f32> {
         (0..n)
             .map(|_| 1.0 + 0.1 * (2.0 * self.rng.random::<f32>() - 1.0))
@@ -230,6 +244,12 @@ pub fn random_weights(spec: &TinySpec) -> RefWeights {
             gate: g.matrix(ff, e, fan(e)),
             up: g.matrix(ff, e, fan(e)),
             down: g.matrix(e, ff, fan(ff)),
+            biases: spec.arch.qkv_bias().then(|| {
+                let q = spec.n_head * hd;
+                let kv = spec.n_head_kv * hd;
+                [g.bias(q), g.bias(kv), g.bias(kv)]
+            }),
+            qk_norm: spec.arch.qk_norm().then(|| [g.norm(hd), g.norm(hd)]),
         })
         .collect();
     let output_norm = g.norm(e);
@@ -427,6 +447,8 @@ pub fn write_weights(
             gate: add_matrix(&n("ffn_gate"), &l.gate, ff, e)?,
             up: add_matrix(&n("ffn_up"), &l.up, ff, e)?,
             down: add_matrix(&n("ffn_down"), &l.down, e, ff)?,
+            biases: l.biases.clone(),
+            qk_norm: l.qk_norm.clone(),
         });
     }
     let output = match &weights.output {
@@ -447,6 +469,23 @@ pub fn write_weights(
         add_norm(format!("blk.{i}.ffn_norm.weight"), &l.ffn_norm)?;
     }
     add_norm("output_norm.weight".into(), &weights.output_norm)?;
+    // The variants' vectors, f32 as llama.cpp's converter writes 1-D tensors.
+    let mut add_vector = |name: String, v: &[f32]| {
+        let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        gguf.add_tensor(&name, &[v.len() as u64], GgmlType::F32, bytes)
+            .map_err(|err| format!("{name}: {err}"))
+    };
+    for (i, l) in weights.layers.iter().enumerate() {
+        if let Some([bq, bk, bv]) = &l.biases {
+            add_vector(format!("blk.{i}.attn_q.bias"), bq)?;
+            add_vector(format!("blk.{i}.attn_k.bias"), bk)?;
+            add_vector(format!("blk.{i}.attn_v.bias"), bv)?;
+        }
+        if let Some([qn, kn]) = &l.qk_norm {
+            add_vector(format!("blk.{i}.attn_q_norm.weight"), qn)?;
+            add_vector(format!("blk.{i}.attn_k_norm.weight"), kn)?;
+        }
+    }
 
     gguf.write_to(path)
         .map_err(|err| format!("writing {}: {err}", path.display()))?;
@@ -461,28 +500,38 @@ pub fn write_weights(
 fn write_metadata(spec: &TinySpec, gguf: &mut GgufBuilder) {
     let u32_of = |n: usize| Value::U32(n as u32);
     let ty = spec.weight_type;
-    gguf.set("general.architecture", Value::String("llama".into()));
+    let arch = spec.arch.name();
+    gguf.set("general.architecture", Value::String(arch.into()));
     gguf.set(
         "general.name",
-        Value::String(format!("kvsharer tiny llama {}", ty.name())),
+        Value::String(format!("kvsharer tiny {arch} {}", ty.name())),
     );
     if let Some(ftype) = llama_ftype(ty) {
         gguf.set("general.file_type", Value::U32(ftype));
     }
     gguf.set("general.quantization_version", Value::U32(2));
-    gguf.set("llama.block_count", u32_of(spec.n_layers));
-    gguf.set("llama.context_length", u32_of(spec.n_ctx_train));
-    gguf.set("llama.embedding_length", u32_of(spec.n_embd));
-    gguf.set("llama.feed_forward_length", u32_of(spec.n_ff));
-    gguf.set("llama.attention.head_count", u32_of(spec.n_head));
-    gguf.set("llama.attention.head_count_kv", u32_of(spec.n_head_kv));
+    gguf.set(&format!("{arch}.block_count"), u32_of(spec.n_layers));
+    gguf.set(&format!("{arch}.context_length"), u32_of(spec.n_ctx_train));
+    gguf.set(&format!("{arch}.embedding_length"), u32_of(spec.n_embd));
+    gguf.set(&format!("{arch}.feed_forward_length"), u32_of(spec.n_ff));
+    gguf.set(&format!("{arch}.attention.head_count"), u32_of(spec.n_head));
     gguf.set(
-        "llama.attention.layer_norm_rms_epsilon",
+        &format!("{arch}.attention.head_count_kv"),
+        u32_of(spec.n_head_kv),
+    );
+    gguf.set(
+        &format!("{arch}.attention.layer_norm_rms_epsilon"),
         Value::F32(spec.rms_eps),
     );
-    gguf.set("llama.rope.freq_base", Value::F32(spec.rope_base));
-    gguf.set("llama.rope.dimension_count", u32_of(spec.head_dim()));
-    gguf.set("llama.vocab_size", u32_of(spec.n_vocab));
+    gguf.set(
+        &format!("{arch}.rope.freq_base"),
+        Value::F32(spec.rope_base),
+    );
+    gguf.set(
+        &format!("{arch}.rope.dimension_count"),
+        u32_of(spec.head_dim()),
+    );
+    gguf.set(&format!("{arch}.vocab_size"), u32_of(spec.n_vocab));
 
     let vocab = tiny_vocab(spec.n_vocab);
     gguf.set("tokenizer.ggml.model", Value::String("gpt2".into()));
