@@ -145,12 +145,16 @@ pub const PRE_TOKENIZER_FAMILIES: &[(&str, &[&str])] = &[
             "solar-open",
         ],
     ),
+    ("tekken", &["tekken"]),
 ];
 
 // The regexes below are the ones llama.cpp's llm_tokenizer_bpe applies, in order,
 // each splitting the pieces the previous one produced.
 const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+// Mistral's tekken, as llama.cpp rewrites it for its regex engine: "a letter
+// that is not a-z" stands for the upper-case classes of the original.
+const TEKKEN_REGEX: &str = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// How one gpt2 pre-tokenizer family behaves.
@@ -191,6 +195,7 @@ fn pre_tokenizer_rules(pre: Option<&str>) -> Result<PreTokenizerRules, Tokenizer
             rules(&[LLAMA3_REGEX], llama3_proper, llama3_proper)
         }
         "smollm" => rules(&[r"\p{N}", GPT2_REGEX], false, false),
+        "tekken" => rules(&[TEKKEN_REGEX], true, true),
         _ => rules(&[QWEN2_REGEX], false, false),
     })
 }

@@ -39,6 +39,7 @@ mod sequences;
 #[cfg(unix)]
 mod serve;
 mod share_crash;
+mod tokenizer_families;
 mod tokenizer_parity;
 #[cfg(feature = "wgpu")]
 mod wgpu_parity;

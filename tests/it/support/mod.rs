@@ -9,6 +9,7 @@
 pub mod parity;
 pub mod reference;
 pub mod tiny_model;
+pub mod tokenizer_check;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 

@@ -32,6 +32,9 @@ pub struct TinySpec {
     /// The variant written: `qwen2` adds Q/K/V biases, `qwen3` per-head Q/K norms;
     /// both use NEOX RoPE.
     pub arch: Arch,
+    /// `tokenizer.*` metadata to write instead of the tiny byte-level vocabulary
+    /// (a real vocabulary); `n_vocab` must equal its token count.
+    pub tokenizer: Option<Vec<(String, Value)>>,
 }
 
 impl Default for TinySpec {
@@ -50,6 +53,7 @@ impl Default for TinySpec {
             rope_base: 10000.0,
             rms_eps: 1e-5,
             arch: Arch::Llama,
+            tokenizer: None,
         }
     }
 }
@@ -533,6 +537,12 @@ fn write_metadata(spec: &TinySpec, gguf: &mut GgufBuilder) {
     );
     gguf.set(&format!("{arch}.vocab_size"), u32_of(spec.n_vocab));
 
+    if let Some(keys) = &spec.tokenizer {
+        for (k, v) in keys {
+            gguf.set(k, v.clone());
+        }
+        return;
+    }
     let vocab = tiny_vocab(spec.n_vocab);
     gguf.set("tokenizer.ggml.model", Value::String("gpt2".into()));
     gguf.set("tokenizer.ggml.pre", Value::String("default".into()));
