@@ -22,6 +22,7 @@ mod architectures;
 mod calibrate;
 #[cfg(unix)]
 mod chat_pty;
+mod chat_templates;
 mod cli;
 mod context_shift;
 mod examples;

@@ -414,42 +414,9 @@ fn open_stream_with_key(addr: &str, max_tokens: usize) -> TcpStream {
     s
 }
 
-/// A Python with the `openai` client: a virtual environment made once per target
-/// directory (pip needs PyPI, as the default model's fetch does).
-fn openai_python() -> std::path::PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
-    let python = dir.join("bin").join("python");
-    let ok = |py: &Path| {
-        Command::new(py)
-            .args(["-c", "import openai"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !ok(&python) {
-        let venv = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(
-            venv.success(),
-            "python3 -m venv failed (Debian: apt-get install python3-venv)"
-        );
-        let pip = Command::new(&python)
-            .args(["-m", "pip", "install", "-q", "openai>=1.40,<4"])
-            .status()
-            .unwrap();
-        assert!(
-            pip.success(),
-            "pip install openai failed (needs access to PyPI)"
-        );
-    }
-    python
-}
-
 #[test]
 fn the_openai_python_client_drives_the_server() {
-    let python = openai_python();
+    let python = support::python_with(&["openai>=1.40,<4"]);
     let server = Server::start(&["-P", "4"]);
     let expected = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(

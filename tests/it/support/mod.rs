@@ -108,3 +108,43 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// A Python with `packages` installed: a virtual environment made once per target
+/// directory and package list (pip needs PyPI, as the default model's fetch does).
+pub fn python_with(packages: &[&str]) -> PathBuf {
+    use std::process::Command;
+    let name: String = packages
+        .iter()
+        .map(|p| {
+            p.chars()
+                .filter(char::is_ascii_alphanumeric)
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join("-");
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("venv-{name}"));
+    let python = dir.join("bin").join("python");
+    let ready = dir.join(".installed");
+    if !ready.exists() {
+        let venv = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(
+            venv.success(),
+            "python3 -m venv failed (Debian: apt-get install python3-venv)"
+        );
+        let pip = Command::new(&python)
+            .args(["-m", "pip", "install", "-q"])
+            .args(packages)
+            .status()
+            .unwrap();
+        assert!(
+            pip.success(),
+            "pip install {packages:?} failed (needs access to PyPI)"
+        );
+        std::fs::write(&ready, "").unwrap();
+    }
+    python
+}
