@@ -205,3 +205,32 @@ fn wgpu_refuses_the_variants_it_does_not_build() {
         );
     }
 }
+
+/// `kvsharer perplexity`'s method equals llama-perplexity's scoring on llama.cpp's
+/// forward pass, on each variant's tiny file (4 chunks of 128 tokens).
+#[test]
+fn variant_perplexity_matches_llama_cpp_method() {
+    use crate::perplexity::{llama_cpp_perplexity, options, session_options, CHUNKS, N_CTX};
+    for arch in [Arch::Qwen2, Arch::Qwen3] {
+        let spec = spec(arch, GgmlType::Q8_0);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_model(&spec, &path);
+        let loaded = loader::load(&path).unwrap();
+        let tokens: Vec<u32> = (0..(CHUNKS * N_CTX) as u32)
+            .map(|i| (i * 37 + i / 7) % spec.n_vocab as u32)
+            .collect();
+        let map = ShareMap::identity(spec.n_layers);
+        let mut s = Session::new(&loaded.model, &map, &session_options()).unwrap();
+        let ours =
+            kvsharer::eval::perplexity(&mut s, &loaded.tokenizer, &tokens, &options(), |_| {})
+                .unwrap();
+        let (ppl, _, _) = llama_cpp_perplexity(&path, &tokens);
+        let rel = (ours.ppl.value - ppl).abs() / ppl;
+        eprintln!(
+            "{arch}: PPL ours {:.6}, llama.cpp method {ppl:.6}, relative {rel:.2e}",
+            ours.ppl.value
+        );
+        assert!(rel < 1e-4, "{arch}: PPL {} vs {ppl}", ours.ppl.value);
+    }
+}

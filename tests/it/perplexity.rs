@@ -18,8 +18,8 @@ use kvsharer::runtime::RunOptions;
 
 use crate::support;
 
-const N_CTX: usize = 128;
-const CHUNKS: usize = 4;
+pub const N_CTX: usize = 128;
+pub const CHUNKS: usize = 4;
 
 fn loaded() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
@@ -40,7 +40,7 @@ fn sample_text() -> String {
     text
 }
 
-fn session_options() -> RunOptions {
+pub fn session_options() -> RunOptions {
     RunOptions {
         n_ctx: N_CTX,
         n_threads: 2,
@@ -48,7 +48,7 @@ fn session_options() -> RunOptions {
     }
 }
 
-fn options() -> PerplexityOptions {
+pub fn options() -> PerplexityOptions {
     PerplexityOptions {
         n_ctx: N_CTX,
         max_chunks: Some(CHUNKS),
@@ -61,9 +61,8 @@ fn options() -> PerplexityOptions {
 /// perplexity.cpp computes it (f32 max and differences, f64 sum) over the
 /// predictions of positions n_ctx/2 .. n_ctx-2. Returns (PPL, its uncertainty,
 /// running PPL per chunk).
-fn llama_cpp_perplexity(tokens: &[u32]) -> (f64, f64, Vec<f64>) {
-    let llama =
-        LlamaCppModel::load(&support::default_model_path()).expect("llama.cpp loads the model");
+pub fn llama_cpp_perplexity(model: &Path, tokens: &[u32]) -> (f64, f64, Vec<f64>) {
+    let llama = LlamaCppModel::load(model).expect("llama.cpp loads the model");
     let mut ctx = llama
         .context(ContextOptions {
             n_ctx: N_CTX as u32,
@@ -127,7 +126,7 @@ fn unshared_perplexity_matches_llama_cpp_method() {
         seen.push((p.chunk, p.n_chunks, p.ppl));
     })
     .unwrap();
-    let (ppl, unc, running) = llama_cpp_perplexity(&tokens);
+    let (ppl, unc, running) = llama_cpp_perplexity(&support::default_model_path(), &tokens);
 
     assert_eq!(ours.n_chunks, CHUNKS);
     assert_eq!(ours.scored, CHUNKS * (N_CTX - 1 - N_CTX / 2));
