@@ -318,3 +318,137 @@ fn mistral_sentencepiece_v1_matches_llama_cpp() {
 fn mistral_sentencepiece_v3_matches_llama_cpp() {
     sentencepiece_family("mistral_common/data/mistral_instruct_tokenizer_240323.model.v3");
 }
+
+/// Standard base64 (tekken's `token_bytes`).
+fn base64_decode(s: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("base64 character {c}"),
+    };
+    let digits: Vec<u8> = s.bytes().filter(|&c| c != b'=').map(value).collect();
+    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
+    for chunk in digits.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &d)| n | u32::from(d) << (18 - 6 * i));
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
+/// A tekken vocabulary (tiktoken ranks) as llama.cpp's converter writes it: 1,000
+/// control tokens first, then the ranked byte tokens in GPT-2's byte-level alphabet,
+/// with merges recovered from the ranks (each token is the merge of the two parts a
+/// byte-pair encoding restricted to lower ranks leaves of it).
+fn tekken_keys(json_bytes: &[u8]) -> (Vec<(String, Value)>, usize) {
+    use crate::support::tiny_model::byte_to_unicode;
+    use std::collections::HashMap;
+    let doc: serde_json::Value = serde_json::from_slice(json_bytes).unwrap();
+    let n_special = doc["config"]["default_num_special_tokens"]
+        .as_u64()
+        .unwrap() as usize;
+    let n_total = doc["config"]["default_vocab_size"].as_u64().unwrap() as usize;
+    let ranked: Vec<Vec<u8>> = doc["vocab"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(n_total - n_special)
+        .map(|v| base64_decode(v["token_bytes"].as_str().unwrap()))
+        .collect();
+    let rank: HashMap<&[u8], usize> = ranked
+        .iter()
+        .enumerate()
+        .map(|(r, b)| (b.as_slice(), r))
+        .collect();
+    let show = |b: &[u8]| b.iter().map(|&x| byte_to_unicode(x)).collect::<String>();
+    let mut merges = Vec::new();
+    for (r, bytes) in ranked.iter().enumerate().filter(|(_, b)| b.len() > 1) {
+        let mut parts: Vec<&[u8]> = (0..bytes.len()).map(|i| &bytes[i..=i]).collect();
+        while parts.len() > 2 {
+            let best = (0..parts.len() - 1)
+                .filter_map(|i| {
+                    let joined = &bytes
+                        [offset(bytes, parts[i])..offset(bytes, parts[i + 1]) + parts[i + 1].len()];
+                    rank.get(joined).filter(|&&jr| jr < r).map(|&jr| (jr, i))
+                })
+                .min();
+            let Some((_, i)) = best else { break };
+            let start = offset(bytes, parts[i]);
+            let end = offset(bytes, parts[i + 1]) + parts[i + 1].len();
+            parts[i] = &bytes[start..end];
+            parts.remove(i + 1);
+        }
+        if parts.len() == 2 {
+            merges.push(format!("{} {}", show(parts[0]), show(parts[1])));
+        }
+    }
+    let named = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"];
+    let mut tokens: Vec<String> = (0..n_special)
+        .map(|i| {
+            named
+                .get(i)
+                .map_or(format!("<SPECIAL_{i}>"), |s| s.to_string())
+        })
+        .collect();
+    tokens.extend(ranked.iter().map(|b| show(b)));
+    let types: Vec<i32> = (0..tokens.len())
+        .map(|i| if i < n_special { 3 } else { 1 })
+        .collect();
+    let n = tokens.len();
+    let keys = vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("tekken".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(Array::String(tokens)),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(Array::I32(types)),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(Array::String(merges)),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
+        ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
+    ];
+    (keys, n)
+}
+
+/// Where `part` (a subslice of `whole`) starts in it.
+fn offset(whole: &[u8], part: &[u8]) -> usize {
+    part.as_ptr() as usize - whole.as_ptr() as usize
+}
+
+#[test]
+fn mistral_tekken_vocabulary_matches_llama_cpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, n_vocab) = tekken_keys(&mistral_common_file(
+        "mistral_common/data/tekken_240718.json",
+    ));
+    assert_eq!(n_vocab, 131072);
+    let path = model_with_vocab(dir.path(), "tekken", keys, n_vocab);
+    check_family(
+        &path,
+        &["[INST]", "[/INST]", "CamelCase", "HTTPServer", "É"],
+    );
+    // The recovered merges do merge: ordinary English takes about a token a word.
+    let ours = loader::load(&path).unwrap().tokenizer;
+    let ids = ours
+        .encode(
+            "Hello world, this is a test of the tokenizer.",
+            false,
+            false,
+        )
+        .unwrap();
+    assert!(ids.len() <= 12, "{} tokens: {ids:?}", ids.len());
+}
