@@ -234,3 +234,58 @@ fn variant_perplexity_matches_llama_cpp_method() {
         assert!(rel < 1e-4, "{arch}: PPL {} vs {ppl}", ours.ppl.value);
     }
 }
+
+/// Llama 3.1-style files: `rope_freqs.weight` (per-dimension RoPE divisors, as the
+/// llama3 rope scaling writes them) and tied output embeddings, against llama.cpp;
+/// the same file without the factors gives other logits, so the test sees them.
+#[test]
+fn llama3_rope_freqs_and_tied_output_match_llama_cpp() {
+    let base = spec(Arch::Llama, GgmlType::F32);
+    let half = base.head_dim() / 2;
+    let spec = TinySpec {
+        tied_output: true,
+        rope_base: 500000.0,
+        // 1 for high frequencies, up to 8 for low ones, smoothly in between.
+        rope_freqs: Some(
+            (0..half)
+                .map(|i| 1.0 + 7.0 * (i as f32 / (half - 1) as f32).powi(2))
+                .collect(),
+        ),
+        ..base
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_model(&spec, &path);
+    let loaded = loader::load(&path).unwrap();
+    assert!(loaded.model.weights.rope_freqs().is_some() && loaded.model.weights.tied_output());
+    let toks = tokens(&spec);
+    let llama = LlamaCppModel::load(&path).unwrap();
+    let mut ctx = llama
+        .context(ContextOptions {
+            n_ctx: 128,
+            n_threads: 2,
+            ..Default::default()
+        })
+        .unwrap();
+    let theirs = ctx.eval_all_logits(&toks).unwrap().concat();
+    let map = ShareMap::identity(spec.n_layers);
+    let mut s = Session::new(&loaded.model, &map, &opts()).unwrap();
+    let ours = s.eval(&toks, Logits::All).unwrap();
+    let d = max_abs_diff(&ours, &theirs);
+    eprintln!("llama + rope_freqs + tied output: max |ours - llama.cpp| = {d:.2e}");
+    assert!(d < 1e-3, "{d}");
+    // Without the factors the logits move: the test sees them.
+    let plain = TinySpec {
+        rope_freqs: None,
+        ..spec.clone()
+    };
+    let plain_path = dir.path().join("plain.gguf");
+    write_tiny_model(&plain, &plain_path);
+    let plain_loaded = loader::load(&plain_path).unwrap();
+    let mut p = Session::new(&plain_loaded.model, &map, &opts()).unwrap();
+    let without = p.eval(&toks, Logits::All).unwrap();
+    assert!(
+        max_abs_diff(&ours, &without) > 0.05,
+        "rope_freqs changed nothing"
+    );
+}

@@ -35,6 +35,8 @@ pub struct TinySpec {
     /// `tokenizer.*` metadata to write instead of the tiny byte-level vocabulary
     /// (a real vocabulary); `n_vocab` must equal its token count.
     pub tokenizer: Option<Vec<(String, Value)>>,
+    /// `rope_freqs.weight` (Llama 3.1's per-dimension RoPE divisors, head_dim/2).
+    pub rope_freqs: Option<Vec<f32>>,
 }
 
 impl Default for TinySpec {
@@ -54,6 +56,7 @@ impl Default for TinySpec {
             rms_eps: 1e-5,
             arch: Arch::Llama,
             tokenizer: None,
+            rope_freqs: None,
         }
     }
 }
@@ -479,6 +482,9 @@ pub fn write_weights(
         gguf.add_tensor(&name, &[v.len() as u64], GgmlType::F32, bytes)
             .map_err(|err| format!("{name}: {err}"))
     };
+    if let Some(f) = &spec.rope_freqs {
+        add_vector("rope_freqs.weight".into(), f)?;
+    }
     for (i, l) in weights.layers.iter().enumerate() {
         if let Some([bq, bk, bv]) = &l.biases {
             add_vector(format!("blk.{i}.attn_q.bias"), bq)?;
