@@ -107,7 +107,8 @@ impl LayerWeights {
         }
     }
 
-    fn set_optional(&mut self, role: LayerRole, index: usize) {
+    /// Records the tensor of an optional role (`LayerRole::OPTIONAL`).
+    pub fn set_optional(&mut self, role: LayerRole, index: usize) {
         let i = LayerRole::OPTIONAL
             .iter()
             .position(|&r| r == role)

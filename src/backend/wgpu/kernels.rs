@@ -15,6 +15,7 @@ const QUANT: &str = include_str!("../../../shaders/quant.wgsl");
 const MATMUL: &str = include_str!("../../../shaders/matmul.wgsl");
 const RMS_NORM: &str = include_str!("../../../shaders/rms_norm.wgsl");
 const ROPE: &str = include_str!("../../../shaders/rope.wgsl");
+const QKV_EXTRAS: &str = include_str!("../../../shaders/qkv_extras.wgsl");
 const SWIGLU: &str = include_str!("../../../shaders/swiglu.wgsl");
 const KV_STORE: &str = include_str!("../../../shaders/kv_store.wgsl");
 const ATTENTION: &str = include_str!("../../../shaders/attention.wgsl");
@@ -86,6 +87,9 @@ pub(crate) struct Kernels {
     pub matmul: HashMap<GgmlType, MatmulKernels>,
     pub rms_norm: Kernel,
     pub rope: Kernel,
+    /// qwen2's Q/K/V biases and qwen3's per-head Q/K norms (`qkv_extras.wgsl`).
+    pub add_bias: Kernel,
+    pub head_norm: Kernel,
     pub swiglu: Kernel,
     pub kv_store: Kernel,
     pub attn_tiled: Kernel,
@@ -119,6 +123,9 @@ impl Kernels {
             "rope",
             &[(0, ReadWrite), (1, Read), (3, Uniform)],
         )?;
+        let extras = [(0, ReadWrite), (1, Read), (3, Uniform)];
+        let add_bias = single("qkv_extras.wgsl", QKV_EXTRAS, "add_bias", &extras)?;
+        let head_norm = single("qkv_extras.wgsl", QKV_EXTRAS, "head_norm", &extras)?;
         let swiglu = single(
             "swiglu.wgsl",
             SWIGLU,
@@ -168,6 +175,8 @@ impl Kernels {
             matmul: HashMap::new(),
             rms_norm,
             rope,
+            add_bias,
+            head_norm,
             swiglu,
             kv_store,
             attn_tiled: attn("attn_tiled")?,

@@ -18,9 +18,10 @@ use super::{GpuError, GPU_WEIGHT_TYPES};
 use crate::gguf::GgmlType;
 use crate::kvplan::{Half, KvPlan, ShareMap};
 use crate::model::LayerRole::{
-    AttnK, AttnNorm, AttnOutput, AttnQ, AttnV, FfnDown, FfnGate, FfnNorm, FfnUp,
+    AttnK, AttnKBias, AttnKNorm, AttnNorm, AttnOutput, AttnQ, AttnQBias, AttnQNorm, AttnV,
+    AttnVBias, FfnDown, FfnGate, FfnNorm, FfnUp,
 };
-use crate::model::{LayerWeights, Model};
+use crate::model::{LayerRole, LayerWeights, Model};
 use crate::runtime::chunks;
 use crate::runtime::error::{Capability, RuntimeError};
 use crate::runtime::options::{Capabilities, RunOptions};
@@ -65,8 +66,8 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     context_shift: false,
     packed: false,
     sequences: false,
-    architectures: &[crate::model::Arch::Llama],
-    layer_extras: false,
+    architectures: &crate::model::Arch::ALL,
+    layer_extras: true,
 };
 
 impl Default for GpuOptions {
@@ -316,15 +317,23 @@ impl<'m> GpuSession<'m> {
                 let mut layer_idx = Vec::with_capacity(c.n_layers);
                 for (il, lw) in plan.layers().iter().enumerate() {
                     let owns = map.owns_slot(il);
-                    layer_idx.push(LayerWeights::try_from_fn(|role| {
-                        // A shared layer never computes keys or values: its K/V
-                        // projections are not even uploaded.
+                    // A shared layer never computes keys or values: its K/V
+                    // projections (and their biases, the key norm) are not even
+                    // uploaded.
+                    let mut placed = |role: LayerRole, id: usize| {
                         if owns || !role.is_kv_projection() {
-                            upload(lw[role])
+                            upload(id)
                         } else {
                             Ok(usize::MAX)
                         }
-                    })?);
+                    };
+                    let mut idx = LayerWeights::try_from_fn(|role| placed(role, lw[role]))?;
+                    for role in LayerRole::OPTIONAL {
+                        if let Some(id) = lw.get(role) {
+                            idx.set_optional(role, placed(role, id)?);
+                        }
+                    }
+                    layer_idx.push(idx);
                 }
                 Ok((token_embd, output_norm, output, layer_idx))
             })?;
@@ -892,11 +901,66 @@ fn build_forward(model: &Model, map: &ShareMap, parts: &ForwardParts) -> Result<
         }
     };
     let rope = |t: &wgpu::Buffer, n_heads: usize| -> Op {
-        let p = uniform(ctx, [n_heads as u32, c.head_dim as u32, 0, 0, 0, 0, 0, 0]);
+        let neox = u32::from(c.arch.rope_neox());
+        let p = uniform(
+            ctx,
+            [n_heads as u32, c.head_dim as u32, neox, 0, 0, 0, 0, 0],
+        );
         Op {
             grid: Grid::PerToken(((n_heads * c.head_dim / 2) as u32).div_ceil(64)),
             pipeline: kernels.rope.pipeline.clone(),
             group: bind(ctx, &kernels.rope, &[(0, t), (1, &act.rope), (3, &p)]),
+        }
+    };
+    // qwen2's bias on a projection's output, in place ([tokens][n]).
+    let add_bias = |t: &wgpu::Buffer, wi: usize, n: usize| -> Op {
+        let p = uniform(ctx, [n as u32, 0, 0, 0, 0, 0, 0, 0]);
+        Op {
+            grid: Grid::PerToken((n as u32).div_ceil(64)),
+            pipeline: kernels.add_bias.pipeline.clone(),
+            group: bind(
+                ctx,
+                &kernels.add_bias,
+                &[(0, t), (1, &weights[wi].buf), (3, &p)],
+            ),
+        }
+    };
+    // qwen3's RMS norm of each head, in place ([tokens][n_heads][head_dim]).
+    let head_norm = |t: &wgpu::Buffer, wi: usize, n_heads: usize| -> Op {
+        let p = uniform(
+            ctx,
+            [
+                c.head_dim as u32,
+                c.rms_eps.to_bits(),
+                n_heads as u32,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ],
+        );
+        Op {
+            grid: Grid::PerToken(n_heads as u32),
+            pipeline: kernels.head_norm.pipeline.clone(),
+            group: bind(
+                ctx,
+                &kernels.head_norm,
+                &[(0, t), (1, &weights[wi].buf), (3, &p)],
+            ),
+        }
+    };
+    // A projection's bias and per-head norm where the variant has them.
+    let extras = |ops: &mut Vec<Op>,
+                  lw: &LayerWeights,
+                  [bias, norm]: [LayerRole; 2],
+                  t: &wgpu::Buffer,
+                  n_heads: usize| {
+        if let Some(wi) = lw.get(bias) {
+            ops.push(add_bias(t, wi, n_heads * c.head_dim));
+        }
+        if let Some(wi) = lw.get(norm) {
+            ops.push(head_norm(t, wi, n_heads));
         }
     };
     let attn_p = uniform(
@@ -995,9 +1059,14 @@ fn build_forward(model: &Model, map: &ShareMap, parts: &ForwardParts) -> Result<
         ops.push(norm(lw[AttnNorm], &act.x, &act.xn));
         held = None;
         feed(&mut ops, &mut held, "xn", &act.xn, lw[AttnQ], &act.q, false);
+        extras(&mut ops, lw, [AttnQBias, AttnQNorm], &act.q, c.n_head);
         if map.owns_slot(il) {
             feed(&mut ops, &mut held, "xn", &act.xn, lw[AttnK], &act.k, false);
             feed(&mut ops, &mut held, "xn", &act.xn, lw[AttnV], &act.v, false);
+            extras(&mut ops, lw, [AttnKBias, AttnKNorm], &act.k, c.n_head_kv);
+            if let Some(wi) = lw.get(AttnVBias) {
+                ops.push(add_bias(&act.v, wi, c.n_head_kv * c.head_dim));
+            }
         }
         ops.push(rope(&act.q, c.n_head));
         if map.owns_slot(il) {
