@@ -46,14 +46,9 @@ fn opts() -> RunOptions {
     }
 }
 
-fn llama_cpp_parity(arch: Arch, ty: GgmlType, tol: f32) {
-    let spec = spec(arch, ty);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_tiny_model(&spec, &path);
-    let toks = tokens(&spec);
-
-    let llama = LlamaCppModel::load(&path).unwrap();
+/// llama.cpp's logits for every position of `toks` on the file at `path`.
+fn llama_cpp_logits(path: &std::path::Path, toks: &[u32]) -> Vec<f32> {
+    let llama = LlamaCppModel::load(path).unwrap();
     let mut ctx = llama
         .context(ContextOptions {
             n_ctx: 128,
@@ -61,7 +56,17 @@ fn llama_cpp_parity(arch: Arch, ty: GgmlType, tol: f32) {
             ..Default::default()
         })
         .unwrap();
-    let theirs = ctx.eval_all_logits(&toks).unwrap().concat();
+    ctx.eval_all_logits(toks).unwrap().concat()
+}
+
+fn llama_cpp_parity(arch: Arch, ty: GgmlType, tol: f32) {
+    let spec = spec(arch, ty);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_model(&spec, &path);
+    let toks = tokens(&spec);
+
+    let theirs = llama_cpp_logits(&path, &toks);
 
     let loaded = loader::load(&path).unwrap();
     assert_eq!(loaded.model.config.arch, arch);
@@ -293,15 +298,7 @@ fn llama3_rope_freqs_and_tied_output_match_llama_cpp() {
     let loaded = loader::load(&path).unwrap();
     assert!(loaded.model.weights.rope_freqs().is_some() && loaded.model.weights.tied_output());
     let toks = tokens(&spec);
-    let llama = LlamaCppModel::load(&path).unwrap();
-    let mut ctx = llama
-        .context(ContextOptions {
-            n_ctx: 128,
-            n_threads: 2,
-            ..Default::default()
-        })
-        .unwrap();
-    let theirs = ctx.eval_all_logits(&toks).unwrap().concat();
+    let theirs = llama_cpp_logits(&path, &toks);
     let map = ShareMap::identity(spec.n_layers);
     let mut s = Session::new(&loaded.model, &map, &opts()).unwrap();
     let ours = s.eval(&toks, Logits::All).unwrap();

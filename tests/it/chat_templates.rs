@@ -23,22 +23,7 @@ fn templates_dir() -> PathBuf {
     }
     let sdist = root.join("llama_cpp_python-0.3.36.tar.gz");
     if !sdist.exists() {
-        let ok = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "-q",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-            ])
-            .arg("llama-cpp-python==0.3.36")
-            .arg("-d")
-            .arg(&root)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "pip download llama-cpp-python failed (needs PyPI)");
+        support::pip_download("llama-cpp-python==0.3.36", &root, &["--no-binary", ":all:"]);
     }
     std::fs::create_dir_all(&out).unwrap();
     let ok = Command::new("tar")

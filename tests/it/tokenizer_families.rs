@@ -10,7 +10,6 @@
 //! piece equal to `llama_token_to_piece`; BOS/EOS/EOG and add-BOS rules equal.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use kvsharer::gguf::{Array, GgufFile, Value};
 use kvsharer::loader;
@@ -165,23 +164,7 @@ fn mistral_common_file(member: &str) -> Vec<u8> {
             .find(|p| p.extension().is_some_and(|e| e == "whl"))
     };
     if wheel().is_none() {
-        let ok = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "-q",
-                "--no-deps",
-                "mistral-common==1.13.1",
-                "-d",
-            ])
-            .arg(&dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            ok,
-            "pip download mistral-common failed (needs python3 with pip and PyPI)"
-        );
+        support::pip_download("mistral-common==1.13.1", &dir, &[]);
     }
     let file = std::fs::File::open(wheel().expect("the wheel")).unwrap();
     let mut zip = zip::ZipArchive::new(file).unwrap();

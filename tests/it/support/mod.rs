@@ -148,3 +148,20 @@ pub fn python_with(packages: &[&str]) -> PathBuf {
     }
     python
 }
+
+/// `pip download --no-deps` of `requirement` into `dir` (extra pip flags in
+/// `args`); panics saying why when pip or PyPI is not there.
+pub fn pip_download(requirement: &str, dir: &std::path::Path, args: &[&str]) {
+    let ok = std::process::Command::new("python3")
+        .args(["-m", "pip", "download", "-q", "--no-deps"])
+        .args(args)
+        .arg(requirement)
+        .arg("-d")
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "pip download {requirement} failed (needs python3 with pip and PyPI)"
+    );
+}
