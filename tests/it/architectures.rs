@@ -5,8 +5,10 @@
 //! Oracles: llama.cpp itself through the `llama_*` API on the same file (it cannot
 //! share, so only unshared logits; f32 weights within 1e-3, q8_0 within 1e-2: both
 //! sides build the same graph, measured 0 to 1e-6), and the plain f32 reference
-//! forward for shared layers (f16-rounded cache; forward_reference's f32 tolerance
-//! 0.015, and the sharing must move the reference by 4x more than our error).
+//! forward for shared layers (f16-rounded cache; 0.05 on logits of magnitude ~30-60,
+//! which the tied 49,152-token embedding gives: measured 0.023, ggml's f16 flash
+//! attention against the f32 reference; and the sharing must move the reference by
+//! 4x more than our error).
 
 use crate::support;
 
@@ -19,7 +21,10 @@ use kvsharer::oracle::{ContextOptions, LlamaCppModel};
 use kvsharer::runtime::{Logits, RunOptions, RunState};
 use support::{max_abs_diff, reference_forward_with, write_tiny_model, RefPrecision, TinySpec};
 
+/// Four layers, head dim 32, and the default model's real tokenizer (49,152 tokens),
+/// so text tokenizes as on a real model.
 fn spec(arch: Arch, ty: GgmlType) -> TinySpec {
+    let (keys, n_vocab) = support::default_tokenizer_keys(None);
     TinySpec {
         arch,
         n_layers: 4,
@@ -27,7 +32,10 @@ fn spec(arch: Arch, ty: GgmlType) -> TinySpec {
         n_head: 4,
         n_head_kv: 2,
         n_ff: 256,
+        n_vocab,
+        tied_output: true,
         weight_type: ty,
+        tokenizer: Some(keys),
         ..TinySpec::default()
     }
 }
@@ -137,7 +145,7 @@ fn shared_matches_reference(arch: Arch) {
         let err = max_abs_diff(&ours, &reference);
         let moved = max_abs_diff(&reference, &unshared);
         eprintln!("{arch} map {map}: max |ours - ref| {err:.5}, sharing moves ref by {moved:.3}");
-        assert!(err < 0.015, "{arch} map {map}: {err}");
+        assert!(err < 0.05, "{arch} map {map}: {err}");
         if map != identity {
             assert!(
                 err < moved / 4.0,
@@ -246,7 +254,8 @@ fn wgpu_variants_match_the_reference() {
 }
 
 /// `kvsharer perplexity`'s method equals llama-perplexity's scoring on llama.cpp's
-/// forward pass, on each variant's tiny file (4 chunks of 128 tokens).
+/// forward pass, on each variant's tiny file (4 chunks of 128 tokens of
+/// tests/data/ppl_sample.txt, tokenized by both as the default model does).
 #[test]
 fn variant_perplexity_matches_llama_cpp_method() {
     use crate::perplexity::{llama_cpp_perplexity, options, session_options, CHUNKS, N_CTX};
@@ -256,9 +265,14 @@ fn variant_perplexity_matches_llama_cpp_method() {
         let path = dir.path().join("tiny.gguf");
         write_tiny_model(&spec, &path);
         let loaded = loader::load(&path).unwrap();
-        let tokens: Vec<u32> = (0..(CHUNKS * N_CTX) as u32)
-            .map(|i| (i * 37 + i / 7) % spec.n_vocab as u32)
-            .collect();
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/ppl_sample.txt"),
+        )
+        .unwrap();
+        let tokens = kvsharer::eval::tokenize_text(&loaded.tokenizer, &text).unwrap();
+        let llama = LlamaCppModel::load(&path).unwrap();
+        assert_eq!(tokens, llama.tokenize(&text, true, false).unwrap());
+        assert!(tokens.len() >= CHUNKS * N_CTX);
         let map = ShareMap::identity(spec.n_layers);
         let mut s = Session::new(&loaded.model, &map, &session_options()).unwrap();
         let ours =

@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kvsharer::gguf::{Array, GgufFile, Value};
+use kvsharer::gguf::{Array, Value};
 use kvsharer::loader;
 use kvsharer::oracle::LlamaCppModel;
 
@@ -112,27 +112,9 @@ fn check_family(path: &Path, extra_atoms: &[&str]) {
     pieces_and_specials_match(&ours, &llama);
 }
 
-/// The default model's tokenizer keys with `tokenizer.ggml.pre` set to `pre`.
-fn default_vocab_as(pre: &str) -> (Vec<(String, Value)>, usize) {
-    let file = GgufFile::open(&support::default_model_path()).unwrap();
-    let mut keys: Vec<(String, Value)> = file
-        .metadata()
-        .iter()
-        .filter(|(k, _)| k.starts_with("tokenizer.") && k.as_str() != "tokenizer.chat_template")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    keys.retain(|(k, _)| k != "tokenizer.ggml.pre");
-    keys.push(("tokenizer.ggml.pre".into(), Value::String(pre.into())));
-    let n_vocab = match file.get("tokenizer.ggml.tokens") {
-        Some(Value::Array(Array::String(t))) => t.len(),
-        other => panic!("tokens: {other:?}"),
-    };
-    (keys, n_vocab)
-}
-
 fn bpe_family(pre: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let (keys, n_vocab) = default_vocab_as(pre);
+    let (keys, n_vocab) = support::default_tokenizer_keys(Some(pre));
     let path = model_with_vocab(dir.path(), pre, keys, n_vocab);
     check_family(&path, &["CamelCase", "HTTPServer", "é", "É", "/", "\r\n/"]);
 }

@@ -165,3 +165,26 @@ pub fn pip_download(requirement: &str, dir: &std::path::Path, args: &[&str]) {
         "pip download {requirement} failed (needs python3 with pip and PyPI)"
     );
 }
+
+/// The default model's `tokenizer.*` keys (its real vocabulary, chat template left
+/// out), with `tokenizer.ggml.pre` replaced by `pre` when given, and the vocabulary
+/// size: for tiny models that tokenize like the real one.
+pub fn default_tokenizer_keys(pre: Option<&str>) -> (Vec<(String, kvsharer::gguf::Value)>, usize) {
+    use kvsharer::gguf::{Array, GgufFile, Value};
+    let file = GgufFile::open(&default_model_path()).unwrap();
+    let mut keys: Vec<(String, Value)> = file
+        .metadata()
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer.") && k.as_str() != "tokenizer.chat_template")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Some(pre) = pre {
+        keys.retain(|(k, _)| k != "tokenizer.ggml.pre");
+        keys.push(("tokenizer.ggml.pre".into(), Value::String(pre.into())));
+    }
+    let n_vocab = match file.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(Array::String(t))) => t.len(),
+        other => panic!("tokens: {other:?}"),
+    };
+    (keys, n_vocab)
+}
