@@ -334,3 +334,54 @@ fn llama3_rope_freqs_and_tied_output_match_llama_cpp() {
         "rope_freqs changed nothing"
     );
 }
+
+/// What a user sees: `info` names the variant and what is unusual about it, and
+/// `run` generates from it (sharing on the variants: the tests above).
+#[test]
+fn cli_info_and_run_on_the_variants() {
+    let kvsharer = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kvsharer"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for (arch, expect) in [
+        (Arch::Qwen2, "qwen2 (Q/K/V biases, tied output embeddings)"),
+        (
+            Arch::Qwen3,
+            "qwen3 (per-head Q/K RMS norm, tied output embeddings)",
+        ),
+    ] {
+        let spec = spec(arch, GgmlType::Q8_0);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_model(&spec, &path);
+        let p = path.to_str().unwrap();
+        let o = kvsharer(&["info", p]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success() && out.contains(expect), "{out}");
+        assert!(out.contains("rope:          neox"), "{out}");
+        for extra in [&[][..], &["--kv-share", "1"][..]] {
+            let mut args = vec![
+                "run",
+                "-m",
+                p,
+                "-p",
+                "Hello there",
+                "-n",
+                "8",
+                "--temp",
+                "0",
+                "-c",
+                "128",
+                "-t",
+                "2",
+            ];
+            args.extend_from_slice(extra);
+            let o = kvsharer(&args);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{arch} {extra:?}: {err}");
+            assert!(err.contains("generation: 8 tokens"), "{err}");
+        }
+    }
+}
