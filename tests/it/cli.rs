@@ -153,21 +153,21 @@ fn errors_say_their_cause_once() {
     );
 
     let src = kvsharer::gguf::GgufFile::open(&tiny(dir.path())).unwrap();
-    let qwen = dir.path().join("qwen2.gguf");
+    let gemma = dir.path().join("gemma.gguf");
     kvsharer::gguf::write_with_metadata(
         &src,
         &[(
             "general.architecture".into(),
-            kvsharer::gguf::Value::String("qwen2".into()),
+            kvsharer::gguf::Value::String("gemma".into()),
         )],
         &[],
-        &qwen,
+        &gemma,
     )
     .unwrap();
-    let qwen = qwen.to_str().unwrap();
-    let arch = "unsupported architecture 'qwen2'";
-    assert_said_once(&kvsharer(&["info", qwen]), arch);
-    assert_said_once(&kvsharer(&["run", "-m", qwen, "-p", "hi"]), arch);
+    let gemma = gemma.to_str().unwrap();
+    let arch = "unsupported architecture 'gemma'";
+    assert_said_once(&kvsharer(&["info", gemma]), arch);
+    assert_said_once(&kvsharer(&["run", "-m", gemma, "-p", "hi"]), arch);
     // A cause that adds something is still printed.
     let o = kvsharer(&["run", "-m", tiny(dir.path()).to_str().unwrap(), "-f", d]);
     expect_clean_failure(&o);
