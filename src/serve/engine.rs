@@ -48,6 +48,7 @@ pub struct Engine<'m> {
     n_batch: usize,
     /// The slot whose prompt was evaluated last, so prompts take turns.
     last_prefill: usize,
+    admitted: u64,
 }
 
 /// One slot: the tokens its sequence of the cache holds, and the job it serves.
@@ -55,6 +56,8 @@ pub struct Engine<'m> {
 struct Slot {
     cached: Vec<u32>,
     active: Option<Active>,
+    /// When the slot last took a job (admission count), for least-recently-used.
+    last_used: u64,
 }
 
 struct Active {
@@ -88,6 +91,7 @@ impl<'m> Engine<'m> {
             metrics,
             n_batch: n_batch.max(1),
             last_prefill: 0,
+            admitted: 0,
         }
     }
 
@@ -148,7 +152,9 @@ impl<'m> Engine<'m> {
     }
 
     /// Puts a job into the free slot whose cache shares the longest prefix with its
-    /// prompt, so the next turn of a conversation evaluates only its new tokens.
+    /// prompt, so the next turn of a conversation evaluates only its new tokens;
+    /// among equals, the least recently used (an unrelated prompt does not evict a
+    /// conversation while an older or empty slot is free).
     fn admit(&mut self, job: Job) {
         if job.events.is_closed() {
             Metrics::add(&self.metrics.requests_cancelled, 1);
@@ -171,8 +177,10 @@ impl<'m> Engine<'m> {
             .enumerate()
             .filter(|(_, s)| s.active.is_none())
             .map(|(i, s)| (i, common_prefix_len(&s.cached, &job.prompt)))
-            .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)))
+            .max_by_key(|&(i, n)| (n, std::cmp::Reverse(self.slots[i].last_used)))
             .expect("admit is called with a free slot");
+        self.admitted += 1;
+        self.slots[slot].last_used = self.admitted;
         // At least one prompt token is evaluated: its logits give the first token.
         let keep = shared.min(job.prompt.len() - 1);
         self.state.truncate_seq(slot, keep);

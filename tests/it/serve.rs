@@ -204,6 +204,17 @@ fn serve_answers_like_run_and_refuses_bad_requests() {
         body.contains("chat.completion.chunk") && body.contains("data: [DONE]"),
         "{body}"
     );
+    // The same conversation again reused the slot's cached prompt (all but the
+    // last token, whose logits start the answer).
+    let cached = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("kvsharer_prompt_tokens_cached_total "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_f64().unwrap();
+    let (_, metrics) = server.get("/metrics");
+    assert!(cached(&metrics) >= prompt_tokens - 1.0, "{metrics}");
 
     let (status, body) = server.get("/v1/models");
     assert_eq!(status, 200);
