@@ -193,8 +193,7 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
 
 /// KV bytes per token of context, and what the unshared model would allocate.
 pub fn kv_accounting(state: &dyn RunState<'_>) -> (usize, usize) {
-    let (per_token, unshared_per_token) = state.kv_bytes_per_token();
-    (per_token, unshared_per_token * state.n_ctx())
+    (state.kv_bytes_per_token().0, state.kv_bytes_unshared())
 }
 
 /// `--backend`'s values, listed in `--help` and checked by clap.

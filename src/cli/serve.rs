@@ -63,9 +63,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let (path, loaded) = a.model.load()?;
     let plan = a.model.kv_plan(&loaded)?;
     let n_embd_kv = loaded.model.config.n_embd_kv();
-    let slots = slot_count(&a, &plan, n_embd_kv, opts.n_ctx)?;
+    let (slots, per_slot) = slot_count(&a, &plan, n_embd_kv, opts.n_ctx)?;
     if a.dry_run {
-        let per_slot = plan.bytes_per_token(n_embd_kv) * opts.n_ctx;
         eprintln!(
             "kvsharer serve --dry-run: {slots} slots x {} tokens, KV cache {} ({} per slot)",
             opts.n_ctx,
@@ -81,12 +80,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let loaded: &'static kvsharer::loader::LoadedModel = Box::leak(Box::new(loaded));
     let state = open_state(a.model.backend, &loaded.model, &plan, &opts)
         .context("cannot open the slots' run state")?;
-    let (_, unshared_per_token) = state.kv_bytes_per_token();
-    let sharing = describe_sharing(
-        &plan,
-        state.kv_bytes(),
-        unshared_per_token * opts.n_ctx * slots,
-    );
+    let sharing = describe_sharing(&plan, state.kv_bytes(), state.kv_bytes_unshared());
     let model_id = file_name(&path).trim_end_matches(".gguf").to_string();
     let config = ServeConfig {
         addr: SocketAddr::new(a.host, a.port),
@@ -109,15 +103,21 @@ pub fn run(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Slots from `--parallel` and `--kv-memory`, saying what sharing and quantized
-/// caches change: how many slots the same memory holds unshared at f16.
-fn slot_count(a: &ServeArgs, plan: &KvPlan, n_embd_kv: usize, n_ctx: usize) -> Result<usize> {
+/// Slots from `--parallel` and `--kv-memory`, and the KV bytes of one slot; says
+/// what sharing and quantized caches change: how many slots the same memory holds
+/// unshared at f16.
+fn slot_count(
+    a: &ServeArgs,
+    plan: &KvPlan,
+    n_embd_kv: usize,
+    n_ctx: usize,
+) -> Result<(usize, usize)> {
     let per_slot = plan.bytes_per_token(n_embd_kv) * n_ctx;
     let f16_per_slot = plan.f16_bytes_per_token(n_embd_kv) * n_ctx;
     let Some(spec) = &a.kv_memory else {
         return match a.parallel.unwrap_or(DEFAULT_SLOTS) {
             0 => bail!("--parallel must be at least 1"),
-            n => Ok(n),
+            n => Ok((n, per_slot)),
         };
     };
     let memory = match super::parse_bytes(spec) {
@@ -144,7 +144,7 @@ fn slot_count(a: &ServeArgs, plan: &KvPlan, n_embd_kv: usize, n_ctx: usize) -> R
             human_bytes(n * per_slot),
             human_bytes(memory)
         ),
-        Some(n) => Ok(n),
-        None => Ok(fit),
+        Some(n) => Ok((n, per_slot)),
+        None => Ok((fit, per_slot)),
     }
 }

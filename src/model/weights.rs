@@ -115,11 +115,6 @@ impl LayerWeights {
             .expect("an optional role");
         self.optional[i] = Some(index);
     }
-
-    /// True when the layer has any of the optional tensors.
-    pub fn has_optional(&self) -> bool {
-        self.optional.iter().any(Option::is_some)
-    }
 }
 
 /// A required role's tensor (`LayerRole::ALL`); optional roles go through `get`.

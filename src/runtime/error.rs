@@ -16,8 +16,6 @@ pub enum Capability {
     Sequences,
     /// A KV window on a run state of several sequences.
     WindowedSequences,
-    /// A model variant (or its Q/K/V biases or norms), by architecture name.
-    Architecture(&'static str),
 }
 
 impl std::fmt::Display for Capability {
@@ -33,7 +31,6 @@ impl std::fmt::Display for Capability {
             Capability::Sequences => {
                 f.write_str("several sequences decoded together (parallel slots)")
             }
-            Capability::Architecture(a) => write!(f, "{a} models (Q/K/V biases or per-head norms)"),
             Capability::WindowedSequences => {
                 f.write_str("a KV window with several sequences (parallel slots)")
             }

@@ -4,7 +4,6 @@
 use super::error::{Capability, RuntimeError};
 use crate::gguf::GgmlType;
 use crate::kvplan::KvPlan;
-use crate::model::{Arch, Model};
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -97,10 +96,6 @@ pub struct Capabilities {
     /// Several sequences in one cache, stepped together (`RunOptions::n_seq`,
     /// `RunState::forward_seqs`).
     pub sequences: bool,
-    /// Model variants the backend's forward pass builds; and whether it adds the
-    /// optional per-layer tensors (Q/K/V biases, per-head Q/K norms).
-    pub architectures: &'static [Arch],
-    pub layer_extras: bool,
 }
 
 impl Capabilities {
@@ -124,17 +119,6 @@ impl Capabilities {
         }
         if opts.n_seq > 1 && opts.window.is_some() {
             return Err(self.lacks(Capability::WindowedSequences));
-        }
-        Ok(())
-    }
-
-    /// Refuses a model whose variant (or whose optional layer tensors) this
-    /// backend's forward pass does not build.
-    pub fn check_model(&self, model: &Model) -> Result<(), RuntimeError> {
-        let arch = model.config.arch;
-        let extras = model.weights.layers().iter().any(|l| l.has_optional());
-        if !self.architectures.contains(&arch) || (extras && !self.layer_extras) {
-            return Err(self.lacks(Capability::Architecture(arch.name())));
         }
         Ok(())
     }

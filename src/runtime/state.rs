@@ -76,6 +76,12 @@ pub trait RunState<'m> {
     /// same cache types.
     fn kv_bytes_per_token(&self) -> (usize, usize);
 
+    /// Bytes the same cache (every sequence's cells) would take with no layer
+    /// sharing, at the same cache types: what `kv_bytes` saves against.
+    fn kv_bytes_unshared(&self) -> usize {
+        self.kv_bytes_per_token().1 * self.n_ctx() * self.n_seq()
+    }
+
     /// The keys (post-RoPE) and values `layer` attends over at cache cells `rows`,
     /// as f32 `[rows][n_embd_kv]` each.
     fn read_kv(

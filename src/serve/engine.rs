@@ -290,14 +290,15 @@ impl<'m> Engine<'m> {
             .active
             .as_mut()
             .expect("sampling an active slot");
-        let mut row = logits.to_vec();
-        apply_presence_frequency(
-            &mut row,
-            &a.generated,
-            a.job.gen.presence_penalty,
-            a.job.gen.frequency_penalty,
-        );
-        let token = a.sampler.sample(&row, &a.history);
+        let (presence, frequency) = (a.job.gen.presence_penalty, a.job.gen.frequency_penalty);
+        // The vocabulary's logits are copied only when a penalty changes them.
+        let token = if presence == 0.0 && frequency == 0.0 {
+            a.sampler.sample(logits, &a.history)
+        } else {
+            let mut row = logits.to_vec();
+            apply_presence_frequency(&mut row, &a.generated, presence, frequency);
+            a.sampler.sample(&row, &a.history)
+        };
         if tokenizer.is_eog(token) && !a.job.gen.ignore_eos {
             return self.finish(slot, FinishReason::Stop, true);
         }

@@ -70,13 +70,11 @@ pub fn serve<'m>(
     template: ChatTemplate,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
-    let (_, unshared_per_token) = state.kv_bytes_per_token();
-    let slots = state.n_seq();
     let facts = SlotFacts {
-        slots,
+        slots: state.n_seq(),
         n_ctx: state.n_ctx(),
         kv_bytes: state.kv_bytes(),
-        kv_bytes_unshared: unshared_per_token * state.n_ctx() * slots,
+        kv_bytes_unshared: state.kv_bytes_unshared(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -79,7 +79,6 @@ const NEG_INF_F16: u16 = 0xFC00;
 /// inputs' values (tokens, positions, cache rows, mask), so one can be reused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GraphShape {
-    n_tokens: usize,
     /// `(base, n)` of every span (a view's offset is part of the graph).
     spans: Vec<(usize, usize)>,
     n_kv: usize,
@@ -96,6 +95,10 @@ pub struct GraphShape {
 }
 
 impl GraphShape {
+    fn n_tokens(&self) -> usize {
+        self.spans.iter().map(|&(_, n)| n).sum()
+    }
+
     fn all_rows(&self) -> bool {
         self.logits == Logits::All || self.hidden || self.layer_inputs
     }
@@ -135,7 +138,6 @@ pub fn forward(
     debug_assert_eq!(n, spans.iter().map(|s| s.n).sum::<usize>());
     let end = spans.iter().map(|s| s.row0 + s.n).max().unwrap_or(0);
     let shape = GraphShape {
-        n_tokens: n,
         spans: spans.iter().map(|s| (s.base, s.n)).collect(),
         n_kv: end.next_multiple_of(KV_PAD).min(cells),
         first_layer: match start {
@@ -224,7 +226,7 @@ fn build(
 ) -> Result<GraphCtx, GgmlError> {
     let c = &model.config;
     let w = &model.weights;
-    let n = shape.n_tokens as i64;
+    let n = shape.n_tokens() as i64;
     let (hd, n_head, n_head_kv) = (c.head_dim as i64, c.n_head as i64, c.n_head_kv as i64);
     let rope = rope_params(model);
 

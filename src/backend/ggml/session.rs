@@ -180,16 +180,22 @@ impl<'m> Session<'m> {
         )
     }
 
-    /// Runs `tokens` in passes of `chunk_len` from the current position.
+    /// Runs `tokens` in passes of `chunk_len` from sequence `seq`'s current position.
     fn eval_layout(
         &mut self,
+        seq: usize,
         tokens: &[u32],
         layout: Layout,
         chunk_len: usize,
         start: Start<'_>,
         req: ForwardRequest,
     ) -> Result<ForwardOutput, RuntimeError> {
-        chunks::check_tokens(tokens, self.past[0], self.cells, self.model.config.n_vocab)?;
+        chunks::check_tokens(
+            tokens,
+            self.past[seq],
+            self.cells,
+            self.model.config.n_vocab,
+        )?;
         let mut out = ForwardOutput::default();
         for (chunk, logits) in chunks::plan(tokens, chunk_len, req.logits) {
             if self.window.is_some() {
@@ -197,8 +203,8 @@ impl<'m> Session<'m> {
                 self.graphs = GraphCache::default();
             }
             let span = Span {
-                base: 0,
-                row0: self.past[0],
+                base: seq * self.cells,
+                row0: self.past[seq],
                 n: chunk.len(),
             };
             let r = self.run(
@@ -208,7 +214,7 @@ impl<'m> Session<'m> {
                 start,
                 ForwardRequest { logits, ..req },
             )?;
-            self.past[0] += chunk.len();
+            self.past[seq] += chunk.len();
             out.append(r);
         }
         Ok(out)
@@ -286,8 +292,6 @@ impl<'m> RunState<'m> for Session<'m> {
             context_shift: true,
             packed: true,
             sequences: true,
-            architectures: &crate::model::Arch::ALL,
-            layer_extras: true,
         }
     }
 
@@ -356,24 +360,16 @@ impl<'m> RunState<'m> for Session<'m> {
         self.check_seqs(batch)?;
         let cells = self.cells;
         if let [(seq, tokens)] = *batch {
-            let mut logits = Vec::new();
-            for (chunk, want) in chunks::plan(tokens, self.n_batch, Logits::Last) {
-                let span = Span {
-                    base: seq * cells,
-                    row0: self.past[seq],
-                    n: chunk.len(),
-                };
-                let r = self.run(
-                    chunk,
-                    &[span],
-                    Layout::Single,
-                    Start::Tokens,
-                    ForwardRequest::logits(want),
-                )?;
-                self.past[seq] += chunk.len();
-                logits = r.logits;
-            }
-            return Ok(logits);
+            let req = ForwardRequest::logits(Logits::Last);
+            let out = self.eval_layout(
+                seq,
+                tokens,
+                Layout::Single,
+                self.n_batch,
+                Start::Tokens,
+                req,
+            )?;
+            return Ok(out.logits);
         }
         let total: usize = batch.iter().map(|(_, t)| t.len()).sum();
         if total > self.n_batch {
@@ -410,7 +406,7 @@ impl<'m> RunState<'m> for Session<'m> {
         req: ForwardRequest,
     ) -> Result<ForwardOutput, RuntimeError> {
         let Some(w) = self.window else {
-            return self.eval_layout(tokens, Layout::Single, self.n_batch, Start::Tokens, req);
+            return self.eval_layout(0, tokens, Layout::Single, self.n_batch, Start::Tokens, req);
         };
         // With a window, evaluate in blocks of at most half the recent part, evicting
         // just enough before each block that it fits: every token then sees the sink
@@ -427,6 +423,7 @@ impl<'m> RunState<'m> for Session<'m> {
                 self.evicted += overflow;
             }
             let r = self.eval_layout(
+                0,
                 b,
                 Layout::Single,
                 block,
@@ -559,7 +556,7 @@ impl<'m> RunState<'m> for Session<'m> {
             Start::Tokens => (self.n_batch / seq_len).max(1) * seq_len,
             Start::Layer { .. } => tokens.len(),
         };
-        self.eval_layout(tokens, Layout::Packed { seq_len }, chunk, start, req)
+        self.eval_layout(0, tokens, Layout::Packed { seq_len }, chunk, start, req)
     }
 
     fn sibling(

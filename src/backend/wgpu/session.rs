@@ -66,8 +66,6 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     context_shift: false,
     packed: false,
     sequences: false,
-    architectures: &crate::model::Arch::ALL,
-    layer_extras: true,
 };
 
 impl Default for GpuOptions {
@@ -180,7 +178,6 @@ impl<'m> GpuSession<'m> {
         policy: AdapterPolicy,
     ) -> Result<Self, RuntimeError> {
         CAPABILITIES.check(opts)?;
-        CAPABILITIES.check_model(model)?;
         Ok(Self::new(model, map, &GpuOptions::from_run(opts, policy))?)
     }
 
