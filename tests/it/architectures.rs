@@ -40,6 +40,41 @@ fn spec(arch: Arch, ty: GgmlType) -> TinySpec {
     }
 }
 
+/// A tiny model written to a temporary directory and loaded, with the weights as
+/// stored (for the reference forward).
+struct Tiny {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    weights: support::RefWeights,
+    loaded: kvsharer::loader::LoadedModel,
+}
+
+fn tiny(spec: &TinySpec) -> Tiny {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let weights = write_tiny_model(spec, &path);
+    let loaded = loader::load(&path).unwrap();
+    Tiny {
+        _dir: dir,
+        path,
+        weights,
+        loaded,
+    }
+}
+
+/// The runtime's f16 cache, imitated by the reference.
+const F16_CACHE: RefPrecision = RefPrecision {
+    kv_cache_f16: true,
+    attn_inputs_f16: false,
+};
+
+/// The reference's logits for every position under `map`.
+fn reference(t: &Tiny, spec: &TinySpec, map: &ShareMap, toks: &[u32]) -> Vec<f32> {
+    reference_forward_with(&t.weights, spec, map, toks, F16_CACHE)
+        .logits
+        .concat()
+}
+
 fn tokens(spec: &TinySpec) -> Vec<u32> {
     (0..40u32)
         .map(|i| (i * 11 + 5) % spec.n_vocab as u32)
@@ -69,14 +104,10 @@ fn llama_cpp_logits(path: &std::path::Path, toks: &[u32]) -> Vec<f32> {
 
 fn llama_cpp_parity(arch: Arch, ty: GgmlType, tol: f32) {
     let spec = spec(arch, ty);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_tiny_model(&spec, &path);
+    let t = tiny(&spec);
     let toks = tokens(&spec);
-
-    let theirs = llama_cpp_logits(&path, &toks);
-
-    let loaded = loader::load(&path).unwrap();
+    let theirs = llama_cpp_logits(&t.path, &toks);
+    let loaded = &t.loaded;
     assert_eq!(loaded.model.config.arch, arch);
     let layer = &loaded.model.weights.layers()[0];
     assert_eq!(layer.get(LayerRole::AttnKBias).is_some(), arch.qkv_bias());
@@ -122,28 +153,17 @@ fn qwen3_logits_match_llama_cpp() {
 /// forward equals the reference forward that never reads them.
 fn shared_matches_reference(arch: Arch) {
     let spec = spec(arch, GgmlType::F32);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    let weights = write_tiny_model(&spec, &path);
-    let loaded = loader::load(&path).unwrap();
+    let t = tiny(&spec);
     let toks = tokens(&spec);
-    let precision = RefPrecision {
-        kv_cache_f16: true,
-        attn_inputs_f16: false,
-    };
     let identity = ShareMap::identity(spec.n_layers);
+    let unshared = reference(&t, &spec, &identity, &toks);
     for sources in [vec![0, 1, 2, 3], vec![0, 0, 2, 2], vec![0, 1, 1, 1]] {
         let map = ShareMap::new(sources).unwrap();
-        let mut s = Session::new(&loaded.model, &map, &opts()).unwrap();
+        let mut s = Session::new(&t.loaded.model, &map, &opts()).unwrap();
         let ours = s.eval(&toks, Logits::All).unwrap();
-        let reference = reference_forward_with(&weights, &spec, &map, &toks, precision)
-            .logits
-            .concat();
-        let unshared = reference_forward_with(&weights, &spec, &identity, &toks, precision)
-            .logits
-            .concat();
-        let err = max_abs_diff(&ours, &reference);
-        let moved = max_abs_diff(&reference, &unshared);
+        let expected = reference(&t, &spec, &map, &toks);
+        let err = max_abs_diff(&ours, &expected);
+        let moved = max_abs_diff(&expected, &unshared);
         eprintln!("{arch} map {map}: max |ours - ref| {err:.5}, sharing moves ref by {moved:.3}");
         assert!(err < 0.05, "{arch} map {map}: {err}");
         if map != identity {
@@ -167,14 +187,11 @@ fn qwen3_shared_forward_matches_the_reference() {
 
 #[test]
 fn other_architectures_are_refused_by_name() {
-    let spec = spec(Arch::Llama, GgmlType::F32);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_tiny_model(&spec, &path);
+    let t = tiny(&spec(Arch::Llama, GgmlType::F32));
     // Rename the architecture in a copy: one line naming it, no panic.
-    let bytes = std::fs::read(&path).unwrap();
+    let bytes = std::fs::read(&t.path).unwrap();
     let renamed: Vec<u8> = replace_all(&bytes, b"llama", b"gemma");
-    let other = dir.path().join("gemma.gguf");
+    let other = t.path.with_file_name("gemma.gguf");
     std::fs::write(&other, renamed).unwrap();
     let err = loader::load(&other).err().expect("refused").to_string();
     assert!(err.contains("unsupported architecture 'gemma'"), "{err}");
@@ -207,19 +224,10 @@ fn wgpu_variants_match_the_reference() {
     for arch in [Arch::Qwen2, Arch::Qwen3] {
         for ty in [GgmlType::F32, GgmlType::Q8_0] {
             let spec = spec(arch, ty);
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("tiny.gguf");
-            let weights = write_tiny_model(&spec, &path);
-            let loaded = loader::load(&path).unwrap();
+            let t = tiny(&spec);
             let toks = tokens(&spec);
-            let precision = RefPrecision {
-                kv_cache_f16: true,
-                attn_inputs_f16: false,
-            };
             let identity = ShareMap::identity(spec.n_layers);
-            let unshared = reference_forward_with(&weights, &spec, &identity, &toks, precision)
-                .logits
-                .concat();
+            let unshared = reference(&t, &spec, &identity, &toks);
             for map in [identity.clone(), ShareMap::new(vec![0, 0, 2, 2]).unwrap()] {
                 let opts = GpuOptions {
                     n_ctx: 64,
@@ -227,19 +235,17 @@ fn wgpu_variants_match_the_reference() {
                 };
                 let Some(mut gpu) = support::wgpu::or_skip_without_adapter(
                     test,
-                    GpuSession::new(&loaded.model, &map, &opts),
+                    GpuSession::new(&t.loaded.model, &map, &opts),
                 ) else {
                     return;
                 };
                 let mut ours = gpu.eval(&toks[..36], Logits::All).unwrap();
-                for &t in &toks[36..] {
-                    ours.extend(gpu.eval(&[t], Logits::Last).unwrap());
+                for &tok in &toks[36..] {
+                    ours.extend(gpu.eval(&[tok], Logits::Last).unwrap());
                 }
-                let reference = reference_forward_with(&weights, &spec, &map, &toks, precision)
-                    .logits
-                    .concat();
-                let err = max_abs_diff(&ours, &reference);
-                let moved = max_abs_diff(&reference, &unshared);
+                let expected = reference(&t, &spec, &map, &toks);
+                let err = max_abs_diff(&ours, &expected);
+                let moved = max_abs_diff(&expected, &unshared);
                 support::say(&format!(
                     "{test}: {arch} {} map {map}: max |gpu - ref| {err:.5}, sharing moves ref by {moved:.3}",
                     ty.name()
@@ -261,16 +267,14 @@ fn variant_perplexity_matches_llama_cpp_method() {
     use crate::perplexity::{llama_cpp_perplexity, options, session_options, CHUNKS, N_CTX};
     for arch in [Arch::Qwen2, Arch::Qwen3] {
         let spec = spec(arch, GgmlType::Q8_0);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        write_tiny_model(&spec, &path);
-        let loaded = loader::load(&path).unwrap();
+        let t = tiny(&spec);
+        let (path, loaded) = (&t.path, &t.loaded);
         let text = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/ppl_sample.txt"),
         )
         .unwrap();
         let tokens = kvsharer::eval::tokenize_text(&loaded.tokenizer, &text).unwrap();
-        let llama = LlamaCppModel::load(&path).unwrap();
+        let llama = LlamaCppModel::load(path).unwrap();
         assert_eq!(tokens, llama.tokenize(&text, true, false).unwrap());
         assert!(tokens.len() >= CHUNKS * N_CTX);
         let map = ShareMap::identity(spec.n_layers);
@@ -278,7 +282,7 @@ fn variant_perplexity_matches_llama_cpp_method() {
         let ours =
             kvsharer::eval::perplexity(&mut s, &loaded.tokenizer, &tokens, &options(), |_| {})
                 .unwrap();
-        let (ppl, _, _) = llama_cpp_perplexity(&path, &tokens);
+        let (ppl, _, _) = llama_cpp_perplexity(path, &tokens);
         let rel = (ours.ppl.value - ppl).abs() / ppl;
         eprintln!(
             "{arch}: PPL ours {:.6}, llama.cpp method {ppl:.6}, relative {rel:.2e}",
@@ -306,15 +310,13 @@ fn llama3_rope_freqs_and_tied_output_match_llama_cpp() {
         ),
         ..base
     };
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_tiny_model(&spec, &path);
-    let loaded = loader::load(&path).unwrap();
-    assert!(loaded.model.weights.rope_freqs().is_some() && loaded.model.weights.tied_output());
+    let t = tiny(&spec);
+    let weights = &t.loaded.model.weights;
+    assert!(weights.rope_freqs().is_some() && weights.tied_output());
     let toks = tokens(&spec);
-    let theirs = llama_cpp_logits(&path, &toks);
+    let theirs = llama_cpp_logits(&t.path, &toks);
     let map = ShareMap::identity(spec.n_layers);
-    let mut s = Session::new(&loaded.model, &map, &opts()).unwrap();
+    let mut s = Session::new(&t.loaded.model, &map, &opts()).unwrap();
     let ours = s.eval(&toks, Logits::All).unwrap();
     let d = max_abs_diff(&ours, &theirs);
     eprintln!("llama + rope_freqs + tied output: max |ours - llama.cpp| = {d:.2e}");
@@ -324,10 +326,8 @@ fn llama3_rope_freqs_and_tied_output_match_llama_cpp() {
         rope_freqs: None,
         ..spec.clone()
     };
-    let plain_path = dir.path().join("plain.gguf");
-    write_tiny_model(&plain, &plain_path);
-    let plain_loaded = loader::load(&plain_path).unwrap();
-    let mut p = Session::new(&plain_loaded.model, &map, &opts()).unwrap();
+    let plain = tiny(&plain);
+    let mut p = Session::new(&plain.loaded.model, &map, &opts()).unwrap();
     let without = p.eval(&toks, Logits::All).unwrap();
     assert!(
         max_abs_diff(&ours, &without) > 0.05,
@@ -352,11 +352,8 @@ fn cli_info_and_run_on_the_variants() {
             "qwen3 (per-head Q/K RMS norm, tied output embeddings)",
         ),
     ] {
-        let spec = spec(arch, GgmlType::Q8_0);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        write_tiny_model(&spec, &path);
-        let p = path.to_str().unwrap();
+        let t = tiny(&spec(arch, GgmlType::Q8_0));
+        let p = t.path.to_str().unwrap();
         let o = kvsharer(&["info", p]);
         let out = String::from_utf8_lossy(&o.stdout);
         assert!(o.status.success() && out.contains(expect), "{out}");

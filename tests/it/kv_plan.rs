@@ -22,17 +22,8 @@ const F16: GgmlType = GgmlType::F16;
 const Q8: GgmlType = GgmlType::Q8_0;
 const Q4: GgmlType = GgmlType::Q4_0;
 
-/// Four layers, head_dim 64 (the decode kernel's size, and whole q4_0/q8_0 blocks).
 fn spec() -> TinySpec {
-    TinySpec {
-        n_layers: 4,
-        n_embd: 256,
-        n_head: 4,
-        n_head_kv: 2,
-        n_ff: 256,
-        weight_type: GgmlType::F16,
-        ..TinySpec::default()
-    }
+    TinySpec::four_layers_head_dim_64()
 }
 
 fn opts() -> RunOptions {

@@ -21,15 +21,7 @@ use kvsharer::runtime::{KvWindow, Logits, RunOptions, RunState, RuntimeError};
 use support::{max_abs_diff, write_tiny_model, TinySpec};
 
 fn spec() -> TinySpec {
-    TinySpec {
-        n_layers: 4,
-        n_embd: 256,
-        n_head: 4,
-        n_head_kv: 2,
-        n_ff: 256,
-        weight_type: GgmlType::F16,
-        ..TinySpec::default()
-    }
+    TinySpec::four_layers_head_dim_64()
 }
 
 fn opts(n_seq: usize) -> RunOptions {

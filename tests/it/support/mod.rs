@@ -168,23 +168,29 @@ pub fn pip_download(requirement: &str, dir: &std::path::Path, args: &[&str]) {
 
 /// The default model's `tokenizer.*` keys (its real vocabulary, chat template left
 /// out), with `tokenizer.ggml.pre` replaced by `pre` when given, and the vocabulary
-/// size: for tiny models that tokenize like the real one.
+/// size: for tiny models that tokenize like the real one. Read from the file once.
 pub fn default_tokenizer_keys(pre: Option<&str>) -> (Vec<(String, kvsharer::gguf::Value)>, usize) {
     use kvsharer::gguf::{Array, GgufFile, Value};
-    let file = GgufFile::open(&default_model_path()).unwrap();
-    let mut keys: Vec<(String, Value)> = file
-        .metadata()
-        .iter()
-        .filter(|(k, _)| k.starts_with("tokenizer.") && k.as_str() != "tokenizer.chat_template")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    use std::sync::OnceLock;
+    static KEYS: OnceLock<(Vec<(String, Value)>, usize)> = OnceLock::new();
+    let (keys, n_vocab) = KEYS.get_or_init(|| {
+        let file = GgufFile::open(&default_model_path()).unwrap();
+        let keys = file
+            .metadata()
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer.") && k.as_str() != "tokenizer.chat_template")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let n_vocab = match file.get("tokenizer.ggml.tokens") {
+            Some(Value::Array(Array::String(t))) => t.len(),
+            other => panic!("tokens: {other:?}"),
+        };
+        (keys, n_vocab)
+    });
+    let mut keys = keys.clone();
     if let Some(pre) = pre {
         keys.retain(|(k, _)| k != "tokenizer.ggml.pre");
         keys.push(("tokenizer.ggml.pre".into(), Value::String(pre.into())));
     }
-    let n_vocab = match file.get("tokenizer.ggml.tokens") {
-        Some(Value::Array(Array::String(t))) => t.len(),
-        other => panic!("tokens: {other:?}"),
-    };
-    (keys, n_vocab)
+    (keys, *n_vocab)
 }

@@ -83,6 +83,20 @@ impl TinySpec {
         }
     }
 
+    /// Four layers of f16 weights with head_dim 64: the CPU decode kernel's size,
+    /// and whole q4_0/q8_0 blocks per head, for KV plan and sequence tests.
+    pub fn four_layers_head_dim_64() -> Self {
+        TinySpec {
+            n_layers: 4,
+            n_embd: 256,
+            n_head: 4,
+            n_head_kv: 2,
+            n_ff: 256,
+            weight_type: GgmlType::F16,
+            ..TinySpec::default()
+        }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
     }
@@ -463,37 +477,33 @@ pub fn write_weights(
         None => None,
     };
 
-    let mut add_norm = |name: String, v: &[f32]| {
-        if v.len() != e {
-            return Err(format!("{name}: {} values, n_embd is {e}", v.len()));
+    // Vectors (norms, biases, RoPE factors) are f32, as llama.cpp's converter
+    // writes 1-D tensors; a norm's length must be n_embd.
+    let mut add_vector = |name: String, v: &[f32], len: Option<usize>| {
+        if let Some(len) = len.filter(|&l| l != v.len()) {
+            return Err(format!("{name}: {} values, expected {len}", v.len()));
         }
-        let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        gguf.add_tensor(&name, &[e as u64], GgmlType::F32, bytes)
-            .map_err(|err| format!("{name}: {err}"))
-    };
-    for (i, l) in weights.layers.iter().enumerate() {
-        add_norm(format!("blk.{i}.attn_norm.weight"), &l.attn_norm)?;
-        add_norm(format!("blk.{i}.ffn_norm.weight"), &l.ffn_norm)?;
-    }
-    add_norm("output_norm.weight".into(), &weights.output_norm)?;
-    // The variants' vectors, f32 as llama.cpp's converter writes 1-D tensors.
-    let mut add_vector = |name: String, v: &[f32]| {
         let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         gguf.add_tensor(&name, &[v.len() as u64], GgmlType::F32, bytes)
             .map_err(|err| format!("{name}: {err}"))
     };
+    for (i, l) in weights.layers.iter().enumerate() {
+        add_vector(format!("blk.{i}.attn_norm.weight"), &l.attn_norm, Some(e))?;
+        add_vector(format!("blk.{i}.ffn_norm.weight"), &l.ffn_norm, Some(e))?;
+    }
+    add_vector("output_norm.weight".into(), &weights.output_norm, Some(e))?;
     if let Some(f) = &spec.rope_freqs {
-        add_vector("rope_freqs.weight".into(), f)?;
+        add_vector("rope_freqs.weight".into(), f, None)?;
     }
     for (i, l) in weights.layers.iter().enumerate() {
         if let Some([bq, bk, bv]) = &l.biases {
-            add_vector(format!("blk.{i}.attn_q.bias"), bq)?;
-            add_vector(format!("blk.{i}.attn_k.bias"), bk)?;
-            add_vector(format!("blk.{i}.attn_v.bias"), bv)?;
+            add_vector(format!("blk.{i}.attn_q.bias"), bq, None)?;
+            add_vector(format!("blk.{i}.attn_k.bias"), bk, None)?;
+            add_vector(format!("blk.{i}.attn_v.bias"), bv, None)?;
         }
         if let Some([qn, kn]) = &l.qk_norm {
-            add_vector(format!("blk.{i}.attn_q_norm.weight"), qn)?;
-            add_vector(format!("blk.{i}.attn_k_norm.weight"), kn)?;
+            add_vector(format!("blk.{i}.attn_q_norm.weight"), qn, None)?;
+            add_vector(format!("blk.{i}.attn_k_norm.weight"), kn, None)?;
         }
     }
 
