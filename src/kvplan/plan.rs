@@ -266,6 +266,17 @@ impl KvPlan {
             .sum()
     }
 
+    /// What the same cache takes per token with every layer owning both halves,
+    /// each in the type it reads now: what sharing saves against.
+    pub fn unshared_bytes_per_token(&self, n_embd_kv: usize) -> usize {
+        (0..self.n_layers())
+            .map(|l| {
+                row_bytes(self.read_type(Half::Keys, l), n_embd_kv)
+                    + row_bytes(self.read_type(Half::Values, l), n_embd_kv)
+            })
+            .sum()
+    }
+
     /// What the same number of layers takes per token unshared in f16: the unit
     /// budgets are fractions of.
     pub fn f16_bytes_per_token(&self, n_embd_kv: usize) -> usize {

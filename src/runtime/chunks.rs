@@ -2,7 +2,9 @@
 //! and the checks every backend makes before it runs any of them.
 
 use super::error::RuntimeError;
-use super::request::Logits;
+use super::options::KvWindow;
+use super::request::{ForwardOutput, ForwardRequest, Logits};
+use super::state::RunState;
 
 /// Refuses an empty list, a list that would overflow the context, or a token
 /// outside the vocabulary, before anything runs.
@@ -42,6 +44,36 @@ pub fn plan(tokens: &[u32], len: usize, logits: Logits) -> Vec<(&[u32], Logits)>
             (c, want)
         })
         .collect()
+}
+
+/// How every backend evaluates `tokens` through a KV window: in blocks of at most
+/// half the window's recent part (and `n_batch`), evicting just enough before each
+/// block that it fits (`RunState::context_shift` past the sink), so every token
+/// sees the sink and at least half a window of recent context. `append` runs one
+/// block on the unwindowed path. Returns the output and how many tokens it evicted.
+pub fn windowed<'m, S: RunState<'m> + ?Sized>(
+    state: &mut S,
+    w: KvWindow,
+    n_batch: usize,
+    tokens: &[u32],
+    req: ForwardRequest,
+    mut append: impl FnMut(&mut S, &[u32], ForwardRequest) -> Result<ForwardOutput, RuntimeError>,
+) -> Result<(ForwardOutput, usize), RuntimeError> {
+    if tokens.is_empty() {
+        return Err(RuntimeError::Empty);
+    }
+    let block = (w.recent / 2).clamp(1, n_batch.max(1));
+    let mut out = ForwardOutput::default();
+    let mut evicted = 0;
+    for (b, logits) in plan(tokens, block, req.logits) {
+        let overflow = (state.n_past() + b.len()).saturating_sub(w.cells());
+        if overflow > 0 {
+            state.context_shift(w.sink, overflow)?;
+            evicted += overflow;
+        }
+        out.append(append(state, b, ForwardRequest { logits, ..req })?);
+    }
+    Ok((out, evicted))
 }
 
 #[cfg(test)]

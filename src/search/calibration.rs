@@ -193,7 +193,7 @@ pub fn mean_text_cosine(base_hidden: &[f32], hidden: &[f32], per_text: usize) ->
 pub struct Capture {
     pub keys: Vec<Vec<f32>>,
     pub values: Vec<Vec<f32>>,
-    pub base_hidden: Vec<f32>,
+    pub base_hidden: std::sync::Arc<Vec<f32>>,
 }
 
 /// Step 3: `score[i][j]` for `i > j` = (dK + dV) / 2, where dK is the mean over

@@ -200,7 +200,7 @@ impl<'m> Evaluator<'m> {
         let cap = Capture {
             keys,
             values,
-            base_hidden: run.hidden.clone(),
+            base_hidden: Arc::clone(&run.hidden),
         };
         Ok((run, cap))
     }
@@ -320,7 +320,7 @@ fn map_run(
     MapRun {
         map,
         layer_inputs: below,
-        hidden: out.hidden.unwrap_or_default(),
+        hidden: Arc::new(out.hidden.unwrap_or_default()),
         logits: out.logits,
         start,
     }
@@ -352,7 +352,8 @@ pub fn start_layer(map: &ShareMap, changed: usize) -> usize {
 pub struct MapRun {
     pub map: ShareMap,
     pub layer_inputs: Vec<Arc<Vec<f32>>>,
-    pub hidden: Vec<f32>,
+    /// Shared with the `Capture` of the unshared run (see `capture`).
+    pub hidden: Arc<Vec<f32>>,
     pub logits: Vec<f32>,
     /// Layer the run started at (0 for a full run).
     pub start: usize,

@@ -7,21 +7,20 @@
 use crate::support;
 
 use kvsharer::backend::ggml::kv::KvPart;
-use kvsharer::backend::ggml::Session;
+use kvsharer::backend::ggml::{DeviceKind, Session};
 use kvsharer::gguf::GgmlType;
-use kvsharer::kvplan::ShareMap;
+use kvsharer::kvplan::{Half, KvPlan, ShareMap};
 use kvsharer::loader;
 use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
 
-const KEEP: usize = 4;
-const DISCARD: usize = 10;
-const N: usize = 40;
+pub(crate) const KEEP: usize = 4;
+pub(crate) const DISCARD: usize = 10;
+pub(crate) const N: usize = 40;
 
-#[test]
-fn shift_moves_values_and_rerotates_keys_in_every_slot() {
-    let dir = tempfile::tempdir().unwrap();
-    // head_dim 32, so q8_0 blocks fit a head.
+/// The tiny model both backends shift on: head_dim 32, so q8_0 and q4_0 blocks
+/// fit a head.
+pub(crate) fn tiny(dir: &tempfile::TempDir) -> (support::TinySpec, std::path::PathBuf) {
     let spec = support::TinySpec {
         n_layers: 4,
         n_embd: 128,
@@ -29,68 +28,91 @@ fn shift_moves_values_and_rerotates_keys_in_every_slot() {
     };
     let path = dir.path().join("m.gguf");
     support::write_tiny_model(&spec, &path);
-    let loaded = loader::load(&path).unwrap();
-    let toks: Vec<u32> = (0..N as u32).map(|i| (i * 31 + 7) % 90).collect();
-    let kv = spec.kv_dim();
+    (spec, path)
+}
+
+/// The plans every backend is shifted under: whole-layer maps in f16, q8_0 and
+/// q4_0, and one with keys and values shared apart in mixed types.
+pub(crate) fn plans() -> Vec<KvPlan> {
+    use GgmlType::{F16, Q4_0, Q8_0};
+    let mut plans = Vec::new();
     for map in [
         ShareMap::identity(4),
         ShareMap::new(vec![0, 1, 0, 1]).unwrap(),
     ] {
-        for ty in [GgmlType::F16, GgmlType::Q8_0] {
-            let opts = RunOptions {
-                n_ctx: 64,
-                n_threads: 2,
-                type_k: ty,
-                type_v: ty,
-                ..Default::default()
-            };
-            let mut s = Session::new(&loaded.model, &map, &opts).unwrap();
-            s.eval(&toks, Logits::None).unwrap();
-            let before: Vec<_> = (0..4)
-                .map(|l| {
-                    (
-                        s.cache().read_rows_f32(l, KvPart::Keys, 0..N).unwrap(),
-                        s.cache().read_rows_f32(l, KvPart::Values, 0..N).unwrap(),
-                    )
-                })
-                .collect();
-            s.context_shift(KEEP, DISCARD).unwrap();
-            assert_eq!(s.n_past(), N - DISCARD);
-            // Key rounding: f16 keeps ~3 digits, q8_0 is re-quantized after rotation.
-            let tol = if ty == GgmlType::F16 { 4e-3 } else { 0.06 };
-            for (l, (k0, v0)) in before.iter().enumerate() {
-                let k1 = s
-                    .cache()
-                    .read_rows_f32(l, KvPart::Keys, 0..N - DISCARD)
-                    .unwrap();
-                let v1 = s
-                    .cache()
-                    .read_rows_f32(l, KvPart::Values, 0..N - DISCARD)
-                    .unwrap();
-                assert_eq!(&v1[..KEEP * kv], &v0[..KEEP * kv]);
-                assert_eq!(
-                    &v1[KEEP * kv..],
-                    &v0[(KEEP + DISCARD) * kv..],
-                    "layer {l} values moved"
-                );
-                assert_eq!(&k1[..KEEP * kv], &k0[..KEEP * kv], "kept keys untouched");
-                // Rotating the shifted keys forward by DISCARD gives the old keys back.
-                let mut restored = k1[KEEP * kv..].to_vec();
-                support::rope_norm(&mut restored, spec.head_dim(), DISCARD, spec.rope_base);
-                let d = support::max_abs_diff(&restored, &k0[(KEEP + DISCARD) * kv..]);
-                assert!(
-                    d < tol,
-                    "map {map} {} layer {l}: re-rotation off by {d}",
-                    ty.name()
-                );
-                let unrotated =
-                    support::max_abs_diff(&k1[KEEP * kv..], &k0[(KEEP + DISCARD) * kv..]);
-                assert!(
-                    unrotated > 10.0 * tol,
-                    "keys were not rotated at all ({unrotated})"
-                );
-            }
+        for ty in [F16, Q8_0, Q4_0] {
+            plans.push(KvPlan::uniform(&map, ty, ty));
         }
+    }
+    plans.push(
+        KvPlan::new(
+            vec![0, 1, 1, 3],
+            vec![0, 0, 2, 2],
+            vec![Q8_0, F16, F16, Q4_0],
+            vec![F16, F16, Q4_0, F16],
+            4,
+        )
+        .unwrap(),
+    );
+    plans
+}
+
+/// On `s` (opened for its plan, `N` tokens of context free): after a shift, every
+/// layer's values are the old rows moved down, bit for bit, and its keys are the
+/// old ones rotated back by `DISCARD` positions (rotating them forward again gives
+/// the old keys within the cache type's rounding).
+pub(crate) fn check_shift(s: &mut dyn RunState<'_>, spec: &support::TinySpec, what: &str) {
+    let toks: Vec<u32> = (0..N as u32).map(|i| (i * 31 + 7) % 90).collect();
+    let kv = spec.kv_dim();
+    s.eval(&toks, Logits::None).unwrap();
+    let before: Vec<_> = (0..4).map(|l| s.read_kv(l, 0..N).unwrap()).collect();
+    s.context_shift(KEEP, DISCARD).unwrap();
+    assert_eq!(s.n_past(), N - DISCARD);
+    for (l, (k0, v0)) in before.iter().enumerate() {
+        let (k1, v1) = s.read_kv(l, 0..N - DISCARD).unwrap();
+        assert_eq!(&v1[..KEEP * kv], &v0[..KEEP * kv], "{what}");
+        assert_eq!(
+            &v1[KEEP * kv..],
+            &v0[(KEEP + DISCARD) * kv..],
+            "{what}: layer {l} values moved"
+        );
+        assert_eq!(
+            &k1[..KEEP * kv],
+            &k0[..KEEP * kv],
+            "{what}: kept keys untouched"
+        );
+        // Key rounding: f16 keeps ~3 digits; q8_0 and q4_0 keys are re-quantized
+        // after rotation (a q4_0 step is 1/8 of a block's largest key).
+        let tol = match s.plan().read_type(Half::Keys, l) {
+            GgmlType::F16 => 4e-3,
+            GgmlType::Q8_0 => 0.06,
+            _ => 0.5,
+        };
+        let mut restored = k1[KEEP * kv..].to_vec();
+        support::rope_norm(&mut restored, spec.head_dim(), DISCARD, spec.rope_base);
+        let d = support::max_abs_diff(&restored, &k0[(KEEP + DISCARD) * kv..]);
+        assert!(d < tol, "{what} layer {l}: re-rotation off by {d}");
+        let unrotated = support::max_abs_diff(&k1[KEEP * kv..], &k0[(KEEP + DISCARD) * kv..]);
+        assert!(
+            unrotated > 4.0 * tol,
+            "{what} layer {l}: keys were not rotated at all ({unrotated})"
+        );
+    }
+}
+
+#[test]
+fn shift_moves_values_and_rerotates_keys_in_every_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, path) = tiny(&dir);
+    let loaded = loader::load(&path).unwrap();
+    let opts = RunOptions {
+        n_ctx: 64,
+        n_threads: 2,
+        ..Default::default()
+    };
+    for plan in plans() {
+        let mut s = Session::with_plan(DeviceKind::Cpu, &loaded.model, &plan, &opts).unwrap();
+        check_shift(&mut s, &spec, &format!("cpu {plan}"));
     }
 }
 

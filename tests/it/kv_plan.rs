@@ -403,16 +403,12 @@ fn cli_plans_stores_and_runs_a_budget() {
     assert!(stderr(&o).contains("KV plan"), "{}", stderr(&o));
     let o = run(&["--no-kv-share"]);
     assert!(stderr(&o).contains("KV sharing off"), "{}", stderr(&o));
-    // wgpu holds f16 slots of one whole-layer map only: refused by capability,
-    // before any adapter is opened, with the flag to change.
+    // wgpu lays its cache out for the stored plan too (lavapipe in CI).
     let o = run(&["--kv-share", "--backend", "wgpu"]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("the wgpu backend does not support")
-            && stderr(&o).contains("hint: use --backend cpu"),
-        "{}",
-        stderr(&o)
-    );
+    if !support::kvsharer_found_no_wgpu_adapter(&o) {
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stderr(&o).contains("KV plan"), "{}", stderr(&o));
+    }
     let o = run(&["--kv-share", "--cache-type-k", "q8_0"]);
     assert!(
         stderr(&o).contains("override") || stderr(&o).contains("set every slot"),

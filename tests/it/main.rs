@@ -43,6 +43,8 @@ mod share_crash;
 mod tokenizer_families;
 mod tokenizer_parity;
 #[cfg(feature = "wgpu")]
+mod wgpu_cache;
+#[cfg(feature = "wgpu")]
 mod wgpu_parity;
 #[cfg(feature = "wgpu")]
 mod wgpu_search;

@@ -350,7 +350,7 @@ fn calibrate_and_share_run_the_search_on_wgpu() {
 /// the logits a session built for that map gives, bit for bit; and what it cannot
 /// do is refused with a clear error.
 #[test]
-fn set_map_equals_a_fresh_session_and_refuses_missing_slots() {
+fn set_map_equals_a_fresh_session_and_lays_out_missing_slots() {
     use kvsharer::backend::wgpu::{GpuOptions, GpuSession};
     use kvsharer::runtime::{Logits, RunState};
     let test = "set_map_equals_a_fresh_session_and_refuses_missing_slots";
@@ -399,10 +399,16 @@ fn set_map_equals_a_fresh_session_and_refuses_missing_slots() {
         assert!(e.contains("layer") || e.contains("cells"), "{e}");
     }
 
-    // A session built for `shared` has no slot (nor K/V weights) for layer 2.
+    // A session built for `shared` has no slot (nor K/V weights) for layer 2 until
+    // a map needs them: then it uploads the projections and allocates the slots,
+    // and computes what a session built for that map computes.
     let mut narrow = GpuSession::new(model, &shared, &opts).unwrap();
-    let e = narrow.set_map(&identity).unwrap_err().to_string();
-    assert!(e.contains("layer 2") && e.contains("KV slot"), "{e}");
+    let narrow_bytes = narrow.kv_bytes();
+    narrow.set_map(&identity).unwrap();
+    assert!(narrow.kv_bytes() > narrow_bytes);
+    assert_eq!(narrow.eval(&tokens, Logits::All).unwrap(), want_identity);
+    narrow.set_map(&shared).unwrap();
+    assert_eq!(narrow.kv_bytes(), narrow_bytes);
     let e = narrow
         .set_map(&ShareMap::identity(N_LAYERS + 1))
         .unwrap_err()

@@ -116,7 +116,7 @@ fn sibling_sessions_match_fresh_sessions_bit_for_bit_and_leave_the_parent_alone(
         assert!(!sibling.shares_device_with(&probe), "{case}");
         assert_eq!(sibling.weight_buffers_shared_with(&probe), 0, "{case}");
         assert_eq!(sibling.plan().as_map(), Some(sibling_map), "{case}");
-        assert_eq!(sibling.n_slots(), sibling_map.owner_count(), "{case}");
+        assert_eq!(sibling.n_slots(), 2 * sibling_map.owner_count(), "{case}");
         assert_eq!(sibling.n_past(), 0, "{case}");
         assert_eq!(parent.n_past(), SPLIT, "{case}");
         // Every weight the parent uploaded is the sibling's too; the sibling adds

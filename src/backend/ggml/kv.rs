@@ -157,9 +157,7 @@ impl KvCache {
     /// Bytes per token the same cache would take with every layer owning both
     /// halves, each in the type it reads now.
     pub fn bytes_per_token_unshared(&self) -> usize {
-        (0..self.plan.n_layers())
-            .map(|l| self.row_bytes(self.type_k(l)) + self.row_bytes(self.type_v(l)))
-            .sum()
+        self.plan.unshared_bytes_per_token(self.n_embd_kv)
     }
 
     /// The keys (post-RoPE) or values layer `layer` sees at cache rows `rows`, as f32,

@@ -408,30 +408,10 @@ impl<'m> RunState<'m> for Session<'m> {
         let Some(w) = self.window else {
             return self.eval_layout(0, tokens, Layout::Single, self.n_batch, Start::Tokens, req);
         };
-        // With a window, evaluate in blocks of at most half the recent part, evicting
-        // just enough before each block that it fits: every token then sees the sink
-        // and at least half a window of recent context.
-        if tokens.is_empty() {
-            return Err(RuntimeError::Empty);
-        }
-        let block = (w.recent / 2).clamp(1, self.n_batch);
-        let mut out = ForwardOutput::default();
-        for (b, logits) in chunks::plan(tokens, block, req.logits) {
-            let overflow = (self.past[0] + b.len()).saturating_sub(w.cells());
-            if overflow > 0 {
-                self.context_shift(w.sink, overflow)?;
-                self.evicted += overflow;
-            }
-            let r = self.eval_layout(
-                0,
-                b,
-                Layout::Single,
-                block,
-                Start::Tokens,
-                ForwardRequest { logits, ..req },
-            )?;
-            out.append(r);
-        }
+        let (out, evicted) = chunks::windowed(self, w, self.n_batch, tokens, req, |s, b, r| {
+            s.eval_layout(0, b, Layout::Single, b.len(), Start::Tokens, r)
+        })?;
+        self.evicted += evicted;
         Ok(out)
     }
 

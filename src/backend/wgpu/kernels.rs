@@ -9,6 +9,7 @@ use wgpu::util::DeviceExt;
 use super::device::{flatten, GpuContext};
 use super::GpuError;
 use crate::gguf::GgmlType;
+use crate::runtime::options::CACHE_TYPES;
 
 const COMMON: &str = include_str!("../../../shaders/common.wgsl");
 const QUANT: &str = include_str!("../../../shaders/quant.wgsl");
@@ -17,7 +18,9 @@ const RMS_NORM: &str = include_str!("../../../shaders/rms_norm.wgsl");
 const ROPE: &str = include_str!("../../../shaders/rope.wgsl");
 const QKV_EXTRAS: &str = include_str!("../../../shaders/qkv_extras.wgsl");
 const SWIGLU: &str = include_str!("../../../shaders/swiglu.wgsl");
+const KV_CACHE: &str = include_str!("../../../shaders/kv_cache.wgsl");
 const KV_STORE: &str = include_str!("../../../shaders/kv_store.wgsl");
+const KV_LOAD: &str = include_str!("../../../shaders/kv_load.wgsl");
 const ATTENTION: &str = include_str!("../../../shaders/attention.wgsl");
 const ARGMAX: &str = include_str!("../../../shaders/argmax.wgsl");
 const ACT_ROUND: &str = include_str!("../../../shaders/act_round.wgsl");
@@ -66,6 +69,29 @@ fn shader_suffix(ty: GgmlType) -> Option<&'static str> {
     })
 }
 
+/// The name of a cache type's functions in `kv_cache.wgsl` and entry point in
+/// `kv_store.wgsl`.
+fn cache_suffix(ty: GgmlType) -> Result<&'static str, GpuError> {
+    Ok(match ty {
+        GgmlType::F32 => "f32",
+        GgmlType::F16 => "f16",
+        GgmlType::Q8_0 => "q8_0",
+        GgmlType::Q4_0 => "q4_0",
+        _ => return Err(GpuError::UnsupportedCacheType(ty.name())),
+    })
+}
+
+/// `kv_cache.wgsl` reading `buffer`, its functions prefixed `prefix`, with
+/// `{prefix}4` and `{prefix}1` reading a slot of type `ty`.
+fn cache_reader(buffer: &str, prefix: &str, ty: GgmlType) -> Result<String, GpuError> {
+    let suffix = cache_suffix(ty)?;
+    Ok(format!(
+        "{}\nfn {prefix}4(base: u32, i: u32) -> vec4<f32> {{ return {prefix}4_{suffix}(base, i); }}\n\
+         fn {prefix}1(base: u32, i: u32) -> f32 {{ return {prefix}1_{suffix}(base, i); }}\n",
+        KV_CACHE.replace("CACHE", buffer).replace("cache", prefix)
+    ))
+}
+
 /// A pipeline and the layout its bind groups are made with.
 #[derive(Clone)]
 pub(crate) struct Kernel {
@@ -81,6 +107,32 @@ pub(crate) struct MatmulKernels {
     pub get_rows: Kernel,
 }
 
+/// The attention kernels for one (key slot type, value slot type).
+#[derive(Clone)]
+pub(crate) struct AttnKernels {
+    pub tiled: Kernel,
+    pub split: Kernel,
+    pub split_group: Kernel,
+    pub combine: Kernel,
+    pub f16_serial: Kernel,
+}
+
+/// Query heads per KV head `attn_split_group` takes at once (its MAX_GROUP).
+const MAX_GROUP: u32 = 8;
+
+impl AttnKernels {
+    /// The split-K decode kernel for `n_head` query heads over `n_head_kv` KV heads,
+    /// and its workgroups along x: a whole GQA group per workgroup where the group
+    /// fits, so each key and value is dequantized once for it.
+    pub fn split_for(&self, n_head: u32, n_head_kv: u32) -> (&Kernel, u32) {
+        if n_head / n_head_kv.max(1) <= MAX_GROUP {
+            (&self.split_group, n_head_kv)
+        } else {
+            (&self.split, n_head)
+        }
+    }
+}
+
 /// Every pipeline the forward pass uses.
 #[derive(Clone)]
 pub(crate) struct Kernels {
@@ -91,11 +143,11 @@ pub(crate) struct Kernels {
     pub add_bias: Kernel,
     pub head_norm: Kernel,
     pub swiglu: Kernel,
-    pub kv_store: Kernel,
-    pub attn_tiled: Kernel,
-    pub attn_split: Kernel,
-    pub attn_combine: Kernel,
-    pub attn_f16_serial: Kernel,
+    /// Per cache type: f32 rows into a slot, and a slot's rows back to f32.
+    pub kv_store: HashMap<GgmlType, Kernel>,
+    pub kv_load: HashMap<GgmlType, Kernel>,
+    /// Per (key, value) slot types a plan reads together (`add_cache_pairs`).
+    pub attention: HashMap<(GgmlType, GgmlType), AttnKernels>,
     pub argmax: Kernel,
     pub act_round: Kernel,
 }
@@ -132,19 +184,26 @@ impl Kernels {
             "swiglu",
             &[(0, ReadWrite), (1, Read), (3, Uniform)],
         )?;
-        let kv_store = single(
-            "kv_store.wgsl",
-            KV_STORE,
-            "kv_store",
-            &[
-                (0, Read),
-                (1, Read),
-                (2, ReadWrite),
-                (3, Uniform),
-                (4, Uniform),
-                (5, ReadWrite),
-            ],
-        )?;
+        let store_module = compile(ctx, "kv_store.wgsl", &format!("{COMMON}\n{KV_STORE}"))?;
+        // Both move rows between an f32 buffer and a slot: (0) in, (2) out.
+        let rows_layout = layout(
+            ctx,
+            &[(0, Read), (2, ReadWrite), (3, Uniform), (4, Uniform)],
+        );
+        let mut kv_store = HashMap::new();
+        let mut kv_load = HashMap::new();
+        for &(_, ty) in CACHE_TYPES {
+            let suffix = cache_suffix(ty)?;
+            let entry = format!("store_{suffix}");
+            kv_store.insert(
+                ty,
+                pipeline(ctx, "kv_store.wgsl", &store_module, &entry, &rows_layout)?,
+            );
+            let name = format!("kv_load.wgsl ({suffix})");
+            let source = format!("{COMMON}\n{}\n{KV_LOAD}", cache_reader("KC", "kc", ty)?);
+            let module = compile(ctx, &name, &source)?;
+            kv_load.insert(ty, pipeline(ctx, &name, &module, "kv_load", &rows_layout)?);
+        }
         let argmax = single(
             "argmax.wgsl",
             ARGMAX,
@@ -157,20 +216,6 @@ impl Kernels {
             "act_round",
             &[(0, Read), (2, ReadWrite), (3, Uniform), (5, ReadWrite)],
         )?;
-        let attn_module = compile(ctx, "attention.wgsl", &format!("{COMMON}\n{ATTENTION}"))?;
-        let attn_layout = layout(
-            ctx,
-            &[
-                (0, Read),
-                (1, Read),
-                (2, Read),
-                (3, Uniform),
-                (4, Uniform),
-                (5, ReadWrite),
-                (6, ReadWrite),
-            ],
-        );
-        let attn = |entry| pipeline(ctx, "attention.wgsl", &attn_module, entry, &attn_layout);
         let mut kernels = Kernels {
             matmul: HashMap::new(),
             rms_norm,
@@ -179,15 +224,35 @@ impl Kernels {
             head_norm,
             swiglu,
             kv_store,
-            attn_tiled: attn("attn_tiled")?,
-            attn_split: attn("attn_split")?,
-            attn_combine: attn("attn_combine")?,
-            attn_f16_serial: attn("attn_f16_serial")?,
+            kv_load,
+            attention: HashMap::new(),
             argmax,
             act_round,
         };
         kernels.add_types(ctx, types)?;
+        kernels.add_cache_pairs(ctx, &[(GgmlType::F16, GgmlType::F16)])?;
         Ok(kernels)
+    }
+
+    /// Compiles the attention kernels of those (key type, value type) pairs not
+    /// compiled yet.
+    pub fn add_cache_pairs(
+        &mut self,
+        ctx: &GpuContext,
+        pairs: &[(GgmlType, GgmlType)],
+    ) -> Result<(), GpuError> {
+        for &(tk, tv) in pairs {
+            if let Entry::Vacant(slot) = self.attention.entry((tk, tv)) {
+                slot.insert(attention_kernels(ctx, tk, tv)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The attention kernels for a key slot of `tk` and a value slot of `tv`
+    /// (compiled by `add_cache_pairs`).
+    pub fn attention_for(&self, tk: GgmlType, tv: GgmlType) -> &AttnKernels {
+        &self.attention[&(tk, tv)]
     }
 
     /// Compiles the matrix kernels of those of `types` not compiled yet (a session
@@ -204,6 +269,42 @@ impl Kernels {
     pub fn matmul_for(&self, ty: GgmlType) -> &MatmulKernels {
         &self.matmul[&ty]
     }
+}
+
+/// The attention kernels reading keys of `tk` and values of `tv`.
+fn attention_kernels(
+    ctx: &GpuContext,
+    tk: GgmlType,
+    tv: GgmlType,
+) -> Result<AttnKernels, GpuError> {
+    let name = format!("attention.wgsl (K {}, V {})", tk.name(), tv.name());
+    let source = format!(
+        "{COMMON}\n{}\n{}\n{ATTENTION}",
+        cache_reader("KC", "kc", tk)?,
+        cache_reader("VC", "vc", tv)?
+    );
+    let module = compile(ctx, &name, &source)?;
+    use Slot::*;
+    let attn_layout = layout(
+        ctx,
+        &[
+            (0, Read),
+            (1, Read),
+            (2, Read),
+            (3, Uniform),
+            (4, Uniform),
+            (5, ReadWrite),
+            (6, ReadWrite),
+        ],
+    );
+    let attn = |entry| pipeline(ctx, &name, &module, entry, &attn_layout);
+    Ok(AttnKernels {
+        tiled: attn("attn_tiled")?,
+        split: attn("attn_split")?,
+        split_group: attn("attn_split_group")?,
+        combine: attn("attn_combine")?,
+        f16_serial: attn("attn_f16_serial")?,
+    })
 }
 
 /// The matvec, tiled matmul and row-lookup kernels of weight type `ty`.
@@ -376,7 +477,7 @@ fn pipeline(
 /// `freq_scale`), built in f32 by repeated multiplication and taken through libm,
 /// as ggml's CPU RoPE does.
 pub(crate) fn rope_table(
-    pos0: usize,
+    pos0: i64,
     n: usize,
     head_dim: usize,
     freq_base: f32,
@@ -387,7 +488,7 @@ pub(crate) fn rope_table(
     let theta_scale = freq_base.powf(-2.0 / head_dim as f32);
     let mut out = Vec::with_capacity(n * head_dim);
     for t in 0..n {
-        let mut theta = (pos0 + t) as f32;
+        let mut theta = (pos0 + t as i64) as f32;
         for i in 0..half {
             let ff = factors.map_or(1.0, |f| f[i]);
             let angle = freq_scale * (theta / ff);
@@ -474,37 +575,69 @@ pub(crate) fn read_back(
     bytes: u64,
     staging: &wgpu::Buffer,
 ) -> Result<Vec<u8>, GpuError> {
+    let mut out = read_back_all(ctx, encoder, &[(src, bytes, staging)])?;
+    Ok(out.pop().unwrap_or_default())
+}
+
+/// Submits `encoder` with copies of each `(src, bytes, staging)` appended, and
+/// reads every one back after a single wait.
+pub(crate) fn read_back_all(
+    ctx: &GpuContext,
+    encoder: wgpu::CommandEncoder,
+    reads: &[(&wgpu::Buffer, u64, &wgpu::Buffer)],
+) -> Result<Vec<Vec<u8>>, GpuError> {
     let mut encoder = encoder;
-    encoder.copy_buffer_to_buffer(src, 0, staging, 0, bytes);
+    for &(src, bytes, staging) in reads {
+        encoder.copy_buffer_to_buffer(src, 0, staging, 0, bytes);
+    }
     ctx.queue.submit([encoder.finish()]);
-    let slice = staging.slice(..bytes);
     let (tx, rx) = std::sync::mpsc::channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
-    });
+    for (i, &(_, bytes, staging)) in reads.iter().enumerate() {
+        let tx = tx.clone();
+        staging
+            .slice(..bytes)
+            .map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send((i, r));
+            });
+    }
+    drop(tx);
     ctx.device
         .poll(wgpu::PollType::wait_indefinitely())
         .map_err(|e| GpuError::Device {
             during: "waiting for the GPU",
             message: e.to_string(),
         })?;
-    rx.recv()
-        .map_err(|_| GpuError::Device {
-            during: "reading results back",
-            message: "the map callback never ran".into(),
-        })?
-        .map_err(|e| GpuError::Device {
-            during: "reading results back",
-            message: e.to_string(),
-        })?;
-    let out = {
-        let view = slice.get_mapped_range().map_err(|e| GpuError::Device {
+    // Every callback has run once the wait returns (try_recv: a callback that never
+    // ran would keep its sender alive, and recv would block).
+    let mut mapped = 0;
+    while let Ok((_, r)) = rx.try_recv() {
+        r.map_err(|e| GpuError::Device {
             during: "reading results back",
             message: e.to_string(),
         })?;
-        view.to_vec()
-    };
-    staging.unmap();
+        mapped += 1;
+    }
+    if mapped != reads.len() {
+        return Err(GpuError::Device {
+            during: "reading results back",
+            message: "a map callback never ran".into(),
+        });
+    }
+    let mut out = Vec::with_capacity(reads.len());
+    for &(_, bytes, staging) in reads {
+        let data = {
+            let view = staging
+                .slice(..bytes)
+                .get_mapped_range()
+                .map_err(|e| GpuError::Device {
+                    during: "reading results back",
+                    message: e.to_string(),
+                })?;
+            view.to_vec()
+        };
+        staging.unmap();
+        out.push(data);
+    }
     Ok(out)
 }
 

@@ -11,12 +11,13 @@
 
 mod device;
 mod kernels;
+mod kv;
 mod session;
 
 pub use device::{AdapterPolicy, GpuContext};
 #[cfg(feature = "test-support")]
 pub use kernels::{AttentionPath, KernelHarness};
-pub use session::{GpuOptions, GpuSession, CAPABILITIES};
+pub use session::{GpuMemoryProbe, GpuOptions, GpuSession, CAPABILITIES};
 
 use crate::gguf::GgmlType;
 
@@ -54,6 +55,8 @@ pub enum GpuError {
     Shader { shader: String, message: String },
     #[error("tensor '{tensor}' has type {ty}, which the wgpu backend cannot read (supported: f32, f16, q4_0, q4_1, q8_0, q4_K, q5_K, q6_K)")]
     UnsupportedType { tensor: String, ty: &'static str },
+    #[error("the wgpu backend has no {0} KV cache (supported: f16, f32, q8_0, q4_0)")]
+    UnsupportedCacheType(&'static str),
     #[error(
         "tensor '{tensor}' has rows of {cols} elements; the wgpu kernels need a multiple of 32"
     )]

@@ -7,13 +7,15 @@
 use std::collections::HashMap;
 #[cfg(feature = "test-support")]
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use super::device::{AdapterPolicy, GpuContext};
 use super::kernels::{
-    activation_mode, bind, matvec_grid, read_back, rope_table, staging, storage, storage_with,
-    tiled_grid, uniform, Kernels, MAX_HEAD_DIM, SPLIT_LEN,
+    activation_mode, bind, matvec_grid, read_back, read_back_all, rope_table, staging, storage,
+    storage_with, tiled_grid, uniform, AttnKernels, Kernels, MAX_HEAD_DIM, SPLIT_LEN,
 };
+use super::kv::{GpuKv, Slot};
 use super::{GpuError, GPU_WEIGHT_TYPES};
 use crate::gguf::GgmlType;
 use crate::kvplan::{Half, KvPlan, ShareMap};
@@ -23,8 +25,8 @@ use crate::model::LayerRole::{
 };
 use crate::model::{LayerRole, LayerWeights, Model};
 use crate::runtime::chunks;
-use crate::runtime::error::{Capability, RuntimeError};
-use crate::runtime::options::{Capabilities, RunOptions};
+use crate::runtime::error::RuntimeError;
+use crate::runtime::options::{Capabilities, KvWindow, RunOptions, CACHE_TYPES};
 use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits};
 use crate::runtime::state::RunState;
 
@@ -42,6 +44,9 @@ pub struct GpuOptions {
     /// CPU's: ggml's own results move as much with its batch size. Off (default):
     /// f32 activations, closer to exact arithmetic.
     pub ggml_activation_rounding: bool,
+    /// StreamingLLM eviction: the cache holds `sink + recent` cells whatever
+    /// `n_ctx` says (`RunOptions::window`).
+    pub window: Option<KvWindow>,
 }
 
 impl GpuOptions {
@@ -51,19 +56,20 @@ impl GpuOptions {
             n_ctx: opts.n_ctx,
             n_batch: opts.n_batch,
             policy,
+            window: opts.window,
             ..Default::default()
         }
     }
 }
 
-/// What the WGSL forward pass can do: a plain f16 cache, no window, no context
-/// shift, one text per pass.
+/// What the WGSL forward pass can do: every cache type and plan the CPU takes,
+/// windows and context shift; one text per pass.
 pub const CAPABILITIES: Capabilities = Capabilities {
     backend: "wgpu",
-    cache_types: &[GgmlType::F16],
-    mixed_plans: false,
-    window: false,
-    context_shift: false,
+    cache_types: &[GgmlType::F16, GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_0],
+    mixed_plans: true,
+    window: true,
+    context_shift: true,
     packed: false,
     sequences: false,
 };
@@ -75,7 +81,23 @@ impl Default for GpuOptions {
             n_batch: 256,
             policy: AdapterPolicy::Any,
             ggml_activation_rounding: false,
+            window: None,
         }
+    }
+}
+
+/// Reports a device's GPU memory (see `GpuSession::memory_probe`).
+pub struct GpuMemoryProbe(wgpu::Device);
+
+impl GpuMemoryProbe {
+    /// Bytes the device's allocator holds for everything run on it (weights, caches,
+    /// activations, siblings' too), where the backend reports it (Vulkan, DX12);
+    /// `None` elsewhere. Resources dropped since the last wait are freed first.
+    pub fn allocated_bytes(&self) -> Option<u64> {
+        let _ = self.0.poll(wgpu::PollType::wait_indefinitely());
+        self.0
+            .generate_allocator_report()
+            .map(|r| r.total_allocated_bytes)
     }
 }
 
@@ -98,8 +120,13 @@ enum Grid {
     },
     /// (x workgroups, one y per token).
     PerToken(u32),
-    /// Prefill attention, or split-K decode attention then its combine.
-    Attention { n_head: u32 },
+    /// Prefill attention, or split-K decode attention then its combine, with the
+    /// kernels of the slots' types.
+    Attention {
+        n_head: u32,
+        n_head_kv: u32,
+        kernels: AttnKernels,
+    },
     /// The last token's logits only: one workgroup.
     Single,
 }
@@ -148,25 +175,40 @@ pub struct GpuSession<'m> {
     model: &'m Model,
     /// Everything a recorded forward pass binds; lives as long as the session.
     parts: ForwardParts,
-    /// Always one whole-layer map with f16 slots (`CAPABILITIES`).
     plan: KvPlan,
     /// The plan's recorded forward pass.
     forward: Forward,
     staging: wgpu::Buffer,
     /// Read-back buffer for one batch of final hidden states.
     hidden_staging: wgpu::Buffer,
+    /// `read_kv`'s f32 rows on the GPU and their staging buffer, kept between calls
+    /// and grown when a call needs more (bytes each).
+    kv_read: Mutex<Option<(wgpu::Buffer, wgpu::Buffer, u64)>>,
     n_past: usize,
+    /// Cache cells: the context size, or `sink + recent` with a window.
     n_ctx: usize,
     n_batch: usize,
-    kv_bytes: usize,
+    window: Option<KvWindow>,
+    /// Tokens the window evicted so far.
+    evicted: usize,
     rope_factors: Option<Vec<f32>>,
 }
 
 impl<'m> GpuSession<'m> {
+    /// A session for `map` with f16 slots.
     pub fn new(model: &'m Model, map: &ShareMap, opts: &GpuOptions) -> Result<Self, GpuError> {
-        check_request(model, map, opts)?;
+        Self::with_plan(
+            model,
+            &KvPlan::uniform(map, GgmlType::F16, GgmlType::F16),
+            opts,
+        )
+    }
+
+    /// A session whose cache is laid out for `plan` (sources and types of both halves).
+    pub fn with_plan(model: &'m Model, plan: &KvPlan, opts: &GpuOptions) -> Result<Self, GpuError> {
+        check_request(model, plan, opts)?;
         let ctx = GpuContext::new(opts.policy)?;
-        Self::build(model, map, opts, ctx, WeightSet::default(), None)
+        Self::build(model, plan, opts, ctx, WeightSet::default(), None)
     }
 
     /// A session for `RunOptions` on an adapter `policy` accepts; options beyond
@@ -177,28 +219,28 @@ impl<'m> GpuSession<'m> {
         opts: &RunOptions,
         policy: AdapterPolicy,
     ) -> Result<Self, RuntimeError> {
-        CAPABILITIES.check(opts)?;
-        Ok(Self::new(model, map, &GpuOptions::from_run(opts, policy))?)
+        Self::open_plan(
+            model,
+            &KvPlan::uniform(map, opts.type_k, opts.type_v),
+            opts,
+            policy,
+        )
     }
 
-    /// `open` for a `KvPlan`: refused by capability unless it is one whole-layer
-    /// map with f16 slots.
+    /// `open` for a `KvPlan` (its types, not `opts.type_k/type_v`).
     pub fn open_plan(
         model: &'m Model,
         plan: &KvPlan,
         opts: &RunOptions,
         policy: AdapterPolicy,
     ) -> Result<Self, RuntimeError> {
+        CAPABILITIES.check(opts)?;
         CAPABILITIES.check_plan(plan)?;
-        let (Some(map), Some((type_k, type_v))) = (plan.as_map(), plan.uniform_types()) else {
-            return Err(CAPABILITIES.lacks(Capability::MixedPlan));
-        };
-        let opts = RunOptions {
-            type_k,
-            type_v,
-            ..opts.clone()
-        };
-        Self::open(model, map, &opts, policy)
+        Ok(Self::with_plan(
+            model,
+            plan,
+            &GpuOptions::from_run(opts, policy),
+        )?)
     }
 
     /// A second session over the same model on this session's device: it shares
@@ -213,13 +255,22 @@ impl<'m> GpuSession<'m> {
         map: &ShareMap,
         opts: &GpuOptions,
     ) -> Result<GpuSession<'m>, GpuError> {
-        check_request(self.model, map, opts)?;
+        self.sibling_plan_with(&KvPlan::uniform(map, GgmlType::F16, GgmlType::F16), opts)
+    }
+
+    /// `sibling_with` for a `KvPlan`.
+    pub fn sibling_plan_with(
+        &self,
+        plan: &KvPlan,
+        opts: &GpuOptions,
+    ) -> Result<GpuSession<'m>, GpuError> {
+        check_request(self.model, plan, opts)?;
         if opts.policy == AdapterPolicy::HardwareOnly && self.parts.ctx.is_software() {
             return Err(GpuError::SoftwareOnly(self.parts.ctx.adapter_description()));
         }
         Self::build(
             self.model,
-            map,
+            plan,
             opts,
             self.parts.ctx.clone(),
             self.parts.weights.clone(),
@@ -227,12 +278,12 @@ impl<'m> GpuSession<'m> {
         )
     }
 
-    /// Uploads what `weights` lacks of `map`'s forward pass, compiles the kernels
+    /// Uploads what `weights` lacks of `plan`'s forward pass, compiles the kernels
     /// (or those missing from `kernels`), allocates the run state and records the
     /// forward pass.
     fn build(
         model: &'m Model,
-        map: &ShareMap,
+        plan: &KvPlan,
         opts: &GpuOptions,
         ctx: GpuContext,
         mut weights: WeightSet,
@@ -243,121 +294,39 @@ impl<'m> GpuSession<'m> {
         let max_binding = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);
-        let adapter = ctx.adapter_description();
-        let need = |limit: &'static str, needed: u64, available: u64, what: String| {
-            if needed > available {
-                Err(GpuError::Limit {
-                    adapter: adapter.clone(),
-                    limit,
-                    needed,
-                    available,
-                    what,
-                })
-            } else {
-                Ok(())
-            }
-        };
-
-        // Weights: every tensor of the model's plan the forward reads, as the file
-        // stores it (the plan checked names, shapes and types; here only what the
-        // wgpu kernels add).
-        let plan = &model.weights;
-        let mut upload = |id: usize| -> Result<usize, GpuError> {
-            if let Some(&i) = weights.by_plan.get(&id) {
-                return Ok(i);
-            }
-            let info = plan.tensor(id);
-            let (name, ty) = (info.name.as_str(), info.ty);
-            let matmul = info.role.is_matmul();
-            if matmul && !GPU_WEIGHT_TYPES.contains(&ty) {
-                return Err(GpuError::UnsupportedType {
-                    tensor: name.to_string(),
-                    ty: ty.name(),
-                });
-            }
-            let cols = info.dims.first().copied().unwrap_or(0) as usize;
-            let rows = info.dims.iter().skip(1).product::<u64>() as usize;
-            if matmul && !cols.is_multiple_of(32) {
-                return Err(GpuError::UnsupportedShape {
-                    tensor: name.to_string(),
-                    cols,
-                });
-            }
-            let bytes = model.weight_bytes(id);
-            need(
-                "max_storage_buffer_binding_size",
-                bytes.len() as u64 + 8,
-                max_binding,
-                format!("tensor {name}"),
-            )?;
-            let row_bytes = bytes.len().checked_div(rows).unwrap_or(0);
-            weights.list.push(Arc::new(GpuWeight {
-                buf: storage_with(&ctx, name, bytes),
-                ty,
-                cols: cols as u32,
-                rows: rows as u32,
-                row_bytes: row_bytes as u32,
-            }));
-            let i = weights.list.len() - 1;
-            weights.by_plan.insert(id, i);
-            Ok(i)
-        };
+        let wp = &model.weights;
         let (token_embd, output_norm, output, layer_idx) =
             ctx.scoped("uploading weights", || {
-                let token_embd = upload(plan.token_embd())?;
-                let output_norm = upload(plan.output_norm())?;
+                let mut up = |id| upload(&ctx, model, &mut weights, id, max_binding);
+                let token_embd = up(wp.token_embd())?;
+                let output_norm = up(wp.output_norm())?;
                 // Tied embeddings: the plan's output is the embedding, uploaded once.
-                let output = upload(plan.output())?;
-                if let Some(id) = plan.rope_freqs() {
-                    upload(id)?;
+                let output = up(wp.output())?;
+                if let Some(id) = wp.rope_freqs() {
+                    up(id)?;
                 }
-                let mut layer_idx = Vec::with_capacity(c.n_layers);
-                for (il, lw) in plan.layers().iter().enumerate() {
-                    let owns = map.owns_slot(il);
-                    // A shared layer never computes keys or values: its K/V
-                    // projections (and their biases, the key norm) are not even
-                    // uploaded.
-                    let mut placed = |role: LayerRole, id: usize| {
-                        if owns || !role.is_kv_projection() {
-                            upload(id)
-                        } else {
-                            Ok(usize::MAX)
-                        }
-                    };
-                    let mut idx = LayerWeights::try_from_fn(|role| placed(role, lw[role]))?;
-                    for role in LayerRole::OPTIONAL {
-                        if let Some(id) = lw.get(role) {
-                            idx.set_optional(role, placed(role, id)?);
-                        }
-                    }
-                    layer_idx.push(idx);
-                }
+                let layer_idx = place_layers(&ctx, model, plan, &mut weights, max_binding)?;
                 Ok((token_embd, output_norm, output, layer_idx))
             })?;
         let types: Vec<GgmlType> = weights.list.iter().map(|w| w.ty).collect();
-        let kernels = match kernels {
+        let mut kernels = match kernels {
             Some(mut shared) => {
                 shared.add_types(&ctx, &types)?;
                 shared
             }
             None => Kernels::new(&ctx, &types)?,
         };
+        kernels.add_cache_pairs(&ctx, &read_pairs(plan))?;
 
+        let cells = opts.window.map_or(opts.n_ctx, |w| w.cells());
         // Batch: the logits of a whole batch must fit one binding.
         let n_vocab = c.n_vocab;
         let max_rows_by_logits = (max_binding / (n_vocab as u64 * 4)).max(1) as usize;
-        let n_batch = opts.n_batch.clamp(1, max_rows_by_logits).min(opts.n_ctx);
+        let n_batch = opts.n_batch.clamp(1, max_rows_by_logits).min(cells);
         let (e, q_dim, kv, ff) = (c.n_embd, c.n_head * c.head_dim, c.n_embd_kv(), c.n_ff);
-        let slot_bytes = (opts.n_ctx * kv * 2) as u64;
-        need(
-            "max_storage_buffer_binding_size",
-            slot_bytes,
-            max_binding,
-            format!("a KV cache slot of {} cells", opts.n_ctx),
-        )?;
-        let max_splits = opts.n_ctx.div_ceil(SPLIT_LEN as usize);
+        let max_splits = cells.div_ceil(SPLIT_LEN as usize);
 
-        let setup = ctx.scoped("allocating GPU buffers", || {
+        let (act, cache) = ctx.scoped("allocating GPU buffers", || {
             let f32s = |label: &str, n: usize| storage(&ctx, label, (n * 4) as u64);
             let act = Activations {
                 x: f32s("x", n_batch * e),
@@ -379,24 +348,15 @@ impl<'m> GpuSession<'m> {
                     c.n_head * max_splits * (c.head_dim + 2),
                 ),
             };
-            let slots: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..c.n_layers)
-                .filter(|&l| map.owns_slot(l))
-                .map(|l| {
-                    (
-                        storage(&ctx, &format!("cache_k_l{l}"), slot_bytes),
-                        storage(&ctx, &format!("cache_v_l{l}"), slot_bytes),
-                    )
-                })
-                .collect();
-            Ok((act, slots))
+            let cache = GpuKv::new(&ctx, plan, cells, (kv, c.head_dim), max_binding)?;
+            Ok((act, cache))
         })?;
-        let (act, slots) = setup;
         let step = uniform(&ctx, [0; 8]);
         let staging_buf = staging(&ctx, (n_batch * n_vocab * 4) as u64);
         let hidden_staging = staging(&ctx, (n_batch * e * 4) as u64);
 
         // The frequency factors enter the host-side RoPE table (see rope.wgsl).
-        let rope_factors: Option<Vec<f32>> = plan.rope_freqs().map(|id| {
+        let rope_factors: Option<Vec<f32>> = wp.rope_freqs().map(|id| {
             model
                 .weight_bytes(id)
                 .chunks_exact(4)
@@ -404,40 +364,36 @@ impl<'m> GpuSession<'m> {
                 .collect()
         });
 
-        let own_slot: Vec<Option<usize>> = {
-            let slot_of = map.slot_of_layers();
-            (0..c.n_layers)
-                .map(|l| map.owns_slot(l).then(|| slot_of[l]))
-                .collect()
-        };
-        let kv_bytes = 2 * slots.len() * slot_bytes as usize;
         let parts = ForwardParts {
             ctx,
             kernels,
             weights,
             act,
             step,
-            slots,
+            kv: cache,
             layer_idx,
-            own_slot,
             token_embd,
             output_norm,
             output,
             max_splits,
+            max_binding,
+            n_embd_kv: kv,
             rounding: opts.ggml_activation_rounding,
         };
-        let forward = parts.record(model, map)?;
+        let forward = parts.record(model, plan)?;
         Ok(GpuSession {
             model,
             parts,
-            plan: KvPlan::uniform(map, GgmlType::F16, GgmlType::F16),
+            plan: plan.clone(),
             forward,
             staging: staging_buf,
             hidden_staging,
+            kv_read: Mutex::new(None),
             n_past: 0,
-            n_ctx: opts.n_ctx,
+            n_ctx: cells,
             n_batch,
-            kv_bytes,
+            window: opts.window,
+            evicted: 0,
             rope_factors,
         })
     }
@@ -455,9 +411,21 @@ impl<'m> GpuSession<'m> {
         self.n_batch
     }
 
-    /// KV slots allocated: one per owning layer.
+    /// KV slots allocated: one per owned half (a K and a V slot per owning layer
+    /// of a whole-layer map).
     pub fn n_slots(&self) -> usize {
-        self.parts.slots.len()
+        self.parts.kv.n_slots()
+    }
+
+    /// Tokens the window evicted so far.
+    pub fn evicted(&self) -> usize {
+        self.evicted
+    }
+
+    /// A handle reporting the GPU memory this session's device holds, usable while
+    /// the session runs.
+    pub fn memory_probe(&self) -> GpuMemoryProbe {
+        GpuMemoryProbe(self.parts.ctx.device.clone())
     }
 
     #[cfg(feature = "test-support")]
@@ -486,23 +454,45 @@ impl<'m> GpuSession<'m> {
         self.parts.ctx.same_device(&other.parts.ctx)
     }
 
-    /// Records the forward pass of another sharing map over the same weights and
-    /// slots, and empties the context (the cells' meaning changes with the map).
-    /// Every layer that owns its cache in `map` must have owned it in the map the
-    /// session was built with (its slot and K/V weights exist only then): a session
-    /// built with the identity map takes any map. Used by the sharing search, which
-    /// measures many maps; KV memory stays what the first map allocated.
-    fn record_map(&mut self, map: &ShareMap) -> Result<(), GpuError> {
-        if map.n_layers() != self.model.config.n_layers {
-            return Err(GpuError::MapMismatch {
-                map: map.n_layers(),
-                model: self.model.config.n_layers,
-            });
-        }
-        self.forward = self.parts.record(self.model, map)?;
-        self.plan = KvPlan::uniform(map, GgmlType::F16, GgmlType::F16);
+    /// Lays the cache out for another plan over the same weights (uploading K/V
+    /// projections a layer that owns a half now needs, reallocating the slots whose
+    /// owner or type changed), records its forward pass and empties the context
+    /// (the cells' meaning changes with the plan). The searches measure many plans
+    /// on one session this way.
+    fn apply_plan(&mut self, plan: &KvPlan) -> Result<(), GpuError> {
+        check_request(self.model, plan, &self.options())?;
+        let parts = &mut self.parts;
+        parts.layer_idx = parts.ctx.scoped("uploading weights", || {
+            place_layers(
+                &parts.ctx,
+                self.model,
+                plan,
+                &mut parts.weights,
+                parts.max_binding,
+            )
+        })?;
+        let types: Vec<GgmlType> = parts.weights.list.iter().map(|w| w.ty).collect();
+        parts.kernels.add_types(&parts.ctx, &types)?;
+        parts
+            .kernels
+            .add_cache_pairs(&parts.ctx, &read_pairs(plan))?;
+        parts.ctx.scoped("allocating GPU buffers", || {
+            parts.kv.relayout(&parts.ctx, plan, parts.max_binding)
+        })?;
+        self.forward = parts.record(self.model, plan)?;
+        self.plan = plan.clone();
         self.n_past = 0;
         Ok(())
+    }
+
+    /// The options this session was built with, as far as `check_request` reads them.
+    fn options(&self) -> GpuOptions {
+        GpuOptions {
+            n_ctx: self.n_ctx,
+            n_batch: self.n_batch,
+            window: self.window,
+            ..Default::default()
+        }
     }
 
     /// `eval`, also returning the final hidden states (after the output norm) of
@@ -524,84 +514,79 @@ impl<'m> GpuSession<'m> {
         hidden: bool,
     ) -> Result<(Vec<f32>, Vec<f32>), RuntimeError> {
         self.check(tokens)?;
-        let (n_vocab, n_embd) = (self.model.config.n_vocab, self.model.config.n_embd);
+        let n_vocab = self.model.config.n_vocab;
         let mut out = Vec::new();
         let mut states = Vec::new();
         for (chunk, want) in chunks::plan(tokens, self.n_batch, logits) {
             let rows = want.rows(chunk.len());
-            let bytes = self.pass(chunk, want, false, (rows * n_vocab * 4) as u64)?;
+            let (bytes, h) = self.pass(chunk, want, false, (rows * n_vocab * 4) as u64, hidden)?;
             out.extend(bytes.chunks_exact(4).map(le_f32));
-            if !hidden {
-                continue;
-            }
-            // The body's last op leaves the output norm's result in `xn`.
-            let ctx = &self.parts.ctx;
-            let encoder = ctx
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("hidden read-back"),
-                });
-            let h = ctx.scoped("reading the hidden states back", || {
-                read_back(
-                    ctx,
-                    encoder,
-                    &self.parts.act.xn,
-                    (chunk.len() * n_embd * 4) as u64,
-                    &self.hidden_staging,
-                )
-            })?;
             states.extend(h.chunks_exact(4).map(le_f32));
         }
         Ok((out, states))
     }
 
     /// The keys (post-RoPE) and values that `layer` attends over, at cache cells
-    /// `0..rows`, as f32 `[rows][n_embd_kv]` each (the cache holds f16).
-    fn read_kv_rows(&self, layer: usize, rows: usize) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
+    /// `rows`, as f32 `[rows][n_embd_kv]` each: both slots dequantized on the GPU
+    /// into one buffer and read back with one wait (the buffers are kept).
+    fn read_kv_rows(
+        &self,
+        layer: usize,
+        rows: Range<usize>,
+    ) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
         let n_layers = self.model.config.n_layers;
         if layer >= n_layers {
             return Err(GpuError::BadInput(format!(
                 "layer {layer} does not exist (the model has {n_layers})"
             )));
         }
-        if rows > self.n_past {
+        if rows.end > self.n_past {
             return Err(GpuError::BadInput(format!(
-                "{rows} cache cells asked for, but only {} are filled",
-                self.n_past
+                "cache cells up to {} asked for, but only {} are filled",
+                rows.end, self.n_past
             )));
         }
-        let slot = self
-            .parts
-            .own_slot
-            .get(self.plan.sources(Half::Keys).source(layer))
-            .copied()
-            .flatten()
-            .ok_or_else(|| {
-                GpuError::BadInput(format!("layer {layer} has no KV slot in this session"))
-            })?;
-        let bytes = (rows * self.model.config.n_embd_kv() * 2) as u64;
+        let rows = rows.start.min(rows.end)..rows.end;
+        let kv = self.model.config.n_embd_kv();
+        let n = rows.len();
+        if n == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let slot = |half: Half| {
+            self.parts
+                .kv
+                .own(half, self.plan.source(half, layer))
+                .ok_or_else(|| {
+                    GpuError::BadInput(format!("layer {layer} has no KV slot in this session"))
+                })
+        };
+        let (ks, vs) = (slot(Half::Keys)?, slot(Half::Values)?);
+        let bytes = (2 * n * kv * 4) as u64;
         let ctx = &self.parts.ctx;
-        let staging_buf = staging(ctx, bytes);
-        let (kc, vc) = &self.parts.slots[slot];
-        let read = |buf: &wgpu::Buffer| -> Result<Vec<f32>, GpuError> {
-            if bytes == 0 {
-                return Ok(Vec::new());
-            }
-            let encoder = ctx
+        let mut kept = self.kv_read.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.as_ref().is_none_or(|k| k.2 < bytes) {
+            *kept = Some((storage(ctx, "kv read", bytes), staging(ctx, bytes), bytes));
+        }
+        let Some((out, staging_buf, _)) = kept.as_ref() else {
+            unreachable!("allocated above")
+        };
+        let raw = ctx.scoped("reading a KV slot back", || {
+            let mut encoder = ctx
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("kv read-back"),
                 });
-            let raw = ctx.scoped("reading a KV slot back", || {
-                read_back(ctx, encoder, buf, bytes, &staging_buf)
-            })?;
-            Ok(raw
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect())
-        };
-        let k = read(kc)?;
-        let v = read(vc)?;
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                for (i, s) in [ks, vs].into_iter().enumerate() {
+                    self.parts
+                        .load_rows(&mut pass, s, rows.clone(), out, (i * n * kv) as u32);
+                }
+            }
+            read_back(ctx, encoder, out, bytes, staging_buf)
+        })?;
+        let mut k: Vec<f32> = raw.chunks_exact(4).map(le_f32).collect();
+        let v = k.split_off(n * kv);
         Ok((k, v))
     }
 
@@ -613,12 +598,27 @@ impl<'m> GpuSession<'m> {
         let mut id = 0;
         for (chunk, want) in chunks::plan(tokens, self.n_batch, Logits::Last) {
             let last = want == Logits::Last;
-            let bytes = self.pass(chunk, want, last, if last { 4 } else { 0 })?;
+            let (bytes, _) = self.pass(chunk, want, last, if last { 4 } else { 0 }, false)?;
             if last {
                 id = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
             }
         }
         Ok(id)
+    }
+
+    /// `forward` without a window: `tokens` in passes of the batch size.
+    fn forward_unwindowed(
+        &mut self,
+        tokens: &[u32],
+        req: ForwardRequest,
+    ) -> Result<ForwardOutput, RuntimeError> {
+        let (logits, hidden) = self.eval_reading(tokens, req.logits, req.hidden)?;
+        Ok(ForwardOutput {
+            logit_rows: logits.len() / self.model.config.n_vocab.max(1),
+            logits,
+            hidden: req.hidden.then_some(hidden),
+            layer_inputs: Vec::new(),
+        })
     }
 
     fn check(&self, tokens: &[u32]) -> Result<(), RuntimeError> {
@@ -627,14 +627,16 @@ impl<'m> GpuSession<'m> {
 
     /// One forward pass of at most n_batch tokens at position n_past: one command
     /// encoder, one compute pass, then `read` bytes of logits (or of the argmax)
-    /// copied back.
+    /// and, with `hidden`, every token's final hidden state copied back, after one
+    /// wait.
     fn pass(
         &mut self,
         tokens: &[u32],
         logits: Logits,
         argmax: bool,
         read: u64,
-    ) -> Result<Vec<u8>, GpuError> {
+        hidden: bool,
+    ) -> Result<(Vec<u8>, Vec<u8>), GpuError> {
         let n = tokens.len() as u32;
         let pos0 = self.n_past as u32;
         let ctx = &self.parts.ctx;
@@ -648,7 +650,7 @@ impl<'m> GpuSession<'m> {
                 .write_buffer(&self.parts.act.tokens, 0, bytemuck::cast_slice(tokens));
             let c = &self.model.config;
             let table = rope_table(
-                pos0 as usize,
+                pos0 as i64,
                 tokens.len(),
                 c.head_dim,
                 c.rope_freq_base,
@@ -677,16 +679,27 @@ impl<'m> GpuSession<'m> {
                     self.record(&mut pass, op, n);
                 }
             }
-            if read == 0 {
-                ctx.queue.submit([encoder.finish()]);
-                return Ok(Vec::new());
-            }
             let src = if argmax {
                 &self.parts.act.argmax
             } else {
                 &self.parts.act.logits
             };
-            read_back(ctx, encoder, src, read, &self.staging)
+            // The body's last op leaves the output norm's result in `xn`.
+            let hidden_bytes = (tokens.len() * self.model.config.n_embd * 4) as u64;
+            let reads: Vec<(&wgpu::Buffer, u64, &wgpu::Buffer)> = [
+                (read > 0).then_some((src, read, &self.staging)),
+                hidden.then_some((&self.parts.act.xn, hidden_bytes, &self.hidden_staging)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            if reads.is_empty() {
+                ctx.queue.submit([encoder.finish()]);
+                return Ok((Vec::new(), Vec::new()));
+            }
+            let mut got = read_back_all(ctx, encoder, &reads)?.into_iter();
+            let first = if read > 0 { got.next() } else { None };
+            Ok((first.unwrap_or_default(), got.next().unwrap_or_default()))
         })?;
         self.n_past += tokens.len();
         Ok(out)
@@ -716,21 +729,28 @@ impl<'m> GpuSession<'m> {
                 pass.set_bind_group(0, &op.group, &[]);
                 pass.dispatch_workgroups(x, n, 1);
             }
-            Grid::Attention { n_head } => {
+            Grid::Attention {
+                n_head,
+                n_head_kv,
+                ref kernels,
+            } => {
                 pass.set_bind_group(0, &op.group, &[]);
                 // With ggml rounding, follow the path ggml's CPU flash attention takes
-                // for this pass (it splits keys across threads once the padded cache
-                // view reaches 512 cells, and goes tiled f32 from 64 queries).
+                // for this pass over f16 slots (it splits keys across threads once the
+                // padded cache view reaches 512 cells, and goes tiled f32 from 64
+                // queries).
                 let padded = (self.n_past + 1).next_multiple_of(256).min(self.n_ctx);
-                if n == 1 && (!self.parts.rounding || padded >= 512) {
-                    let n_splits = (self.n_past as u32 + 1).div_ceil(SPLIT_LEN);
-                    pass.set_pipeline(&self.parts.kernels.attn_split.pipeline);
-                    pass.dispatch_workgroups(n_head, n_splits, 1);
-                    pass.set_pipeline(&self.parts.kernels.attn_combine.pipeline);
-                    pass.dispatch_workgroups(n_head, 1, 1);
-                } else if self.parts.rounding && n < 64 {
-                    pass.set_pipeline(&self.parts.kernels.attn_f16_serial.pipeline);
+                let ggml_serial = self.parts.rounding && n < 64 && !(n == 1 && padded >= 512);
+                if ggml_serial {
+                    pass.set_pipeline(&kernels.f16_serial.pipeline);
                     pass.dispatch_workgroups(n_head, n, 1);
+                } else if n == 1 {
+                    let n_splits = (self.n_past as u32 + 1).div_ceil(SPLIT_LEN);
+                    let (split, x) = kernels.split_for(n_head, n_head_kv);
+                    pass.set_pipeline(&split.pipeline);
+                    pass.dispatch_workgroups(x, n_splits, 1);
+                    pass.set_pipeline(&kernels.combine.pipeline);
+                    pass.dispatch_workgroups(n_head, 1, 1);
                 } else {
                     pass.set_pipeline(&op.pipeline);
                     pass.dispatch_workgroups(n_head, n, 1);
@@ -745,28 +765,157 @@ impl<'m> GpuSession<'m> {
     }
 }
 
-/// The checks `new` and `sibling` make before touching the device.
-fn check_request(model: &Model, map: &ShareMap, opts: &GpuOptions) -> Result<(), GpuError> {
+/// The checks `new`, `sibling` and `set_plan` make before touching the device.
+fn check_request(model: &Model, plan: &KvPlan, opts: &GpuOptions) -> Result<(), GpuError> {
     let c = &model.config;
-    if map.n_layers() != c.n_layers {
+    if plan.n_layers() != c.n_layers {
         return Err(GpuError::MapMismatch {
-            map: map.n_layers(),
+            map: plan.n_layers(),
             model: c.n_layers,
         });
     }
     if opts.n_ctx == 0 {
         return Err(GpuError::BadInput("context size must be at least 1".into()));
     }
-    if c.head_dim > MAX_HEAD_DIM {
+    if opts.window.is_some_and(|w| w.recent == 0) {
+        return Err(GpuError::BadInput(
+            "the window must keep at least 1 recent token".into(),
+        ));
+    }
+    if c.head_dim > MAX_HEAD_DIM || !c.head_dim.is_multiple_of(4) {
         return Err(GpuError::BadInput(format!(
-            "head dimension {} is above the {MAX_HEAD_DIM} the attention kernels handle",
+            "head dimension {} is not a multiple of 4 up to the {MAX_HEAD_DIM} the attention kernels handle",
             c.head_dim
         )));
+    }
+    for half in Half::BOTH {
+        for l in 0..c.n_layers {
+            let ty = plan.read_type(half, l);
+            if !CACHE_TYPES.iter().any(|&(_, t)| t == ty) {
+                return Err(GpuError::UnsupportedCacheType(ty.name()));
+            }
+        }
     }
     Ok(())
 }
 
-/// What a recorded forward pass binds, whatever the map: the session's device,
+/// Uploads planned tensor `id` (as the file stores it) unless `weights` holds it;
+/// its index in `weights`.
+fn upload(
+    ctx: &GpuContext,
+    model: &Model,
+    weights: &mut WeightSet,
+    id: usize,
+    max_binding: u64,
+) -> Result<usize, GpuError> {
+    if let Some(&i) = weights.by_plan.get(&id) {
+        return Ok(i);
+    }
+    // The plan checked names, shapes and types; here only what the wgpu kernels add.
+    let info = model.weights.tensor(id);
+    let (name, ty) = (info.name.as_str(), info.ty);
+    let matmul = info.role.is_matmul();
+    if matmul && !GPU_WEIGHT_TYPES.contains(&ty) {
+        return Err(GpuError::UnsupportedType {
+            tensor: name.to_string(),
+            ty: ty.name(),
+        });
+    }
+    let cols = info.dims.first().copied().unwrap_or(0) as usize;
+    let rows = info.dims.iter().skip(1).product::<u64>() as usize;
+    if matmul && !cols.is_multiple_of(32) {
+        return Err(GpuError::UnsupportedShape {
+            tensor: name.to_string(),
+            cols,
+        });
+    }
+    let bytes = model.weight_bytes(id);
+    if bytes.len() as u64 + 8 > max_binding {
+        return Err(GpuError::Limit {
+            adapter: ctx.adapter_description(),
+            limit: "max_storage_buffer_binding_size",
+            needed: bytes.len() as u64 + 8,
+            available: max_binding,
+            what: format!("tensor {name}"),
+        });
+    }
+    let row_bytes = bytes.len().checked_div(rows).unwrap_or(0);
+    weights.list.push(Arc::new(GpuWeight {
+        buf: storage_with(ctx, name, bytes),
+        ty,
+        cols: cols as u32,
+        rows: rows as u32,
+        row_bytes: row_bytes as u32,
+    }));
+    let i = weights.list.len() - 1;
+    weights.by_plan.insert(id, i);
+    Ok(i)
+}
+
+/// The half of the cache a tensor computes, for the K/V projections, their biases
+/// and the key norm.
+fn projection_half(role: LayerRole) -> Option<Half> {
+    match role {
+        AttnK | AttnKBias | AttnKNorm => Some(Half::Keys),
+        AttnV | AttnVBias => Some(Half::Values),
+        _ => None,
+    }
+}
+
+/// Where each layer's tensors are in `weights`, uploading what `plan` needs: a
+/// layer that shares a half never computes it, so that half's projections are not
+/// even uploaded (`usize::MAX` there).
+fn place_layers(
+    ctx: &GpuContext,
+    model: &Model,
+    plan: &KvPlan,
+    weights: &mut WeightSet,
+    max_binding: u64,
+) -> Result<Vec<LayerWeights>, GpuError> {
+    let mut out = Vec::with_capacity(plan.n_layers());
+    for (il, lw) in model.weights.layers().iter().enumerate() {
+        let mut placed = |role: LayerRole, id: usize| match projection_half(role) {
+            Some(half) if !plan.owns(half, il) => Ok(usize::MAX),
+            _ => upload(ctx, model, weights, id, max_binding),
+        };
+        let mut idx = LayerWeights::try_from_fn(|role| placed(role, lw[role]))?;
+        for role in LayerRole::OPTIONAL {
+            if let Some(id) = lw.get(role) {
+                idx.set_optional(role, placed(role, id)?);
+            }
+        }
+        out.push(idx);
+    }
+    Ok(out)
+}
+
+/// The (key type, value type) pairs `plan`'s layers read together.
+fn read_pairs(plan: &KvPlan) -> Vec<(GgmlType, GgmlType)> {
+    let mut pairs: Vec<(GgmlType, GgmlType)> = (0..plan.n_layers())
+        .map(|l| {
+            (
+                plan.read_type(Half::Keys, l),
+                plan.read_type(Half::Values, l),
+            )
+        })
+        .collect();
+    pairs.sort_by_key(|&(k, v)| (k as u32, v as u32));
+    pairs.dedup();
+    pairs
+}
+
+/// Workgroups along x for `kv_store` of one row of `n` elements into a slot of `ty`
+/// (an invocation per element, pair or block).
+fn store_groups(ty: GgmlType, n: usize) -> u32 {
+    let per = match ty {
+        GgmlType::F32 => 1,
+        GgmlType::F16 => 2,
+        _ => 32,
+    };
+    (n / per).div_ceil(64) as u32
+}
+
+/// What a recorded forward pass binds, whatever the plan: the session's device,
 /// kernels, weights (with where each layer's tensors are among them) and buffers.
 struct ForwardParts {
     ctx: GpuContext,
@@ -775,31 +924,167 @@ struct ForwardParts {
     weights: WeightSet,
     act: Activations,
     step: wgpu::Buffer,
-    /// (K, V) of each owning layer, in layer order.
-    slots: Vec<(wgpu::Buffer, wgpu::Buffer)>,
-    /// Where each layer's tensors are in `weights` (`usize::MAX` for the K/V
-    /// projections of a layer built as shared: never uploaded).
+    /// The K and V slots of the plan's owned halves.
+    kv: GpuKv,
+    /// Where each layer's tensors are in `weights` (`usize::MAX` for the
+    /// projections of a half the layer shares: never uploaded).
     layer_idx: Vec<LayerWeights>,
-    /// Slot index of every layer's own slot (`None`: the session has no slot and no
-    /// K/V weights for it).
-    own_slot: Vec<Option<usize>>,
     token_embd: usize,
     output_norm: usize,
     output: usize,
     max_splits: usize,
+    max_binding: u64,
+    n_embd_kv: usize,
     rounding: bool,
 }
 
 impl ForwardParts {
-    /// Records `map`'s forward pass over these parts.
-    fn record(&self, model: &Model, map: &ShareMap) -> Result<Forward, GpuError> {
+    /// Records `plan`'s forward pass over these parts.
+    fn record(&self, model: &Model, plan: &KvPlan) -> Result<Forward, GpuError> {
         self.ctx.scoped("building the forward pass", || {
-            build_forward(model, map, self)
+            build_forward(model, plan, self)
+        })
+    }
+
+    /// `kv_store`'s op writing the f32 rows of `src` into `slot` at rows `step`'s
+    /// pos0.., for `step`'s token count.
+    fn store_op(&self, src: &wgpu::Buffer, slot: &Slot, step: &wgpu::Buffer, kv: usize) -> Op {
+        let kernel = &self.kernels.kv_store[&slot.ty];
+        let p = uniform(&self.ctx, [kv as u32, slot.row_bytes, 0, 0, 0, 0, 0, 0]);
+        Op {
+            grid: Grid::PerToken(store_groups(slot.ty, kv)),
+            pipeline: kernel.pipeline.clone(),
+            group: bind(
+                &self.ctx,
+                kernel,
+                &[(0, src), (2, &slot.buf), (3, &p), (4, step)],
+            ),
+        }
+    }
+
+    /// Dequantizes `slot`'s rows `rows` into `out` as f32 from element `out_base`
+    /// (dispatches in `pass`, in runs of at most 32768 rows, the dispatch limit's
+    /// half).
+    fn load_rows(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        slot: &Slot,
+        rows: Range<usize>,
+        out: &wgpu::Buffer,
+        out_base: u32,
+    ) {
+        const RUN: usize = 32768;
+        let kv = self.n_embd_kv;
+        let kernel = &self.kernels.kv_load[&slot.ty];
+        for start in rows.clone().step_by(RUN) {
+            let n = RUN.min(rows.end - start);
+            let step = uniform(&self.ctx, [n as u32, start as u32, 0, 0, 0, 0, 0, 0]);
+            let base = out_base + ((start - rows.start) * kv) as u32;
+            let p = uniform(&self.ctx, [kv as u32, slot.row_bytes, base, 0, 0, 0, 0, 0]);
+            let group = bind(
+                &self.ctx,
+                kernel,
+                &[(0, &slot.buf), (2, out), (3, &p), (4, &step)],
+            );
+            pass.set_pipeline(&kernel.pipeline);
+            pass.set_bind_group(0, &group, &[]);
+            pass.dispatch_workgroups(((kv / 4) as u32).div_ceil(64), n as u32, 1);
+        }
+    }
+
+    /// Moves cache rows `from` of every slot to start at row `to` (< from.start)
+    /// and re-rotates the moved keys by `to - from.start` positions: the context
+    /// shift. Rows go through f32 in runs of `n_batch` (the `k` activation holds
+    /// one run): dequantized, keys rotated by the host's RoPE table for the delta,
+    /// stored again. Runs go up from the lowest row, so no run overwrites a row a
+    /// later one has yet to read; re-storing a dequantized q8_0 or q4_0 block
+    /// gives back its bytes (its largest element fixes the same scale).
+    fn shift_rows(
+        &self,
+        model: &Model,
+        from: Range<usize>,
+        to: usize,
+        n_batch: usize,
+        rope_factors: Option<&[f32]>,
+    ) -> Result<(), GpuError> {
+        let c = &model.config;
+        let kv = c.n_embd_kv();
+        let ctx = &self.ctx;
+        let delta = to as i64 - from.start as i64;
+        let one = rope_table(
+            delta,
+            1,
+            c.head_dim,
+            c.rope_freq_base,
+            c.rope_freq_scale,
+            rope_factors,
+        );
+        let table: Vec<f32> = one
+            .iter()
+            .copied()
+            .cycle()
+            .take(one.len() * n_batch)
+            .collect();
+        let rope_p = uniform(
+            ctx,
+            [
+                c.n_head_kv as u32,
+                c.head_dim as u32,
+                u32::from(c.arch.rope_neox()),
+                0,
+                0,
+                0,
+                0,
+                0,
+            ],
+        );
+        let rope = Op {
+            grid: Grid::PerToken(((c.n_head_kv * c.head_dim / 2) as u32).div_ceil(64)),
+            pipeline: self.kernels.rope.pipeline.clone(),
+            group: bind(
+                ctx,
+                &self.kernels.rope,
+                &[(0, &self.act.k), (1, &self.act.rope), (3, &rope_p)],
+            ),
+        };
+        let per_token = |pass: &mut wgpu::ComputePass<'_>, op: &Op, n: usize| {
+            let Grid::PerToken(x) = op.grid else {
+                unreachable!("shift ops are per token")
+            };
+            pass.set_pipeline(&op.pipeline);
+            pass.set_bind_group(0, &op.group, &[]);
+            pass.dispatch_workgroups(x, n as u32, 1);
+        };
+        ctx.scoped("shifting the KV cache", || {
+            ctx.queue
+                .write_buffer(&self.act.rope, 0, bytemuck::cast_slice(&table));
+            let mut encoder = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("context shift"),
+                });
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                for start in (0..from.len()).step_by(n_batch.max(1)) {
+                    let n = n_batch.min(from.len() - start);
+                    let row = from.start + start;
+                    let dst = uniform(ctx, [n as u32, (to + start) as u32, 0, 0, 0, 0, 0, 0]);
+                    for (half, slot) in self.kv.all() {
+                        self.load_rows(&mut pass, slot, row..row + n, &self.act.k, 0);
+                        if half == Half::Keys {
+                            per_token(&mut pass, &rope, n);
+                        }
+                        per_token(&mut pass, &self.store_op(&self.act.k, slot, &dst, kv), n);
+                    }
+                }
+            }
+            ctx.queue.submit([encoder.finish()]);
+            Ok(())
         })
     }
 }
 
-/// The recorded forward pass for one sharing map.
+/// The recorded forward pass for one plan.
 struct Forward {
     layers: Vec<Op>,
     logits_all: Op,
@@ -807,10 +1092,10 @@ struct Forward {
     argmax: Op,
 }
 
-/// Builds every op of `map`'s forward pass; bind groups tie them to their buffers
-/// until the map changes. Every layer that owns its cache in `map` must have a slot
-/// and K/V weights in `parts`.
-fn build_forward(model: &Model, map: &ShareMap, parts: &ForwardParts) -> Result<Forward, GpuError> {
+/// Builds every op of `plan`'s forward pass; bind groups tie them to their buffers
+/// until the plan changes. Every half a layer owns in `plan` must have its slot and
+/// projections in `parts`.
+fn build_forward(model: &Model, plan: &KvPlan, parts: &ForwardParts) -> Result<Forward, GpuError> {
     let ForwardParts {
         ctx,
         kernels,
@@ -818,8 +1103,7 @@ fn build_forward(model: &Model, map: &ShareMap, parts: &ForwardParts) -> Result<
         layer_idx,
         act,
         step,
-        slots,
-        own_slot,
+        kv: cache,
         ..
     } = parts;
     let weights = &weights.list;
@@ -828,18 +1112,16 @@ fn build_forward(model: &Model, map: &ShareMap, parts: &ForwardParts) -> Result<
     let c = &model.config;
     let (e, kv, ff) = (c.n_embd, c.n_embd_kv(), c.n_ff);
     let n_vocab = c.n_vocab;
-    let mut slot_of = Vec::with_capacity(c.n_layers);
-    for il in 0..c.n_layers {
-        let src = map.source(il);
-        match own_slot.get(src).copied().flatten() {
-            Some(s) => slot_of.push(s),
-            None => {
-                return Err(GpuError::BadInput(format!(
-                    "sharing map {map}: layer {src} owns its cache, but this session was built without a KV slot and K/V weights for it"
-                )))
-            }
-        }
-    }
+    // The slot each layer reads for `half`: its source's.
+    let read = |half: Half, il: usize| -> Result<&Slot, GpuError> {
+        let src = plan.source(half, il);
+        cache.own(half, src).ok_or_else(|| {
+            GpuError::BadInput(format!(
+                "KV plan {plan}: layer {src} owns its {} slot, but this session has no such slot",
+                half.letter()
+            ))
+        })
+    };
     // `corr`: x is xq rounded in Q8_1 mode; add its block-sum corrections.
     let matmul = |wi: usize,
                   x: &wgpu::Buffer,
@@ -960,20 +1242,21 @@ fn build_forward(model: &Model, map: &ShareMap, parts: &ForwardParts) -> Result<
             ops.push(head_norm(t, wi, n_heads));
         }
     };
-    let attn_p = uniform(
-        ctx,
-        [
-            c.n_head as u32,
-            c.n_head_kv as u32,
-            c.head_dim as u32,
-            SPLIT_LEN,
-            (1.0 / (c.head_dim as f32).sqrt()).to_bits(),
-            max_splits as u32,
-            0,
-            0,
-        ],
-    );
-    let store_p = uniform(ctx, [kv as u32, 0, 0, 0, 0, 0, 0, 0]);
+    let attn_p = |ks: &Slot, vs: &Slot| {
+        uniform(
+            ctx,
+            [
+                c.n_head as u32,
+                c.n_head_kv as u32,
+                c.head_dim as u32,
+                SPLIT_LEN,
+                (1.0 / (c.head_dim as f32).sqrt()).to_bits(),
+                max_splits as u32,
+                ks.row_bytes,
+                vs.row_bytes,
+            ],
+        )
+    };
     let swiglu_p = uniform(ctx, [ff as u32, 0, 0, 0, 0, 0, 0, 0]);
 
     let round_mode = |wi: usize| {
@@ -1052,59 +1335,54 @@ fn build_forward(model: &Model, map: &ShareMap, parts: &ForwardParts) -> Result<
         ),
     });
     for (il, lw) in layer_idx.iter().enumerate() {
-        let (kc, vc) = &slots[slot_of[il]];
+        let (owns_k, owns_v) = (plan.owns(Half::Keys, il), plan.owns(Half::Values, il));
         ops.push(norm(lw[AttnNorm], &act.x, &act.xn));
         held = None;
         feed(&mut ops, &mut held, "xn", &act.xn, lw[AttnQ], &act.q, false);
         extras(&mut ops, lw, [AttnQBias, AttnQNorm], &act.q, c.n_head);
-        if map.owns_slot(il) {
+        if owns_k {
             feed(&mut ops, &mut held, "xn", &act.xn, lw[AttnK], &act.k, false);
-            feed(&mut ops, &mut held, "xn", &act.xn, lw[AttnV], &act.v, false);
             extras(&mut ops, lw, [AttnKBias, AttnKNorm], &act.k, c.n_head_kv);
+        }
+        if owns_v {
+            feed(&mut ops, &mut held, "xn", &act.xn, lw[AttnV], &act.v, false);
             if let Some(wi) = lw.get(AttnVBias) {
                 ops.push(add_bias(&act.v, wi, c.n_head_kv * c.head_dim));
             }
         }
         ops.push(rope(&act.q, c.n_head));
-        if map.owns_slot(il) {
+        if owns_k {
             ops.push(rope(&act.k, c.n_head_kv));
-            ops.push(Op {
-                grid: Grid::PerToken(((kv / 2) as u32).div_ceil(64)),
-                pipeline: kernels.kv_store.pipeline.clone(),
-                group: bind(
-                    ctx,
-                    &kernels.kv_store,
-                    &[
-                        (0, &act.k),
-                        (1, &act.v),
-                        (2, kc),
-                        (3, &store_p),
-                        (4, step),
-                        (5, vc),
-                    ],
-                ),
-            });
+            ops.push(parts.store_op(&act.k, read(Half::Keys, il)?, step, kv));
         }
-        // A shared layer's attention binds its source's slot (read-only
-        // there): the same buffers the source wrote this pass.
+        if owns_v {
+            ops.push(parts.store_op(&act.v, read(Half::Values, il)?, step, kv));
+        }
+        // A layer sharing a half binds its source's slot (read-only there): the
+        // same buffer the source wrote this pass.
+        let (ks, vs) = (read(Half::Keys, il)?, read(Half::Values, il)?);
+        let attn = kernels.attention_for(ks.ty, vs.ty).clone();
+        let group = bind(
+            ctx,
+            &attn.tiled,
+            &[
+                (0, &act.q),
+                (1, &ks.buf),
+                (2, &vs.buf),
+                (3, &attn_p(ks, vs)),
+                (4, step),
+                (5, &act.attn),
+                (6, &act.part),
+            ],
+        );
         ops.push(Op {
+            pipeline: attn.tiled.pipeline.clone(),
             grid: Grid::Attention {
                 n_head: c.n_head as u32,
+                n_head_kv: c.n_head_kv as u32,
+                kernels: attn,
             },
-            pipeline: kernels.attn_tiled.pipeline.clone(),
-            group: bind(
-                ctx,
-                &kernels.attn_tiled,
-                &[
-                    (0, &act.q),
-                    (1, kc),
-                    (2, vc),
-                    (3, &attn_p),
-                    (4, step),
-                    (5, &act.attn),
-                    (6, &act.part),
-                ],
-            ),
+            group,
         });
         // x += Wo · attn (the residual add is fused into the matmul).
         feed(
@@ -1209,6 +1487,10 @@ impl<'m> RunState<'m> for GpuSession<'m> {
         self.n_ctx
     }
 
+    fn window(&self) -> Option<KvWindow> {
+        self.window
+    }
+
     fn reset(&mut self) {
         self.n_past = 0;
     }
@@ -1219,53 +1501,64 @@ impl<'m> RunState<'m> for GpuSession<'m> {
     }
 
     /// Logits and final hidden states; the WGSL pass keeps no per-layer inputs.
+    /// With a window, old tokens are evicted as `chunks::windowed` says.
     fn forward(
         &mut self,
         tokens: &[u32],
         req: ForwardRequest,
     ) -> Result<ForwardOutput, RuntimeError> {
-        let (logits, hidden) = self.eval_reading(tokens, req.logits, req.hidden)?;
-        Ok(ForwardOutput {
-            logit_rows: logits.len() / self.model.config.n_vocab.max(1),
-            logits,
-            hidden: req.hidden.then_some(hidden),
-            layer_inputs: Vec::new(),
-        })
+        let Some(w) = self.window else {
+            return self.forward_unwindowed(tokens, req);
+        };
+        let (out, evicted) = chunks::windowed(self, w, self.n_batch, tokens, req, |s, b, r| {
+            s.forward_unwindowed(b, r)
+        })?;
+        self.evicted += evicted;
+        Ok(out)
+    }
+
+    /// On every slot, so layers sharing a half keep following their sources.
+    fn context_shift(&mut self, n_keep: usize, n_discard: usize) -> Result<(), RuntimeError> {
+        let n_keep = n_keep.min(self.n_past);
+        let n_discard = n_discard.min(self.n_past - n_keep);
+        if n_discard == 0 {
+            return Ok(());
+        }
+        self.parts.shift_rows(
+            self.model,
+            n_keep + n_discard..self.n_past,
+            n_keep,
+            self.n_batch,
+            self.rope_factors.as_deref(),
+        )?;
+        self.n_past -= n_discard;
+        Ok(())
     }
 
     fn kv_bytes(&self) -> usize {
-        self.kv_bytes
+        self.parts.kv.bytes()
     }
 
-    /// The f16 slots of the owning layers (`KvPlan::bytes_per_token`, as the CPU
-    /// counts them).
+    /// As the CPU counts them (`KvPlan`'s row sizes).
     fn kv_bytes_per_token(&self) -> (usize, usize) {
         let n = self.model.config.n_embd_kv();
         (
-            self.plan.bytes_per_token(n),
-            self.plan.f16_bytes_per_token(n),
+            self.parts.kv.bytes_per_token(),
+            self.plan.unshared_bytes_per_token(n),
         )
     }
 
     fn read_kv(
         &self,
         layer: usize,
-        rows: std::ops::Range<usize>,
+        rows: Range<usize>,
     ) -> Result<(Vec<f32>, Vec<f32>), RuntimeError> {
-        let width = self.model.config.n_embd_kv();
-        let (mut k, mut v) = self.read_kv_rows(layer, rows.end)?;
-        let skip = rows.start.min(rows.end) * width;
-        k.drain(..skip);
-        v.drain(..skip);
-        Ok((k, v))
+        Ok(self.read_kv_rows(layer, rows)?)
     }
 
     fn set_plan(&mut self, plan: &KvPlan) -> Result<(), RuntimeError> {
         CAPABILITIES.check_plan(plan)?;
-        let Some(map) = plan.as_map() else {
-            return Err(CAPABILITIES.lacks(Capability::MixedPlan));
-        };
-        Ok(self.record_map(map)?)
+        Ok(self.apply_plan(plan)?)
     }
 
     fn sibling(
@@ -1273,14 +1566,24 @@ impl<'m> RunState<'m> for GpuSession<'m> {
         map: &ShareMap,
         opts: &RunOptions,
     ) -> Result<Box<dyn RunState<'m> + 'm>, RuntimeError> {
+        self.sibling_plan(&KvPlan::uniform(map, opts.type_k, opts.type_v), opts)
+    }
+
+    fn sibling_plan(
+        &self,
+        plan: &KvPlan,
+        opts: &RunOptions,
+    ) -> Result<Box<dyn RunState<'m> + 'm>, RuntimeError> {
         CAPABILITIES.check(opts)?;
+        CAPABILITIES.check_plan(plan)?;
         let policy = if self.is_software() {
             AdapterPolicy::Any
         } else {
             AdapterPolicy::HardwareOnly
         };
-        Ok(Box::new(
-            self.sibling_with(map, &GpuOptions::from_run(opts, policy))?,
-        ))
+        Ok(Box::new(self.sibling_plan_with(
+            plan,
+            &GpuOptions::from_run(opts, policy),
+        )?))
     }
 }

@@ -20,9 +20,9 @@ pub use parity::{
     three_layer_map, N_PREFILL, N_TOKENS,
 };
 pub use reference::{
-    attend_head, kv_head_for, reference_forward, reference_forward_f16_cache,
-    reference_forward_full, reference_forward_split, reference_forward_with, rms_norm, rope_norm,
-    silu, RefOutput, RefPrecision,
+    as_cached, attend_head, kv_head_for, reference_forward, reference_forward_f16_cache,
+    reference_forward_full, reference_forward_plan, reference_forward_split,
+    reference_forward_with, rms_norm, rope_norm, silu, RefOutput, RefPrecision,
 };
 pub use tiny_model::{
     byte_to_unicode, llama_ftype, random_weights, tiny_vocab, try_write_tiny_model,

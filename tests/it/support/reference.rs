@@ -6,7 +6,9 @@
 //! filled its cache for these positions" true by construction.
 
 use half::f16;
-use kvsharer::kvplan::ShareMap;
+use kvsharer::backend::ggml::{dequantize, quantize};
+use kvsharer::gguf::GgmlType;
+use kvsharer::kvplan::{Half, KvPlan, ShareMap};
 
 use super::tiny_model::{RefWeights, TinySpec};
 
@@ -207,6 +209,36 @@ pub fn reference_forward_with(
     reference_forward_split(w, spec, map, map, tokens, precision)
 }
 
+/// `x` (rows of `row` elements) as a KV cache slot of `ty` holds it: f16-rounded
+/// for f16, through ggml's own quantizer and dequantizer for the block types.
+pub fn as_cached(ty: GgmlType, x: &[f32], row: usize) -> Vec<f32> {
+    match ty {
+        GgmlType::F32 => x.to_vec(),
+        GgmlType::F16 => x.iter().map(|&v| round_f16(v)).collect(),
+        _ => dequantize(ty, &quantize(ty, x, row).unwrap(), x.len()).unwrap(),
+    }
+}
+
+/// The reference forward pass under a KV plan: its sources, and every cached K or
+/// V row as the owner's slot type stores it (`as_cached`); f32 arithmetic
+/// otherwise.
+pub fn reference_forward_plan(
+    w: &RefWeights,
+    spec: &TinySpec,
+    plan: &KvPlan,
+    tokens: &[u32],
+) -> RefOutput {
+    reference_forward_rounded(
+        w,
+        spec,
+        plan.sources(Half::Keys),
+        plan.sources(Half::Values),
+        tokens,
+        RefPrecision::default(),
+        &|half, layer, row| *row = as_cached(plan.types(half)[layer], row, row.len()),
+    )
+}
+
 /// The reference forward pass with keys and values shared apart (a KV plan's
 /// sources): layer `l` reads keys from `k_map.source(l)` and values from
 /// `v_map.source(l)`, computing (and caching) only the halves it owns.
@@ -217,6 +249,25 @@ pub fn reference_forward_split(
     v_map: &ShareMap,
     tokens: &[u32],
     precision: RefPrecision,
+) -> RefOutput {
+    let f16_cache = |_: Half, _: usize, row: &mut Vec<f32>| {
+        if precision.kv_cache_f16 {
+            row.iter_mut().for_each(|x| *x = round_f16(*x));
+        }
+    };
+    reference_forward_rounded(w, spec, k_map, v_map, tokens, precision, &f16_cache)
+}
+
+/// `reference_forward_split` with `cache` rounding each cached row (half, owning
+/// layer, row) as its slot stores it.
+fn reference_forward_rounded(
+    w: &RefWeights,
+    spec: &TinySpec,
+    k_map: &ShareMap,
+    v_map: &ShareMap,
+    tokens: &[u32],
+    precision: RefPrecision,
+    cache: &dyn Fn(Half, usize, &mut Vec<f32>),
 ) -> RefOutput {
     for map in [k_map, v_map] {
         assert_eq!(
@@ -270,7 +321,7 @@ pub fn reference_forward_split(
                     let bias = layer.biases.as_ref().map(|b| &b[1]);
                     let norm = layer.qk_norm.as_ref().map(|n| &n[1]);
                     let mut k = project_heads(spec, &layer.wk, bias, norm, xn, pos);
-                    maybe_f16(precision.kv_cache_f16, &mut k);
+                    cache(Half::Keys, l, &mut k);
                     k
                 })
                 .collect();
@@ -286,7 +337,7 @@ pub fn reference_forward_split(
                     if let Some([_, _, bv]) = &layer.biases {
                         v.iter_mut().zip(bv).for_each(|(a, b)| *a += b);
                     }
-                    maybe_f16(precision.kv_cache_f16, &mut v);
+                    cache(Half::Values, l, &mut v);
                     v
                 })
                 .collect();

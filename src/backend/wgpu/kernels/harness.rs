@@ -265,7 +265,7 @@ impl KernelHarness {
         }
         let m = x.len() / row;
         let t = storage_with(&self.ctx, "x", f32_bytes(x));
-        let table = rope_table(pos0 as usize, m, head_dim, freq_base, freq_scale, factors);
+        let table = rope_table(pos0 as i64, m, head_dim, freq_base, freq_scale, factors);
         let tb = storage_with(&self.ctx, "rope table", f32_bytes(&table));
         let p = uniform(
             &self.ctx,
@@ -302,11 +302,11 @@ impl KernelHarness {
 
     /// Causal attention of `q` ([tokens][n_head][head_dim], positions pos0..) over
     /// keys and values of rows 0..pos0+tokens ([rows][n_head_kv][head_dim]), stored
-    /// into an f16 cache by `kv_store` first, exactly as the forward pass does.
-    /// `AttentionPath::SplitK` takes one token only.
+    /// into caches of `types` (keys, values) by `kv_store` first, exactly as the
+    /// forward pass does. `AttentionPath::SplitK` takes one token only.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
-        &self,
+        &mut self,
         q: &[f32],
         k: &[f32],
         v: &[f32],
@@ -315,6 +315,7 @@ impl KernelHarness {
         head_dim: usize,
         pos0: usize,
         path: AttentionPath,
+        types: (GgmlType, GgmlType),
     ) -> Result<Vec<f32>, GpuError> {
         let split = path == AttentionPath::SplitK;
         let q_row = n_head * head_dim;
@@ -322,7 +323,7 @@ impl KernelHarness {
         if q_row == 0
             || kv_row == 0
             || !n_head.is_multiple_of(n_head_kv)
-            || !head_dim.is_multiple_of(2)
+            || !head_dim.is_multiple_of(4)
             || head_dim > MAX_HEAD_DIM
             || !q.len().is_multiple_of(q_row)
         {
@@ -338,29 +339,31 @@ impl KernelHarness {
                     .into(),
             ));
         }
-        // Rows 0..pos0 first (a pass at position 0), then this pass's rows.
-        let kc = storage(&self.ctx, "k cache", (rows * kv_row * 2) as u64);
-        let vc = storage(&self.ctx, "v cache", (rows * kv_row * 2) as u64);
-        let store_p = uniform(&self.ctx, [kv_row as u32, 0, 0, 0, 0, 0, 0, 0]);
-        let kb = storage_with(&self.ctx, "k", f32_bytes(k));
-        let vb = storage_with(&self.ctx, "v", f32_bytes(v));
+        // Every row, stored in one pass at position 0.
+        self.kernels.add_cache_pairs(&self.ctx, &[types])?;
         let all = self.step(rows as u32, 0);
-        let gx = ((kv_row / 2) as u32).div_ceil(64);
-        self.run(
-            &self.kernels.kv_store,
-            &[
-                (0, &kb),
-                (1, &vb),
-                (2, &kc),
-                (3, &store_p),
-                (4, &all),
-                (5, &vc),
-            ],
-            (gx, rows as u32, 1),
-            &kc,
-            1,
-        )?;
-
+        let mut caches = Vec::new();
+        for (src, ty) in [(k, types.0), (v, types.1)] {
+            let row_bytes = ty.row_bytes(kv_row as u64).unwrap_or(0) as u32;
+            let cache = storage(&self.ctx, "cache", (rows as u64) * row_bytes as u64 + 4);
+            let p = uniform(&self.ctx, [kv_row as u32, row_bytes, 0, 0, 0, 0, 0, 0]);
+            let sb = storage_with(&self.ctx, "rows", f32_bytes(src));
+            let per = match ty {
+                GgmlType::F32 => 1,
+                GgmlType::F16 => 2,
+                _ => 32,
+            };
+            self.run(
+                &self.kernels.kv_store[&ty],
+                &[(0, &sb), (2, &cache), (3, &p), (4, &all)],
+                (((kv_row / per) as u32).div_ceil(64), rows as u32, 1),
+                &cache,
+                1,
+            )?;
+            caches.push((cache, row_bytes));
+        }
+        let [(kc, k_row_bytes), (vc, v_row_bytes)] =
+            <[_; 2]>::try_from(caches).map_err(|_| GpuError::BadInput("two caches".into()))?;
         let qb = storage_with(&self.ctx, "q", f32_bytes(q));
         let o = storage(&self.ctx, "out", (q.len() * 4) as u64);
         let max_splits = rows.div_ceil(SPLIT_LEN as usize) as u32;
@@ -379,8 +382,8 @@ impl KernelHarness {
                 SPLIT_LEN,
                 scale.to_bits(),
                 max_splits,
-                0,
-                0,
+                k_row_bytes,
+                v_row_bytes,
             ],
         );
         let step = self.step(m as u32, pos0 as u32);
@@ -393,11 +396,15 @@ impl KernelHarness {
             (5, &o),
             (6, &part),
         ];
+        let attn = self.kernels.attention_for(types.0, types.1);
         if split {
             self.run_many(
                 &[
-                    (&self.kernels.attn_split, (n_head as u32, max_splits, 1)),
-                    (&self.kernels.attn_combine, (n_head as u32, 1, 1)),
+                    {
+                        let (split, x) = attn.split_for(n_head as u32, n_head_kv as u32);
+                        (split, (x, max_splits, 1))
+                    },
+                    (&attn.combine, (n_head as u32, 1, 1)),
                 ],
                 &entries,
                 &o,
@@ -405,9 +412,9 @@ impl KernelHarness {
             )
         } else {
             let kernel = if path == AttentionPath::Tiled {
-                &self.kernels.attn_tiled
+                &attn.tiled
             } else {
-                &self.kernels.attn_f16_serial
+                &attn.f16_serial
             };
             self.run(kernel, &entries, (n_head as u32, m as u32, 1), &o, q.len())
         }
