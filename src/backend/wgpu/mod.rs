@@ -2,9 +2,10 @@
 //!
 //! Weights stay in their GGUF block format on the GPU: every matrix kernel
 //! dequantizes blocks as it reads them (`shaders/quant.wgsl`), so GPU memory holds
-//! the file's bytes and nothing more. `GpuSession` is the run state (KV slots for
-//! the owning layers of a `ShareMap`, activations, pipelines and bind groups built
-//! once); it is a `runtime::RunState` like the ggml `Session`. `GpuSession::sibling_with` opens a
+//! the file's bytes and nothing more. `GpuSession` is the run state (the KV cache of
+//! a `KvPlan` in `kv.rs`, activations, pipelines and bind groups built once); it is a
+//! `runtime::RunState` like the ggml `Session`, with the same cache types, plans,
+//! windows and context shift. `GpuSession::sibling_with` opens a
 //! second run state on a session's device, kernels and weights (perplexity's
 //! base/test comparison). `KernelHarness` (feature `test-support`) runs single kernels on
 //! host data, for the parity tests.

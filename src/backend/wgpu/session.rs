@@ -1,5 +1,5 @@
-//! GPU run state: weights uploaded once in their GGUF formats, a KV slot pair per
-//! owning layer of the sharing map, activation buffers for one batch, and the
+//! GPU run state: weights uploaded once in their GGUF formats, the KV cache of a
+//! `KvPlan` (`kv.rs`), activation buffers for one batch, and the
 //! whole forward pass recorded as a list of (pipeline, bind group) ops built once.
 //! Each pass writes the `Step` uniform and the token ids, then records every op
 //! into one command encoder.
