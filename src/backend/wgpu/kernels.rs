@@ -500,6 +500,17 @@ pub(crate) fn rope_table(
     out
 }
 
+/// Workgroups along x for `kv_store` of one row of `n` elements into a slot of `ty`
+/// (an invocation per element, pair or block).
+pub(crate) fn store_groups(ty: GgmlType, n: usize) -> u32 {
+    let per = match ty {
+        GgmlType::F32 => 1,
+        GgmlType::F16 => 2,
+        _ => 32,
+    };
+    (n / per).div_ceil(64) as u32
+}
+
 /// A 32-byte uniform of eight words (every params struct fits in it).
 pub(crate) fn uniform(ctx: &GpuContext, words: [u32; 8]) -> wgpu::Buffer {
     ctx.device

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use super::device::{AdapterPolicy, GpuContext};
 use super::kernels::{
     activation_mode, bind, matvec_grid, read_back, read_back_all, rope_table, staging, storage,
-    storage_with, tiled_grid, uniform, AttnKernels, Kernels, MAX_HEAD_DIM, SPLIT_LEN,
+    storage_with, store_groups, tiled_grid, uniform, AttnKernels, Kernels, MAX_HEAD_DIM, SPLIT_LEN,
 };
 use super::kv::{GpuKv, Slot};
 use super::{GpuError, GPU_WEIGHT_TYPES};
@@ -904,17 +904,6 @@ fn read_pairs(plan: &KvPlan) -> Vec<(GgmlType, GgmlType)> {
     pairs
 }
 
-/// Workgroups along x for `kv_store` of one row of `n` elements into a slot of `ty`
-/// (an invocation per element, pair or block).
-fn store_groups(ty: GgmlType, n: usize) -> u32 {
-    let per = match ty {
-        GgmlType::F32 => 1,
-        GgmlType::F16 => 2,
-        _ => 32,
-    };
-    (n / per).div_ceil(64) as u32
-}
-
 /// What a recorded forward pass binds, whatever the plan: the session's device,
 /// kernels, weights (with where each layer's tensors are among them) and buffers.
 struct ForwardParts {
@@ -944,6 +933,26 @@ impl ForwardParts {
         self.ctx.scoped("building the forward pass", || {
             build_forward(model, plan, self)
         })
+    }
+
+    /// RoPE in place on `t` (`[tokens][n_heads][head_dim]`) by the angles of the
+    /// table in the `rope` activation.
+    fn rope_op(&self, model: &Model, t: &wgpu::Buffer, n_heads: usize) -> Op {
+        let c = &model.config;
+        let neox = u32::from(c.arch.rope_neox());
+        let p = uniform(
+            &self.ctx,
+            [n_heads as u32, c.head_dim as u32, neox, 0, 0, 0, 0, 0],
+        );
+        Op {
+            grid: Grid::PerToken(((n_heads * c.head_dim / 2) as u32).div_ceil(64)),
+            pipeline: self.kernels.rope.pipeline.clone(),
+            group: bind(
+                &self.ctx,
+                &self.kernels.rope,
+                &[(0, t), (1, &self.act.rope), (3, &p)],
+            ),
+        }
     }
 
     /// `kv_store`'s op writing the f32 rows of `src` into `slot` at rows `step`'s
@@ -1025,28 +1034,7 @@ impl ForwardParts {
             .cycle()
             .take(one.len() * n_batch)
             .collect();
-        let rope_p = uniform(
-            ctx,
-            [
-                c.n_head_kv as u32,
-                c.head_dim as u32,
-                u32::from(c.arch.rope_neox()),
-                0,
-                0,
-                0,
-                0,
-                0,
-            ],
-        );
-        let rope = Op {
-            grid: Grid::PerToken(((c.n_head_kv * c.head_dim / 2) as u32).div_ceil(64)),
-            pipeline: self.kernels.rope.pipeline.clone(),
-            group: bind(
-                ctx,
-                &self.kernels.rope,
-                &[(0, &self.act.k), (1, &self.act.rope), (3, &rope_p)],
-            ),
-        };
+        let rope = self.rope_op(model, &self.act.k, c.n_head_kv);
         let per_token = |pass: &mut wgpu::ComputePass<'_>, op: &Op, n: usize| {
             let Grid::PerToken(x) = op.grid else {
                 unreachable!("shift ops are per token")
@@ -1179,18 +1167,7 @@ fn build_forward(model: &Model, plan: &KvPlan, parts: &ForwardParts) -> Result<F
             ),
         }
     };
-    let rope = |t: &wgpu::Buffer, n_heads: usize| -> Op {
-        let neox = u32::from(c.arch.rope_neox());
-        let p = uniform(
-            ctx,
-            [n_heads as u32, c.head_dim as u32, neox, 0, 0, 0, 0, 0],
-        );
-        Op {
-            grid: Grid::PerToken(((n_heads * c.head_dim / 2) as u32).div_ceil(64)),
-            pipeline: kernels.rope.pipeline.clone(),
-            group: bind(ctx, &kernels.rope, &[(0, t), (1, &act.rope), (3, &p)]),
-        }
-    };
+    let rope = |t: &wgpu::Buffer, n_heads: usize| parts.rope_op(model, t, n_heads);
     // qwen2's bias on a projection's output, in place ([tokens][n]).
     let add_bias = |t: &wgpu::Buffer, wi: usize, n: usize| -> Op {
         let p = uniform(ctx, [n as u32, 0, 0, 0, 0, 0, 0, 0]);

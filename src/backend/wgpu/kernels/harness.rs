@@ -348,15 +348,10 @@ impl KernelHarness {
             let cache = storage(&self.ctx, "cache", (rows as u64) * row_bytes as u64 + 4);
             let p = uniform(&self.ctx, [kv_row as u32, row_bytes, 0, 0, 0, 0, 0, 0]);
             let sb = storage_with(&self.ctx, "rows", f32_bytes(src));
-            let per = match ty {
-                GgmlType::F32 => 1,
-                GgmlType::F16 => 2,
-                _ => 32,
-            };
             self.run(
                 &self.kernels.kv_store[&ty],
                 &[(0, &sb), (2, &cache), (3, &p), (4, &all)],
-                (((kv_row / per) as u32).div_ceil(64), rows as u32, 1),
+                (store_groups(ty, kv_row), rows as u32, 1),
                 &cache,
                 1,
             )?;
