@@ -191,6 +191,10 @@ fn quantized_caches_and_mixed_plans_match_the_f32_reference() {
         ) else {
             return;
         };
+        // The GPU's cache takes the CPU's bytes for the same plan, exactly.
+        let cpu = Session::with_plan(DeviceKind::Cpu, &loaded.model, &plan, &opts).unwrap();
+        assert_eq!(gpu.kv_bytes(), cpu.kv_bytes(), "{plan}: KV bytes");
+        assert_eq!(gpu.kv_bytes_per_token(), cpu.kv_bytes_per_token(), "{plan}");
         let ours = support::eval_then_decode(&mut gpu, &tokens, 24);
         let want: Vec<f32> = support::reference_forward_plan(&weights, &spec, &plan, &tokens)
             .logits
@@ -206,7 +210,8 @@ fn quantized_caches_and_mixed_plans_match_the_f32_reference() {
         .concat();
         let (plan_effect, _, _) = support::compare_logits(&unshared, &want, n_vocab);
         support::say(&format!(
-            "{test}: {plan}: max |gpu - reference| {max:.6}, top-1 mismatches {mismatches}; the plan itself moves the logits by {plan_effect:.4}"
+            "{test}: {plan}: {} KV bytes on wgpu and cpu; max |gpu - reference| {max:.6}, top-1 mismatches {mismatches}; the plan itself moves the logits by {plan_effect:.4}",
+            gpu.kv_bytes()
         ));
         results.push((plan, max, mismatches, plan_effect));
     }
