@@ -23,7 +23,7 @@ pub use parse::{
 };
 pub use types::GgmlType;
 pub use value::{Array, Value};
-pub use write::{write_with_metadata, GgufBuilder};
+pub use write::{write_with_metadata, write_with_tensors, GgufBuilder, NewTensor};
 
 /// Everything that can go wrong reading or writing a GGUF file.
 #[derive(Debug, thiserror::Error)]

@@ -56,20 +56,8 @@ impl GgufBuilder {
         ty: GgmlType,
         data: Vec<u8>,
     ) -> Result<(), GgufError> {
-        check_tensor_name(name)?;
-        if self.tensors.iter().any(|t| t.name == name) {
-            return Err(GgufError::DuplicateTensor(name.into()));
-        }
-        let expected = tensor_bytes(name, dims, ty)?;
-        if data.len() as u64 != expected {
-            return Err(GgufError::TensorDataSize {
-                name: name.into(),
-                dims: dims.to_vec(),
-                ty,
-                expected,
-                actual: data.len() as u64,
-            });
-        }
+        let taken = self.tensors.iter().any(|t| t.name == name);
+        check_new_tensor(name, dims, ty, data.len(), taken)?;
         self.tensors.push(BuiltTensor {
             name: name.into(),
             dims: dims.to_vec(),
@@ -110,6 +98,28 @@ pub fn write_with_metadata(
     remove_prefixes: &[&str],
     out: &Path,
 ) -> Result<(), GgufError> {
+    write_with_tensors(src, updates, remove_prefixes, &|_| false, &[], out)
+}
+
+/// A tensor to add to a copy (`write_with_tensors`).
+#[derive(Clone, Debug)]
+pub struct NewTensor {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+    pub data: Vec<u8>,
+}
+
+/// [`write_with_metadata`] that also leaves out the source's tensors `drop` names
+/// and appends `extra` (after checking their sizes and that no name repeats).
+pub fn write_with_tensors(
+    src: &GgufFile,
+    updates: &[(String, Value)],
+    remove_prefixes: &[&str],
+    drop: &dyn Fn(&str) -> bool,
+    extra: &[NewTensor],
+    out: &Path,
+) -> Result<(), GgufError> {
     refuse_same_file(src, out)?;
     let mut metadata: Vec<(String, Value)> = src
         .metadata()
@@ -120,9 +130,10 @@ pub fn write_with_metadata(
     for (key, value) in updates {
         set_in_place(&mut metadata, key, value.clone());
     }
-    let tensors: Vec<TensorToWrite<'_>> = src
+    let mut tensors: Vec<TensorToWrite<'_>> = src
         .tensors()
         .iter()
+        .filter(|t| !drop(&t.name))
         .map(|t| TensorToWrite {
             name: &t.name,
             dims: &t.dims,
@@ -130,6 +141,16 @@ pub fn write_with_metadata(
             data: src.tensor_data(t),
         })
         .collect();
+    for t in extra {
+        let taken = tensors.iter().any(|w| w.name == t.name);
+        check_new_tensor(&t.name, &t.dims, t.ty, t.data.len(), taken)?;
+        tensors.push(TensorToWrite {
+            name: &t.name,
+            dims: &t.dims,
+            ty: t.ty,
+            data: &t.data,
+        });
+    }
     let perms = fs::metadata(src.path()).ok().map(|m| m.permissions());
     write_gguf(out, src.version(), &metadata, &tensors, perms)
 }
@@ -156,6 +177,32 @@ fn refuse_same_file(src: &GgufFile, out: &Path) -> Result<(), GgufError> {
         if a == b {
             return Err(same());
         }
+    }
+    Ok(())
+}
+
+/// A tensor about to be added: a valid name not `taken` yet, and exactly the bytes
+/// `dims` of `ty` take.
+fn check_new_tensor(
+    name: &str,
+    dims: &[u64],
+    ty: GgmlType,
+    len: usize,
+    taken: bool,
+) -> Result<(), GgufError> {
+    check_tensor_name(name)?;
+    if taken {
+        return Err(GgufError::DuplicateTensor(name.into()));
+    }
+    let expected = tensor_bytes(name, dims, ty)?;
+    if len as u64 != expected {
+        return Err(GgufError::TensorDataSize {
+            name: name.into(),
+            dims: dims.to_vec(),
+            ty,
+            expected,
+            actual: len as u64,
+        });
     }
     Ok(())
 }

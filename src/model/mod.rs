@@ -15,7 +15,7 @@ pub mod weights;
 
 pub use config::{Arch, LlamaConfig};
 pub use role::{LayerRole, Role};
-pub use weights::{LayerWeights, PlannedTensor, WeightPlan, MATMUL_TYPES};
+pub use weights::{adapter_key, LayerWeights, PlannedTensor, WeightPlan, MATMUL_TYPES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -20,6 +20,12 @@ pub enum LayerRole {
     /// Per-head RMS norm weights of queries and keys (`qwen3`).
     AttnQNorm,
     AttnKNorm,
+    /// `attn_q` with a fitted key adapter folded in (`search::adapter`): read in
+    /// place of `AttnQ` while the layer reads keys from the source it was fitted for.
+    AttnQAdapted,
+    /// `attn_output` with a fitted value adapter folded in, read in place of
+    /// `AttnOutput` while the layer reads values from the source it was fitted for.
+    AttnOutputAdapted,
 }
 
 impl LayerRole {
@@ -36,12 +42,14 @@ impl LayerRole {
     ];
 
     /// Tensors some variants have and others lack (`LayerWeights::get`).
-    pub const OPTIONAL: [LayerRole; 5] = [
+    pub const OPTIONAL: [LayerRole; 7] = [
         LayerRole::AttnQBias,
         LayerRole::AttnKBias,
         LayerRole::AttnVBias,
         LayerRole::AttnQNorm,
         LayerRole::AttnKNorm,
+        LayerRole::AttnQAdapted,
+        LayerRole::AttnOutputAdapted,
     ];
 
     /// What computes keys or values (projections, their biases, the key norm),
@@ -94,6 +102,8 @@ impl Role {
                     LayerRole::AttnVBias => ("attn_v", "bias"),
                     LayerRole::AttnQNorm => ("attn_q_norm", "weight"),
                     LayerRole::AttnKNorm => ("attn_k_norm", "weight"),
+                    LayerRole::AttnQAdapted => ("attn_q", "kvsharer.weight"),
+                    LayerRole::AttnOutputAdapted => ("attn_output", "kvsharer.weight"),
                 };
                 format!("blk.{il}.{stem}.{kind}")
             }

@@ -9,7 +9,8 @@ use std::ops::Index;
 use super::config::{Arch, LlamaConfig};
 use super::role::{LayerRole, Role};
 use super::ModelError;
-use crate::gguf::{GgmlType, GgufFile};
+use crate::gguf::{Array, GgmlType, GgufFile};
+use crate::kvplan::{Half, KvPlan};
 
 /// Matrix weight types kvsharer runs: those ggml's CPU backend multiplies with
 /// (`vec_dot` exists). The wgpu backend reads a subset (`GPU_WEIGHT_TYPES`).
@@ -50,9 +51,9 @@ fn expected_shape(role: Role, c: &LlamaConfig) -> Vec<usize> {
         Role::RopeFreqs => vec![c.head_dim / 2],
         Role::Layer(_, r) => match r {
             LayerRole::AttnNorm | LayerRole::FfnNorm => vec![e],
-            LayerRole::AttnQ => vec![e, q],
+            LayerRole::AttnQ | LayerRole::AttnQAdapted => vec![e, q],
             LayerRole::AttnK | LayerRole::AttnV => vec![e, kv],
-            LayerRole::AttnOutput => vec![q, e],
+            LayerRole::AttnOutput | LayerRole::AttnOutputAdapted => vec![q, e],
             LayerRole::FfnGate | LayerRole::FfnUp => vec![e, c.n_ff],
             LayerRole::FfnDown => vec![c.n_ff, e],
             LayerRole::AttnQBias => vec![q],
@@ -82,7 +83,7 @@ pub struct PlannedTensor {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerWeights {
     required: [usize; 9],
-    optional: [Option<usize>; 5],
+    optional: [Option<usize>; 7],
 }
 
 impl LayerWeights {
@@ -95,7 +96,7 @@ impl LayerWeights {
         }
         Ok(LayerWeights {
             required,
-            optional: [None; 5],
+            optional: [None; 7],
         })
     }
 
@@ -143,6 +144,9 @@ pub struct WeightPlan {
     tied_output: bool,
     rope_freqs: Option<usize>,
     layers: Vec<LayerWeights>,
+    /// Per half (keys, values), per layer: the source layer that layer's adapted
+    /// tensor (`AttnQAdapted`, `AttnOutputAdapted`) was fitted for.
+    adapted_for: [Vec<Option<usize>>; 2],
 }
 
 impl WeightPlan {
@@ -225,8 +229,12 @@ impl WeightPlan {
                     role,
                     LayerRole::AttnQBias | LayerRole::AttnKBias | LayerRole::AttnVBias
                 );
+                let adapted =
+                    matches!(role, LayerRole::AttnQAdapted | LayerRole::AttnOutputAdapted);
                 let (read, required) = if is_bias {
                     (arch != Arch::Qwen3, arch.qkv_bias())
+                } else if adapted {
+                    (true, false)
                 } else {
                     (arch.qk_norm(), arch.qk_norm())
                 };
@@ -243,6 +251,10 @@ impl WeightPlan {
         }
         let output = need_if(Role::Output, false)?;
         let rope_freqs = need_if(Role::RopeFreqs, false)?;
+        let adapted_for = [
+            adapted_sources(file, &layers, Half::Keys, LayerRole::AttnQAdapted)?,
+            adapted_sources(file, &layers, Half::Values, LayerRole::AttnOutputAdapted)?,
+        ];
         Ok(WeightPlan {
             tensors,
             token_embd,
@@ -251,7 +263,31 @@ impl WeightPlan {
             tied_output: output.is_none(),
             rope_freqs,
             layers,
+            adapted_for,
         })
+    }
+
+    /// The role whose tensor layer `il` projects queries with (`Half::Keys`) or
+    /// multiplies its attention output by (`Half::Values`) under `plan`: the adapted
+    /// one where the file has it and the layer reads that half from the source it
+    /// was fitted for, else the original.
+    pub fn adapted_role(&self, il: usize, half: Half, plan: &KvPlan) -> LayerRole {
+        let (plain, adapted) = match half {
+            Half::Keys => (LayerRole::AttnQ, LayerRole::AttnQAdapted),
+            Half::Values => (LayerRole::AttnOutput, LayerRole::AttnOutputAdapted),
+        };
+        let source = plan.source(half, il);
+        let fitted = self.adapted_for[half as usize].get(il).copied().flatten();
+        if source != il && fitted == Some(source) {
+            adapted
+        } else {
+            plain
+        }
+    }
+
+    /// For each layer, the source layer its adapted tensor for `half` was fitted for.
+    pub fn adapted_for(&self, half: Half) -> &[Option<usize>] {
+        &self.adapted_for[half as usize]
     }
 
     /// Every planned tensor once (a tied output is the embedding's entry).
@@ -345,6 +381,73 @@ pub(crate) fn write_test_model(path: &std::path::Path, tied_output: bool) {
             .unwrap();
     }
     b.write_to(path).unwrap();
+}
+
+/// GGUF keys naming, per layer, the source an adapted tensor was fitted for
+/// (`kvsharer.adapter.k_source_layer`, `kvsharer.adapter.v_source_layer`).
+pub fn adapter_key(half: Half) -> &'static str {
+    match half {
+        Half::Keys => "kvsharer.adapter.k_source_layer",
+        Half::Values => "kvsharer.adapter.v_source_layer",
+    }
+}
+
+/// The fitted sources of `half`'s adapted tensors: every adapted tensor needs one,
+/// an earlier layer, and the key's array has one entry per layer.
+fn adapted_sources(
+    file: &GgufFile,
+    layers: &[LayerWeights],
+    half: Half,
+    role: LayerRole,
+) -> Result<Vec<Option<usize>>, ModelError> {
+    let key = adapter_key(half);
+    let any = layers.iter().any(|lw| lw.get(role).is_some());
+    let sources: Option<Vec<u64>> = match file.get(key) {
+        None => None,
+        Some(v) => {
+            let bad = |why: &str| ModelError::Metadata(format!("{key}: {why}"));
+            let Ok(array) = file.get_array(key) else {
+                return Err(bad(&format!("expected an array of u32, found {v:?}")));
+            };
+            let values = match array {
+                Array::U32(v) => v.iter().map(|&x| x as u64).collect::<Vec<_>>(),
+                _ => return Err(bad("expected an array of u32")),
+            };
+            if values.len() != layers.len() {
+                return Err(bad(&format!(
+                    "{} entries for {} layers",
+                    values.len(),
+                    layers.len()
+                )));
+            }
+            Some(values)
+        }
+    };
+    let mut out = vec![None; layers.len()];
+    if !any {
+        return Ok(out);
+    }
+    let Some(sources) = sources else {
+        return Err(ModelError::Metadata(format!(
+            "the file has adapted tensors ({}) but no {key}",
+            Role::Layer(0, role)
+                .tensor_name()
+                .replace("blk.0.", "blk.N.")
+        )));
+    };
+    for (il, lw) in layers.iter().enumerate() {
+        if lw.get(role).is_none() {
+            continue;
+        }
+        let source = sources[il] as usize;
+        if source >= il {
+            return Err(ModelError::Metadata(format!(
+                "{key}: layer {il}'s adapted tensor is fitted for layer {source}, which is not an earlier layer"
+            )));
+        }
+        out[il] = Some(source);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

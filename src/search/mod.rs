@@ -13,6 +13,7 @@
 //!
 //! The map itself and its GGUF round trip live in `kvplan`.
 
+pub mod adapter;
 pub mod calibration;
 pub mod evaluator;
 pub mod paper;

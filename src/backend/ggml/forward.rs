@@ -307,7 +307,14 @@ fn build(
         let cur = g.mul(g.rms_norm(x, c.rms_eps), lt(LayerRole::AttnNorm));
 
         let has = |role: LayerRole| lw.get(role).map(|i| weights.get(i));
-        let q_roles = [LayerRole::AttnQ, LayerRole::AttnQBias, LayerRole::AttnQNorm];
+        // Fitted adapters (`search::adapter`) apply while the layer reads the
+        // source they were fitted for.
+        let adapted = |half: Half| w.adapted_role(il, half, cache.plan());
+        let q_roles = [
+            adapted(Half::Keys),
+            LayerRole::AttnQBias,
+            LayerRole::AttnQNorm,
+        ];
         let q = project_heads(&g, has, q_roles, cur, [hd, n_head, n], c.rms_eps);
         let q = g.rope(q, inp_pos, rope_freqs, &rope);
         let (k_slot, v_slot) = (cache.k(il), cache.v(il));
@@ -344,7 +351,8 @@ fn build(
                 out.expect("a batch has at least one span")
             }
         };
-        let mut cur = g.mul_mat(lt(LayerRole::AttnOutput), g.reshape_2d(cur, hd * n_head, n));
+        let output = has(adapted(Half::Values)).expect("the adapted role is present");
+        let mut cur = g.mul_mat(output, g.reshape_2d(cur, hd * n_head, n));
         let mut residual = residual;
         if let (true, Some(last)) = (il + 1 == w.layers().len(), inp_last) {
             cur = g.get_rows(cur, last);

@@ -20,8 +20,8 @@ use super::{GpuError, GPU_WEIGHT_TYPES};
 use crate::gguf::GgmlType;
 use crate::kvplan::{Half, KvPlan, ShareMap};
 use crate::model::LayerRole::{
-    AttnK, AttnKBias, AttnKNorm, AttnNorm, AttnOutput, AttnQ, AttnQBias, AttnQNorm, AttnV,
-    AttnVBias, FfnDown, FfnGate, FfnNorm, FfnUp,
+    AttnK, AttnKBias, AttnKNorm, AttnNorm, AttnOutputAdapted, AttnQAdapted, AttnQBias, AttnQNorm,
+    AttnV, AttnVBias, FfnDown, FfnGate, FfnNorm, FfnUp,
 };
 use crate::model::{LayerRole, LayerWeights, Model};
 use crate::runtime::chunks;
@@ -874,8 +874,18 @@ fn place_layers(
 ) -> Result<Vec<LayerWeights>, GpuError> {
     let mut out = Vec::with_capacity(plan.n_layers());
     for (il, lw) in model.weights.layers().iter().enumerate() {
+        // An adapted tensor only where the plan reads the source it was fitted for.
+        let unused_adapter = |role: LayerRole| {
+            [
+                (Half::Keys, AttnQAdapted),
+                (Half::Values, AttnOutputAdapted),
+            ]
+            .iter()
+            .any(|&(half, a)| role == a && model.weights.adapted_role(il, half, plan) != a)
+        };
         let mut placed = |role: LayerRole, id: usize| match projection_half(role) {
             Some(half) if !plan.owns(half, il) => Ok(usize::MAX),
+            _ if unused_adapter(role) => Ok(usize::MAX),
             _ => upload(ctx, model, weights, id, max_binding),
         };
         let mut idx = LayerWeights::try_from_fn(|role| placed(role, lw[role]))?;
@@ -1315,7 +1325,20 @@ fn build_forward(model: &Model, plan: &KvPlan, parts: &ForwardParts) -> Result<F
         let (owns_k, owns_v) = (plan.owns(Half::Keys, il), plan.owns(Half::Values, il));
         ops.push(norm(lw[AttnNorm], &act.x, &act.xn));
         held = None;
-        feed(&mut ops, &mut held, "xn", &act.xn, lw[AttnQ], &act.q, false);
+        // Fitted adapters apply while the layer reads the source they fit.
+        let adapted = |half: Half| {
+            let role = model.weights.adapted_role(il, half, plan);
+            lw.get(role).expect("the adapted role is placed")
+        };
+        feed(
+            &mut ops,
+            &mut held,
+            "xn",
+            &act.xn,
+            adapted(Half::Keys),
+            &act.q,
+            false,
+        );
         extras(&mut ops, lw, [AttnQBias, AttnQNorm], &act.q, c.n_head);
         if owns_k {
             feed(&mut ops, &mut held, "xn", &act.xn, lw[AttnK], &act.k, false);
@@ -1367,7 +1390,7 @@ fn build_forward(model: &Model, plan: &KvPlan, parts: &ForwardParts) -> Result<F
             &mut held,
             "attn",
             &act.attn,
-            lw[AttnOutput],
+            adapted(Half::Values),
             &act.x,
             true,
         );
