@@ -36,10 +36,13 @@ def maps(out):
 
 
 def label(config):
+    if config.startswith("plan-adapted-"):
+        return f"plan {config[13:]}% + value adapters"
     if config.startswith("plan-"):
         return f"plan {config[5:]}%"
     if config.startswith("share-"):
-        return f"plan {config[6:]}%, sharing only (f16 slots)"
+        budget, _, adapted = config[6:].partition("-")
+        return f"plan {budget}%, sharing only (f16 slots)" + (" + value adapters" if adapted else "")
     n, k, v = config.split("-")
     n = int(n[1:])
     types = k if k == v else f"K {k} + V {v}"
@@ -110,13 +113,14 @@ def additivity(out):
             d = json.load(open(path))
         except ValueError:
             continue
+        d["adapters"] = "adapted" in os.path.basename(path)
         rows.append(d)
     if not rows:
         return
-    rows.sort(key=lambda d: -d["budget"])
+    rows.sort(key=lambda d: (-d["budget"], d["adapters"]))
     print("### The planner on its calibration set: predicted (sum of single moves) vs measured KLD\n")
-    print("| budget | plan's bytes | shared K/V slots | slot types (K / V) | predicted KLD | measured KLD |")
-    print("| ---: | ---: | ---: | --- | ---: | ---: |")
+    print("| budget | adapters | plan's bytes | shared K/V slots | slot types (K / V) | predicted KLD | measured KLD |")
+    print("| ---: | --- | ---: | ---: | --- | ---: | ---: |")
     for d in rows:
         shared = sum(1 for l in d["layers"] for h in ("k", "v") if l[f"{h}_from"] != l["layer"])
         def counts(h):
@@ -125,7 +129,8 @@ def additivity(out):
                 if l[f"{h}_from"] == l["layer"]:
                     c[l[f"{h}_type"]] = c.get(l[f"{h}_type"], 0) + 1
             return ", ".join(f"{t} x{n}" for t, n in sorted(c.items()))
-        print(f"| {100*d['budget']:.3g}% | {100*d['fraction']:.1f}% | {shared} | {counts('k')} / {counts('v')} | {d['predicted_kld']:.4f} | {d['measured_kld']:.4f} |")
+        adapted = f"values ({len(d.get('adapted', []))} used)" if d["adapters"] else "none"
+        print(f"| {100*d['budget']:.3g}% | {adapted} | {100*d['fraction']:.1f}% | {shared} | {counts('k')} / {counts('v')} | {d['predicted_kld']:.4f} | {d['measured_kld']:.4f} |")
     print()
 
 

@@ -3,7 +3,9 @@
 # held-out text, for every uniform configuration a llama.cpp user has (f16, q8_0,
 # q4_0, K q8_0 + V q4_0; each unshared and with the greedy whole-layer maps N = 4, 8,
 # 12) and for the planner (`--kv-budget`) at 60%, 50%, 37.5%, 28.125% (q4_0's
-# bytes), 20%, 15% and 10% of the unshared f16 cache.
+# bytes), 20%, 15% and 10% of the unshared f16 cache; the planner again with fitted
+# value adapters (`--adapters values`, stored by `share`) at 75% sharing only and
+# at 37.5% down to 10%.
 #
 # Each point is `kvsharer perplexity -c 512 --chunks $CHUNKS --json` against the
 # unshared f16 model on the same chunks, on two held-out texts of different kinds
@@ -13,7 +15,7 @@
 #
 # Usage: bash scripts/frontier.sh [OUT_DIR]   (default: frontier/)
 #   CHUNKS (default 6) chunks of 512 tokens per text; THREADS (default 2).
-# Takes ~45 min on a 2-core machine (the greedy N = 12 search is ~15 of them; it,
+# Takes ~75 min on a 2-core machine (the greedy N = 12 search is ~15 of them; it,
 # the shared models and the planner's move costs are reused when present).
 # Results: OUT_DIR/<text>-<config>.json, OUT_DIR/frontier.md (the table README
 # shows) and OUT_DIR/frontier-<text>.svg (bytes vs KLD, log scale, every point
@@ -22,8 +24,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-frontier}"
 mkdir -p "$OUT"
-cargo build --release --quiet
-K=target/release/kvsharer
+# KVSHARER_BIN: a binary to use instead of building one (so the run does not
+# pick up a rebuild half way).
+if [ -n "${KVSHARER_BIN:-}" ]; then K="$KVSHARER_BIN"; else cargo build --release --quiet; K=target/release/kvsharer; fi
 T="${THREADS:-2}"
 CHUNKS="${CHUNKS:-6}"
 MODEL="$($K info 2>/dev/null | sed -n 's/^file: *\(.*\) (.*/\1/p')"
@@ -52,9 +55,20 @@ ppl() { # out name, text file, model, extra args...
         > "$OUT/$name.json" 2> "$OUT/$name.log" || { echo "    failed: $(tail -n 2 "$OUT/$name.log" | head -n 1)" >&2; rm -f "$OUT/$name.json"; }
 }
 
-# Sharing only (every slot f16) at 75% of the f16 bytes, stored in a model copy.
+# Sharing only (every slot f16) at 75% of the f16 bytes, stored in a model copy;
+# without and with fitted value adapters.
 [ -f "$OUT/model-plan-75-f16.gguf" ] || \
     "$K" share -m "$MODEL" -t "$T" --kv-budget 75% --plan-types f16 -o "$OUT/model-plan-75-f16.gguf" 2> "$OUT/share-plan-75-f16.log"
+[ -f "$OUT/model-plan-75-f16-adapted.gguf" ] || \
+    "$K" share -m "$MODEL" -t "$T" --kv-budget 75% --plan-types f16 --adapters values -o "$OUT/model-plan-75-f16-adapted.gguf" 2> "$OUT/share-plan-75-f16-adapted.log"
+# The planner with value adapters: they live in the model file, so each budget's
+# plan is stored in a copy.
+ADAPTED_BUDGETS="37.5 28.125 20 15 10"
+for B in $ADAPTED_BUDGETS; do
+    [ -f "$OUT/model-plan-$B-adapted.gguf" ] || \
+        "$K" share -m "$MODEL" -t "$T" --kv-budget "$B%" --adapters values -o "$OUT/model-plan-$B-adapted.gguf" 2> "$OUT/share-plan-$B-adapted.log" || \
+        echo "    plan $B% with adapters failed: $(tail -n 1 "$OUT/share-plan-$B-adapted.log")" >&2
+done
 
 for entry in $TEXTS; do
     tname="${entry%%:*}"; text="${entry#*:}"
@@ -71,6 +85,10 @@ for entry in $TEXTS; do
         ppl "$tname-plan-$B" "$text" "$MODEL" --kv-budget "$B%"
     done
     ppl "$tname-share-75" "$text" "$OUT/model-plan-75-f16.gguf" --kv-share
+    ppl "$tname-share-75-adapted" "$text" "$OUT/model-plan-75-f16-adapted.gguf" --kv-share
+    for B in $ADAPTED_BUDGETS; do
+        [ -f "$OUT/model-plan-$B-adapted.gguf" ] && ppl "$tname-plan-adapted-$B" "$text" "$OUT/model-plan-$B-adapted.gguf" --kv-share
+    done
 done
 
 # Additivity: each budget's plan, its predicted calibration KLD (sum of single
@@ -78,6 +96,10 @@ done
 for B in 60 50 37.5 28.125 20 15 10; do
     [ -s "$OUT/calib-plan-$B.json" ] || "$K" plan -m "$MODEL" -t "$T" --kv-budget "$B%" --json \
         > "$OUT/calib-plan-$B.json" 2> "$OUT/calib-plan-$B.log" || rm -f "$OUT/calib-plan-$B.json"
+done
+for B in $ADAPTED_BUDGETS; do
+    [ -s "$OUT/calib-plan-adapted-$B.json" ] || "$K" plan -m "$MODEL" -t "$T" --kv-budget "$B%" --adapters values --json \
+        > "$OUT/calib-plan-adapted-$B.json" 2> "$OUT/calib-plan-adapted-$B.log" || rm -f "$OUT/calib-plan-adapted-$B.json"
 done
 
 python3 scripts/frontier.py table "$OUT" > "$OUT/frontier.md"

@@ -244,32 +244,6 @@ pub struct ShareArgs {
     /// Where to write the model copy with the map stored in it
     #[arg(short = 'o', long = "output", value_name = "OUT.gguf")]
     pub output: PathBuf,
-    /// Fit adapters for the shared halves on the calibration text and store them
-    /// as extra tensors (originals untouched): `values` folds a per-KV-head linear
-    /// map into `attn_output`, `keys` a RoPE-commuting scale into `attn_q`
-    #[arg(long = "adapters", value_enum, default_value = "none")]
-    pub adapters: AdaptersArg,
-    /// Tokens per calibration text the adapters are fitted on
-    #[arg(long = "adapter-tokens", default_value_t = 256, value_name = "N")]
-    pub adapter_tokens: usize,
-    /// What value adapters fit: the attention output (the unshared model's attention
-    /// weights over both layers' values) or the cached value rows themselves
-    #[arg(long = "adapter-fit", value_enum, default_value = "attention")]
-    pub adapter_fit: AdapterFitArg,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum AdapterFitArg {
-    Attention,
-    Rows,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum AdaptersArg {
-    None,
-    Values,
-    Keys,
-    Both,
 }
 
 /// Refuses flag values no search can use, naming the flag (the library's errors
@@ -426,44 +400,22 @@ pub fn share(a: ShareArgs) -> Result<()> {
     let threads = a.model.threads()?;
     let path = a.model.model_path()?;
     check_output(&path, &a.output)?;
+    a.planner.check_adapters()?;
     let (_, loaded) = a.model.load()?;
-    let n_layers = loaded.model.config.n_layers;
-    if a.adapter_tokens < search::MIN_TOKENS_PER_SAMPLE {
-        bail!(
-            "--adapter-tokens must be at least {}",
-            search::MIN_TOKENS_PER_SAMPLE
-        );
-    }
-    let whole_layers = |map: &ShareMap| KvPlan::uniform(map, GgmlType::F16, GgmlType::F16);
-    let (mut metadata, plan) = if let Some(spec) = &a.model.kv_budget {
-        plan_metadata(&loaded, spec, &a, threads)?
-    } else if a.search.random_map {
-        let target = a.search.target(n_layers)?;
-        let map = search::random_map(n_layers, target, a.search.seed)?;
-        eprintln!("random map (seed {}): {map}", a.search.seed);
-        (kvplan::to_metadata(&map), whole_layers(&map))
-    } else {
-        match &a.search.map {
-            Some(report_path) => {
-                let map =
-                    report::read_report_map(report_path, n_layers).map_err(anyhow::Error::msg)?;
-                eprintln!("using the map from {}: {map}", report_path.display());
-                (kvplan::to_metadata(&map), whole_layers(&map))
-            }
-            None => {
-                let r = run_search(&loaded, &a.search, threads, a.model.backend)?;
-                print_result(&r, n_layers);
-                if let Some(dir) = &a.search.report {
-                    report::write_report_dir(&r, dir).with_context(|| {
-                        format!("cannot write the report into {}", dir.display())
-                    })?;
-                }
-                (report::metadata(&r), whole_layers(&r.map))
-            }
+    let (mut metadata, adapters) = match &a.model.kv_budget {
+        Some(spec) => plan_metadata(&loaded, spec, &a, threads)?,
+        None => {
+            let (metadata, plan) = map_metadata(&loaded, &a, threads)?;
+            let pairs = a
+                .planner
+                .adapter_options()
+                .map(|opts| adapter::pairs_of(&plan, &opts))
+                .unwrap_or_default();
+            let adapters = super::plan::fit_adapters(&loaded, &a.planner, &pairs, threads)?;
+            (metadata, adapters)
         }
     };
-    let adapters = fit_adapters(&loaded, &plan, &a, threads)?;
-    metadata.extend(adapters.metadata.iter().cloned());
+    metadata.extend(adapters.metadata());
     let file = loaded.model.file();
     // Adapters a copied file already had were fitted for its old plan.
     let old_adapter = |name: &str| name.ends_with(".kvsharer.weight");
@@ -472,7 +424,7 @@ pub fn share(a: ShareArgs) -> Result<()> {
         &metadata,
         &["kvsharer."],
         &old_adapter,
-        &adapters.tensors,
+        &adapters.tensors(),
         &a.output,
     )
     .with_context(|| format!("cannot write {}", a.output.display()))?;
@@ -484,62 +436,51 @@ pub fn share(a: ShareArgs) -> Result<()> {
     Ok(())
 }
 
-/// `share --kv-budget`: plans for the budget, prints the plan, and returns its
-/// version-2 metadata with the calibration it was measured on.
-/// The adapters `--adapters` asks for, fitted on the calibration text run without
-/// sharing on the CPU (none: empty).
-fn fit_adapters(
+/// `share` without a budget: the whole-layer map (random, from a report, or
+/// searched) as metadata, and the plan it makes.
+fn map_metadata(
     loaded: &LoadedModel,
-    plan: &KvPlan,
     a: &ShareArgs,
     threads: usize,
-) -> Result<adapter::Adapters> {
-    let opts = adapter::AdapterOptions {
-        keys: matches!(a.adapters, AdaptersArg::Keys | AdaptersArg::Both),
-        values: matches!(a.adapters, AdaptersArg::Values | AdaptersArg::Both),
-        fit: match a.adapter_fit {
-            AdapterFitArg::Rows => adapter::ValueFit::Rows,
-            AdapterFitArg::Attention => adapter::ValueFit::Attention,
-        },
-        ..Default::default()
-    };
-    if !(opts.keys || opts.values) {
-        return Ok(adapter::Adapters::default());
+) -> Result<(Vec<(String, gguf::Value)>, KvPlan)> {
+    let n_layers = loaded.model.config.n_layers;
+    let whole_layers = |map: &ShareMap| KvPlan::uniform(map, GgmlType::F16, GgmlType::F16);
+    if a.search.random_map {
+        let target = a.search.target(n_layers)?;
+        let map = search::random_map(n_layers, target, a.search.seed)?;
+        eprintln!("random map (seed {}): {map}", a.search.seed);
+        return Ok((kvplan::to_metadata(&map), whole_layers(&map)));
     }
-    let corpus = a.search.corpus()?;
-    let start = std::time::Instant::now();
-    let texts = adapter::tokenize_texts(&loaded.tokenizer, &corpus, a.adapter_tokens)?;
-    let bar = ProgressBar::new(texts.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("adapters: fitting [{bar:30}] {pos}/{len} texts")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let (adapters, rows) = adapter::fit(&loaded.model, plan, &texts, threads, &opts, |done| {
-        bar.set_position(done as u64)
-    })?;
-    bar.finish_and_clear();
-    let (k, v) = adapters.counts();
-    eprintln!(
-        "adapters: {k} key (attn_q) and {v} value (attn_output, fitted to the {}) adapters fitted on {rows} tokens in {:.1} s",
-        match opts.fit {
-            adapter::ValueFit::Rows => "cached values",
-            adapter::ValueFit::Attention => "attention output",
-        },
-        start.elapsed().as_secs_f64()
-    );
-    Ok(adapters)
+    if let Some(report_path) = &a.search.map {
+        let map = report::read_report_map(report_path, n_layers).map_err(anyhow::Error::msg)?;
+        eprintln!("using the map from {}: {map}", report_path.display());
+        return Ok((kvplan::to_metadata(&map), whole_layers(&map)));
+    }
+    let r = run_search(loaded, &a.search, threads, a.model.backend)?;
+    print_result(&r, n_layers);
+    if let Some(dir) = &a.search.report {
+        report::write_report_dir(&r, dir)
+            .with_context(|| format!("cannot write the report into {}", dir.display()))?;
+    }
+    Ok((report::metadata(&r), whole_layers(&r.map)))
 }
 
+/// `share --kv-budget`: plans for the budget, prints the plan, and returns its
+/// version-2 metadata with the calibration it was measured on, and the adapters
+/// its shares read through.
 fn plan_metadata(
     loaded: &LoadedModel,
     spec: &str,
     a: &ShareArgs,
     threads: usize,
-) -> Result<(Vec<(String, gguf::Value)>, KvPlan)> {
+) -> Result<(Vec<(String, gguf::Value)>, adapter::Adapters)> {
     use gguf::Value;
-    let (m, planned, measured) =
+    let (m, planned, measured, adapters) =
         super::plan::plan_for(loaded, spec, a.model.ctx_size, &a.planner, threads)?;
-    eprint!("{}", super::plan::plan_table(&planned.plan));
+    eprint!(
+        "{}",
+        super::plan::plan_table(&planned.plan, &planned.adapted)
+    );
     eprintln!(
         "plan: {} | {:.1}% of the f16 KV cache | calibration KLD predicted {:.4}, measured {measured:.4}",
         planned.plan,
@@ -569,7 +510,7 @@ fn plan_metadata(
             Value::String("plan".into()),
         ),
     ]);
-    Ok((kv, planned.plan))
+    Ok((kv, adapters))
 }
 
 /// Refuses outputs that would overwrite the input or land in a missing directory,

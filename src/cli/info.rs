@@ -7,8 +7,9 @@ use anyhow::Result;
 use clap::Args;
 
 use kvsharer::gguf::{GgmlType, GgufFile};
-use kvsharer::kvplan::{self, KvPlan};
+use kvsharer::kvplan::{self, Half, KvPlan};
 use kvsharer::model::LlamaConfig;
+use kvsharer::search::adapter::AdapterPair;
 
 use super::human_bytes;
 
@@ -131,7 +132,27 @@ pub fn run(a: InfoArgs) -> Result<()> {
                         p.shared_halves(),
                         2 * p.n_layers()
                     );
-                    print!("{}", super::plan::plan_table(&p));
+                    let mut adapted = Vec::new();
+                    for half in Half::BOTH {
+                        for layer in 0..p.n_layers() {
+                            let source = p.source(half, layer);
+                            let fitted = weights.as_ref().and_then(|w| w.adapted_for(half)[layer]);
+                            if source != layer && fitted == Some(source) {
+                                adapted.push(AdapterPair {
+                                    half,
+                                    layer,
+                                    source,
+                                });
+                            }
+                        }
+                    }
+                    print!("{}", super::plan::plan_table(&p, &adapted));
+                    if !adapted.is_empty() {
+                        println!(
+                            "adapters:      {} shared halves read through a fitted adapter (+a; folded into attn_q / attn_output, originals kept)",
+                            adapted.len()
+                        );
+                    }
                     let get_f32 = |k: &str| file.get(k).and_then(|v| v.as_f32());
                     if let (Some(b), Some(kld)) = (
                         get_f32(kvplan::KEY_PLAN_BUDGET),

@@ -7,12 +7,13 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use kvsharer::kvplan::{Half, KvPlan};
 use kvsharer::loader::LoadedModel;
 use kvsharer::model::LlamaConfig;
+use kvsharer::search::adapter::{self, AdapterOptions, AdapterPair, Adapters, ValueFit};
 use kvsharer::search::planner::{self, MoveCosts, PlannedKv, PlannerOptions};
 use kvsharer::search::report::{self, PlanReport, PlanRow};
 use kvsharer::search::{self, Corpus, Evaluator, KlReference};
@@ -63,6 +64,34 @@ pub struct PlannerArgs {
     /// Measure the move costs again even when they are cached
     #[arg(long = "replan")]
     pub replan: bool,
+    /// Fitted adapters for shared halves, stored as extra tensors (originals
+    /// untouched): `values` folds a per-KV-head linear map into `attn_output`,
+    /// `keys` a RoPE-commuting scale into `attn_q`. With --kv-budget the planner
+    /// measures each layer's share from the layer below with and without its
+    /// adapter and keeps the adapter only where it measured better
+    #[arg(long = "adapters", value_enum, default_value = "none")]
+    pub adapters: AdaptersArg,
+    /// Tokens per calibration text the adapters are fitted on
+    #[arg(long = "adapter-tokens", default_value_t = 256, value_name = "N")]
+    pub adapter_tokens: usize,
+    /// What value adapters fit: the attention output (the unshared model's
+    /// attention weights over both layers' values) or the cached value rows
+    #[arg(long = "adapter-fit", value_enum, default_value = "attention")]
+    pub adapter_fit: AdapterFitArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AdapterFitArg {
+    Attention,
+    Rows,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AdaptersArg {
+    None,
+    Values,
+    Keys,
+    Both,
 }
 
 impl Default for PlannerArgs {
@@ -152,7 +181,32 @@ impl PlannerArgs {
         Ok(types)
     }
 
+    /// What `--adapters` asks for (none: `None`).
+    pub fn adapter_options(&self) -> Option<AdapterOptions> {
+        let opts = AdapterOptions {
+            keys: matches!(self.adapters, AdaptersArg::Keys | AdaptersArg::Both),
+            values: matches!(self.adapters, AdaptersArg::Values | AdaptersArg::Both),
+            fit: match self.adapter_fit {
+                AdapterFitArg::Rows => ValueFit::Rows,
+                AdapterFitArg::Attention => ValueFit::Attention,
+            },
+            ..AdapterOptions::default()
+        };
+        (opts.keys || opts.values).then_some(opts)
+    }
+
+    pub fn check_adapters(&self) -> Result<()> {
+        if self.adapter_tokens < search::MIN_TOKENS_PER_SAMPLE {
+            bail!(
+                "--adapter-tokens must be at least {}",
+                search::MIN_TOKENS_PER_SAMPLE
+            );
+        }
+        Ok(())
+    }
+
     fn check(&self) -> Result<()> {
+        self.check_adapters()?;
         if self.samples == 0 {
             bail!("--plan-samples must be at least 1");
         }
@@ -175,6 +229,9 @@ pub struct Measured {
     pub corpus: Corpus,
     pub samples: usize,
     pub tokens: usize,
+    /// The neighbour adapters, where this run fitted them (not when the costs
+    /// came from the cache).
+    pub adapters: Option<Adapters>,
 }
 
 /// The move costs for `loaded`: from the cache, or measured (with a progress bar)
@@ -184,8 +241,18 @@ pub fn move_costs(loaded: &LoadedModel, p: &PlannerArgs, threads: usize) -> Resu
     p.ladder()?;
     let corpus = p.corpus()?;
     let c = &loaded.model.config;
+    let adapters = match p.adapter_options() {
+        Some(o) => format!(
+            "-ad{}{}-{:?}-t{}",
+            if o.keys { "k" } else { "" },
+            if o.values { "v" } else { "" },
+            o.fit,
+            p.adapter_tokens
+        ),
+        None => String::new(),
+    };
     let key = format!(
-        "{}-s{}-k{}-src{}-{}",
+        "{}-s{}-k{}-src{}{adapters}-{}",
         model_fingerprint(loaded.model.file())?,
         p.samples,
         p.tokens,
@@ -194,11 +261,12 @@ pub fn move_costs(loaded: &LoadedModel, p: &PlannerArgs, threads: usize) -> Resu
     );
     let dir = kvsharer::fetch::cache_dir()?.join("plans");
     let cached = dir.join(format!("{key}.json"));
-    let measured = |costs| Measured {
+    let measured = |costs, adapters| Measured {
         costs,
         corpus: corpus.clone(),
         samples: p.samples,
         tokens: p.tokens,
+        adapters,
     };
     if !p.replan {
         if let Some(costs) = std::fs::read_to_string(&cached)
@@ -210,11 +278,32 @@ pub fn move_costs(loaded: &LoadedModel, p: &PlannerArgs, threads: usize) -> Resu
                 "kv-plan: using the move costs measured before ({})",
                 cached.display()
             );
-            return Ok(measured(costs));
+            return Ok(measured(costs, None));
         }
     }
     let set = search::prepare(&loaded.tokenizer, &corpus, p.samples, p.tokens)?;
     let mut eval = Evaluator::cpu(&loaded.model, &set, threads, true)?;
+    // With adapters: every layer's neighbour share fitted, in a temporary copy of
+    // the model the adapted moves are measured on.
+    let fitted = match p.adapter_options() {
+        Some(opts) => {
+            let pairs = adapter::neighbour_pairs(c.n_layers, &opts);
+            Some(fit_adapters(loaded, p, &pairs, threads)?)
+        }
+        None => None,
+    };
+    let adapted = match &fitted {
+        Some(f) => Some(adapter::adapted_model(
+            &loaded.model,
+            f,
+            &std::env::temp_dir(),
+        )?),
+        None => None,
+    };
+    let mut adapted_eval = match &adapted {
+        Some(a) => Some(Evaluator::cpu(&a.model, &set, threads, true)?),
+        None => None,
+    };
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
@@ -226,7 +315,7 @@ pub fn move_costs(loaded: &LoadedModel, p: &PlannerArgs, threads: usize) -> Resu
         sources: p.sources,
         threads,
     };
-    let costs = planner::measure(&mut eval, &opts, |pr| {
+    let costs = planner::measure(&mut eval, adapted_eval.as_mut(), &opts, |pr| {
         bar.set_length(pr.total as u64);
         bar.set_position(pr.done as u64);
     });
@@ -247,7 +336,7 @@ pub fn move_costs(loaded: &LoadedModel, p: &PlannerArgs, threads: usize) -> Resu
             dir.display()
         );
     }
-    Ok(measured(costs))
+    Ok(measured(costs, fitted))
 }
 
 /// The plan for `--kv-budget SPEC` on a command that runs the model.
@@ -270,28 +359,76 @@ pub fn on_the_fly_plan(
     Ok(p.plan)
 }
 
-/// The plan's KLD measured on the planner's calibration set (two runs).
+/// The plan's KLD measured on the planner's calibration set (two runs), the
+/// plan reading through `adapters` where given.
 pub fn measure_plan(
     loaded: &LoadedModel,
     m: &Measured,
     plan: &KvPlan,
+    adapters: &Adapters,
     threads: usize,
 ) -> Result<f64> {
     let set = search::prepare(&loaded.tokenizer, &m.corpus, m.samples, m.tokens)?;
     let mut eval = Evaluator::cpu(&loaded.model, &set, threads, true)?;
     let base = eval.run_map(&kvsharer::kvplan::ShareMap::identity(plan.n_layers()), true)?;
     let reference = KlReference::new(&base.logits, loaded.model.config.n_vocab);
-    let logits = eval.plan_logits(plan, &base, 0)?;
+    let logits = if adapters.is_empty() {
+        eval.plan_logits(plan, &base, 0)?
+    } else {
+        let adapted = adapter::adapted_model(&loaded.model, adapters, &std::env::temp_dir())?;
+        let mut eval = Evaluator::cpu(&adapted.model, &set, threads, true)?;
+        eval.plan_logits(plan, &base, 0)?
+    };
     Ok(reference.mean_kld(&logits, threads))
 }
 
-/// The plan as a table: one line per layer.
-pub fn plan_table(plan: &KvPlan) -> String {
+/// The adapters for `pairs`, fitted on the planner's calibration text (every
+/// line, cut to `--adapter-tokens`) with a progress bar; none: empty.
+pub fn fit_adapters(
+    loaded: &LoadedModel,
+    p: &PlannerArgs,
+    pairs: &[AdapterPair],
+    threads: usize,
+) -> Result<Adapters> {
+    let Some(opts) = p.adapter_options().filter(|_| !pairs.is_empty()) else {
+        return Ok(Adapters::default());
+    };
+    let start = std::time::Instant::now();
+    let texts = adapter::tokenize_texts(&loaded.tokenizer, &p.corpus()?, p.adapter_tokens)?;
+    let bar = ProgressBar::new(texts.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "adapters: fitting {msg} [{bar:30}] {pos}/{len} texts | {elapsed}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("{}", pairs.len()));
+    let fitted = adapter::fit(&loaded.model, pairs, &texts, threads, &opts, |done| {
+        bar.set_position(done as u64)
+    });
+    bar.finish_and_clear();
+    let (adapters, rows) = fitted?;
+    let (k, v) = adapters.counts();
+    eprintln!(
+        "adapters: {k} key (attn_q) and {v} value (attn_output, fitted to the {}) adapters fitted on {rows} tokens in {:.1} s",
+        match opts.fit {
+            ValueFit::Rows => "cached values",
+            ValueFit::Attention => "attention output",
+        },
+        start.elapsed().as_secs_f64()
+    );
+    Ok(adapters)
+}
+
+/// The plan as a table: one line per layer (`+a`: read through a fitted adapter).
+pub fn plan_table(plan: &KvPlan, adapted: &[AdapterPair]) -> String {
     let mut s = String::from("layer  K from  V from  K type  V type\n");
     for (l, (kf, vf, kt, vt)) in plan.rows().into_iter().enumerate() {
         let from = |f: usize, half: Half| {
             if f == l {
                 "own".to_string()
+            } else if adapted.iter().any(|p| p.half == half && p.layer == l) {
+                format!("{}{f}+a", half.letter())
             } else {
                 format!("{}{f}", half.letter())
             }
@@ -307,19 +444,24 @@ pub fn plan_table(plan: &KvPlan) -> String {
     s
 }
 
-/// Plans for a budget and measures the result on the calibration set.
+/// Plans for a budget, fits the adapters the plan's shares read through, and
+/// measures the result on the calibration set.
 pub fn plan_for(
     loaded: &LoadedModel,
     spec: &str,
     n_ctx: usize,
     p: &PlannerArgs,
     threads: usize,
-) -> Result<(Measured, PlannedKv, f64)> {
+) -> Result<(Measured, PlannedKv, f64, Adapters)> {
     let budget = parse_budget(spec, &loaded.model.config, n_ctx)?;
     let m = move_costs(loaded, p, threads)?;
     let planned = planner::plan_with(&m.costs, budget, &p.ladder()?)?;
-    let measured = measure_plan(loaded, &m, &planned.plan, threads)?;
-    Ok((m, planned, measured))
+    let adapters = match &m.adapters {
+        Some(all) => all.subset(&planned.adapted),
+        None => fit_adapters(loaded, p, &planned.adapted, threads)?,
+    };
+    let measured = measure_plan(loaded, &m, &planned.plan, &adapters, threads)?;
+    Ok((m, planned, measured, adapters))
 }
 
 pub fn run(a: PlanArgs) -> Result<()> {
@@ -329,11 +471,12 @@ pub fn run(a: PlanArgs) -> Result<()> {
     let threads = a.model.threads()?;
     let (_, loaded) = a.model.load()?;
     let c = &loaded.model.config;
-    let (m, planned, measured) = plan_for(&loaded, &spec, a.model.ctx_size, &a.planner, threads)?;
+    let (m, planned, measured, _) =
+        plan_for(&loaded, &spec, a.model.ctx_size, &a.planner, threads)?;
     let n_embd_kv = c.n_embd_kv();
     let per_token = planned.plan.bytes_per_token(n_embd_kv);
     let f16_per_token = planned.plan.f16_bytes_per_token(n_embd_kv);
-    eprint!("{}", plan_table(&planned.plan));
+    eprint!("{}", plan_table(&planned.plan, &planned.adapted));
     eprintln!(
         "plan: {} | KV {} bytes/token = {:.1}% of f16 (budget {:.1}%); {} at -c {} instead of {}",
         planned.plan,
@@ -358,6 +501,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         measured_kld: Some(measured),
         layers: PlanRow::of(&planned.plan),
         steps: &planned.steps,
+        adapted: &planned.adapted,
         walk: &walk,
         costs: &m.costs,
     };

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::gguf::GgmlType;
 use crate::kvplan::{Half, KvPlan};
+use crate::search::adapter::AdapterPair;
 use crate::search::calibration::{half_distances, CalibrateError};
 use crate::search::evaluator::Evaluator;
 use crate::search::strategy::KlReference;
@@ -58,6 +59,9 @@ pub struct ShareCost {
     pub layer: usize,
     pub source: usize,
     pub kld: f64,
+    /// Measured with the layer's fitted adapter for this source (`search::adapter`).
+    #[serde(default)]
+    pub adapted: bool,
 }
 
 /// Every single move's measured calibration KLD against the unshared f16 model.
@@ -109,8 +113,11 @@ pub struct MeasureProgress {
 }
 
 /// Measures every move on `eval`'s calibration set (see the module docs).
+/// `adapted`, when given, runs a copy of the model carrying fitted adapters: every
+/// share its adapters fit is measured there too, as an adapted move.
 pub fn measure(
     eval: &mut Evaluator<'_>,
+    mut adapted: Option<&mut Evaluator<'_>>,
     opts: &PlannerOptions,
     mut progress: impl FnMut(MeasureProgress),
 ) -> Result<MoveCosts, CalibrateError> {
@@ -153,12 +160,42 @@ pub fn measure(
             }
         }
     }
-    let total = moves.len();
-    let mut klds = Vec::with_capacity(total);
+    let mut adapted_moves = Vec::new();
+    if let Some(a) = &adapted {
+        let weights = &a.model().weights;
+        for half in Half::BOTH {
+            for (l, fitted) in weights.adapted_for(half).iter().enumerate() {
+                if let Some(j) = *fitted {
+                    adapted_moves.push((half, l, j, unshared.with_shared(half, l, j)?));
+                }
+            }
+        }
+    }
+    let total = moves.len() + adapted_moves.len();
+    let mut klds = Vec::with_capacity(moves.len());
     for (done, (plan, changed)) in moves.iter().enumerate() {
         progress(MeasureProgress { done, total });
         let logits = eval.plan_logits(plan, &base, *changed)?;
         klds.push(reference.mean_kld(&logits, opts.threads));
+    }
+    let mut adapted_costs = Vec::new();
+    if let Some(a) = adapted.as_mut() {
+        // The adapted copy agrees with the model below each move's layer, so the
+        // unadapted run's prefix serves it.
+        for (i, (half, layer, source, plan)) in adapted_moves.into_iter().enumerate() {
+            progress(MeasureProgress {
+                done: moves.len() + i,
+                total,
+            });
+            let logits = a.plan_logits(&plan, &base, layer)?;
+            adapted_costs.push(ShareCost {
+                half,
+                layer,
+                source,
+                kld: reference.mean_kld(&logits, opts.threads),
+                adapted: true,
+            });
+        }
     }
     progress(MeasureProgress { done: total, total });
     let n = n_layers;
@@ -175,7 +212,9 @@ pub fn measure(
                 layer,
                 source,
                 kld,
+                adapted: false,
             })
+            .chain(adapted_costs)
             .collect(),
         runs: total + 1,
         seconds: t0.elapsed().as_secs_f64(),
@@ -205,6 +244,8 @@ pub struct PlannedKv {
     pub predicted_kld: f64,
     /// Moves taken, in order, in words.
     pub steps: Vec<String>,
+    /// The shares that read through a fitted adapter.
+    pub adapted: Vec<AdapterPair>,
 }
 
 /// One point of the greedy walk: bytes fraction after a move and the predicted
@@ -221,20 +262,22 @@ struct Walk<'c> {
     ladder: &'c [GgmlType],
     plan: KvPlan,
     readers: [Vec<usize>; 2],
+    /// Which shared slots read through their fitted adapter.
+    adapted: [Vec<bool>; 2],
 }
 
 /// A move and what it does.
-struct Move {
+struct Move<'c> {
     half: Half,
     layer: usize,
-    kind: MoveKind,
+    kind: MoveKind<'c>,
     bytes_saved: usize,
     cost: f64,
 }
 
-enum MoveKind {
+enum MoveKind<'c> {
     Lower(GgmlType),
-    Share(usize, f64),
+    Share(&'c ShareCost),
 }
 
 impl<'c> Walk<'c> {
@@ -244,6 +287,7 @@ impl<'c> Walk<'c> {
             ladder,
             plan: KvPlan::unshared(costs.n_layers, GgmlType::F16, GgmlType::F16),
             readers: [vec![0; costs.n_layers], vec![0; costs.n_layers]],
+            adapted: [vec![false; costs.n_layers], vec![false; costs.n_layers]],
         }
     }
 
@@ -269,11 +313,17 @@ impl<'c> Walk<'c> {
                     total += (1.0 + r) * self.costs.type_cost(half, l, self.plan.types(half)[l]);
                 } else {
                     let src = self.plan.source(half, l);
+                    let adapted = self.adapted[half_index(half)][l];
                     total += self
                         .costs
                         .shares
                         .iter()
-                        .find(|s| s.half == half && s.layer == l && s.source == src)
+                        .find(|s| {
+                            s.half == half
+                                && s.layer == l
+                                && s.source == src
+                                && s.adapted == adapted
+                        })
                         .map_or(0.0, |s| s.kld.max(0.0));
                 }
             }
@@ -281,7 +331,7 @@ impl<'c> Walk<'c> {
         total
     }
 
-    fn moves(&self) -> Vec<Move> {
+    fn moves(&self) -> Vec<Move<'c>> {
         let mut out = Vec::new();
         for half in Half::BOTH {
             let hi = half_index(half);
@@ -305,7 +355,7 @@ impl<'c> Walk<'c> {
                 }
             }
         }
-        for s in &self.costs.shares {
+        for s in self.costs.shares.iter() {
             let (hi, half) = (half_index(s.half), s.half);
             if !self.plan.owns(half, s.layer)
                 || self.readers[hi][s.layer] > 0
@@ -318,7 +368,7 @@ impl<'c> Walk<'c> {
             out.push(Move {
                 half,
                 layer: s.layer,
-                kind: MoveKind::Share(s.source, s.kld),
+                kind: MoveKind::Share(s),
                 bytes_saved: self.row(own),
                 cost: s.kld.max(0.0) + self.costs.type_cost(half, s.source, src)
                     - self.costs.type_cost(half, s.layer, own),
@@ -386,15 +436,19 @@ impl<'c> Walk<'c> {
                 self.plan = self.plan.with_type(best.half, best.layer, ty);
                 format!("{letter}{} -> {ty}", best.layer)
             }
-            MoveKind::Share(src, kld) => {
+            MoveKind::Share(share) => {
+                let src = share.source;
                 self.plan = self
                     .plan
                     .with_shared(best.half, best.layer, src)
                     .expect("the move list offers only resolved shares");
                 self.readers[half_index(best.half)][src] += 1;
+                self.adapted[half_index(best.half)][best.layer] = share.adapted;
                 format!(
-                    "{letter}{} <- {letter}{src} (alone: KLD {kld:.4})",
-                    best.layer
+                    "{letter}{} <- {letter}{src}{} (alone: KLD {:.4})",
+                    best.layer,
+                    if share.adapted { " adapted" } else { "" },
+                    share.kld
                 )
             }
         };
@@ -432,7 +486,18 @@ pub fn plan_with(
         }
     }
     steps.extend(walk.refund(target));
+    let mut adapted = Vec::new();
+    for half in Half::BOTH {
+        for layer in (0..costs.n_layers).filter(|&l| walk.adapted[half_index(half)][l]) {
+            adapted.push(AdapterPair {
+                half,
+                layer,
+                source: walk.plan.source(half, layer),
+            });
+        }
+    }
     Ok(PlannedKv {
+        adapted,
         predicted_kld: walk.predicted(),
         fraction: walk.fraction(),
         plan: walk.plan,
@@ -505,12 +570,14 @@ mod tests {
                     layer: 3,
                     source: 2,
                     kld: 0.001,
+                    adapted: false,
                 },
                 ShareCost {
                     half: Half::Keys,
                     layer: 1,
                     source: 0,
                     kld: 0.9,
+                    adapted: false,
                 },
             ],
             runs: 0,

@@ -239,6 +239,8 @@ pub struct PlanReport<'a> {
     /// Per layer: `[k_from, v_from]`, `[k_type, v_type]` of the slots read.
     pub layers: Vec<PlanRow>,
     pub steps: &'a [String],
+    /// The shares that read through a fitted adapter.
+    pub adapted: &'a [crate::search::adapter::AdapterPair],
     pub walk: &'a [crate::search::planner::WalkPoint],
     pub costs: &'a crate::search::planner::MoveCosts,
 }
