@@ -17,6 +17,7 @@
 
 mod support;
 
+mod adapters;
 mod architectures;
 
 mod calibrate;
