@@ -182,7 +182,11 @@ fn malformed_adapter_metadata_is_refused() {
         Model::load(&out)
     };
     let u32s = |v: Vec<u32>| Value::Array(Array::U32(v));
-    let good = write(vec![(key.clone(), u32s(vec![0, 1, 1]))], &[tensor.clone()]).unwrap();
+    let good = write(
+        vec![(key.clone(), u32s(vec![0, 1, 1]))],
+        std::slice::from_ref(&tensor),
+    )
+    .unwrap();
     assert_eq!(
         good.weights.adapted_for(Half::Values),
         &[None, None, Some(1)]
