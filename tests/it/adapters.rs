@@ -214,7 +214,7 @@ fn malformed_adapter_metadata_is_refused() {
         ),
     ];
     for (what, kv, needle) in cases {
-        let err = match write(kv, &[tensor.clone()]) {
+        let err = match write(kv, std::slice::from_ref(&tensor)) {
             Ok(_) => panic!("{what}: loaded"),
             Err(e) => e.to_string(),
         };
