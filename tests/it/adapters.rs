@@ -331,3 +331,77 @@ fn cli_plans_with_adapters_and_stores_only_those_the_plan_uses() {
         );
     }
 }
+
+/// The wgpu forward reads the adapted tensors under the same rule: on a tiny f32
+/// model, the GPU (prefill, then single-token decode) against the f32 reference
+/// with the folded weights, within wgpu_cache's tolerance for f32 weights (2e-3),
+/// and far apart from the reference without them.
+#[test]
+fn wgpu_adapted_shares_match_the_reference_forward() {
+    use kvsharer::backend::wgpu::{AdapterPolicy, GpuSession};
+    let test = "adapters::wgpu_adapted_shares_match_the_reference_forward";
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, path) = crate::context_shift::tiny(&dir);
+    let weights = support::random_weights(&spec);
+    let loaded = loader::load(&path).unwrap();
+    let n = spec.n_layers;
+    let toks: Vec<u32> = (0..40u32)
+        .map(|i| (i * 7 + 3) % spec.n_vocab as u32)
+        .collect();
+    let pairs = [
+        AdapterPair {
+            half: Half::Values,
+            layer: 2,
+            source: 1,
+        },
+        AdapterPair {
+            half: Half::Keys,
+            layer: 3,
+            source: 1,
+        },
+    ];
+    let (adapters, _) = adapter::fit(
+        &loaded.model,
+        &pairs,
+        std::slice::from_ref(&toks),
+        2,
+        &AdapterOptions::default(),
+        |_| {},
+    )
+    .unwrap();
+    let adapted = adapter::adapted_model(&loaded.model, &adapters, dir.path()).unwrap();
+    let f32 = GgmlType::F32;
+    let plan = KvPlan::unshared(n, f32, f32)
+        .with_shared(Half::Values, 2, 1)
+        .unwrap()
+        .with_shared(Half::Keys, 3, 1)
+        .unwrap();
+    let opts = RunOptions {
+        n_ctx: 64,
+        ..Default::default()
+    };
+    let Some(mut gpu) = support::wgpu::or_skip_without_adapter(
+        test,
+        GpuSession::open_plan(&adapted.model, &plan, &opts, AdapterPolicy::Any),
+    ) else {
+        return;
+    };
+    let ours = support::eval_then_decode(&mut gpu, &toks, 24);
+    let mut folded_weights = weights.clone();
+    folded_weights.layers[2].wo.data = folded(&adapters, Half::Values, 2);
+    folded_weights.layers[3].wq.data = folded(&adapters, Half::Keys, 3);
+    let want = support::reference_forward_plan(&folded_weights, &spec, &plan, &toks)
+        .logits
+        .concat();
+    let plain = support::reference_forward_plan(&weights, &spec, &plan, &toks)
+        .logits
+        .concat();
+    let (max, _, mismatches) = support::compare_logits(&ours, &want, spec.n_vocab);
+    let (effect, _, _) = support::compare_logits(&plain, &want, spec.n_vocab);
+    support::say(&format!(
+        "{test}: max |gpu - folded reference| {max:.6}, top-1 mismatches {mismatches}; the adapters move the logits by {effect:.4}"
+    ));
+    assert_eq!(mismatches, 0);
+    assert!(max < 2e-3, "{max}");
+    assert!(max * 20.0 < effect, "{max} vs {effect}");
+}
