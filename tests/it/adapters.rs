@@ -8,6 +8,7 @@
 //! under a quarter of what the adapters themselves change), and must run exactly
 //! the original weights under any other plan.
 
+use crate::kv_plan::{kvsharer, run_four_tokens, stderr};
 use crate::support;
 
 use kvsharer::backend::ggml::{DeviceKind, Session};
@@ -33,6 +34,22 @@ fn opts() -> RunOptions {
 fn logits(model: &Model, plan: &KvPlan, toks: &[u32]) -> Vec<f32> {
     let mut s = Session::with_plan(DeviceKind::Cpu, model, plan, &opts()).unwrap();
     s.eval(toks, Logits::All).unwrap()
+}
+
+/// Values of `v.0` read from `v.1`, keys of `k.0` from `k.1`.
+fn two_pairs(v: (usize, usize), k: (usize, usize)) -> [AdapterPair; 2] {
+    [
+        AdapterPair {
+            half: Half::Values,
+            layer: v.0,
+            source: v.1,
+        },
+        AdapterPair {
+            half: Half::Keys,
+            layer: k.0,
+            source: k.1,
+        },
+    ]
 }
 
 fn folded(adapters: &Adapters, half: Half, layer: usize) -> Vec<f32> {
@@ -61,18 +78,7 @@ fn adapted_shares_match_the_reference_forward_with_folded_weights() {
                 .collect()
         })
         .collect();
-    let pairs = [
-        AdapterPair {
-            half: Half::Values,
-            layer: 2,
-            source: 1,
-        },
-        AdapterPair {
-            half: Half::Keys,
-            layer: 3,
-            source: 2,
-        },
-    ];
+    let pairs = two_pairs((2, 1), (3, 2));
     for fit in [adapter::ValueFit::Attention, adapter::ValueFit::Rows] {
         let o = AdapterOptions {
             fit,
@@ -233,14 +239,6 @@ fn malformed_adapter_metadata_is_refused() {
     assert!(err.contains("attn_output.kvsharer"), "{err}");
 }
 
-fn kvsharer(args: &[&str], cache: &std::path::Path) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_kvsharer"))
-        .args(args)
-        .env("KVSHARER_CACHE_DIR", cache)
-        .output()
-        .expect("run kvsharer")
-}
-
 #[test]
 fn cli_plans_with_adapters_and_stores_only_those_the_plan_uses() {
     let spec = TinySpec::four_layers_head_dim_64();
@@ -268,7 +266,7 @@ fn cli_plans_with_adapters_and_stores_only_those_the_plan_uses() {
     let mut args = vec!["plan", "-m", m, "--json"];
     args.extend(small);
     let o = kvsharer(&args, &cache);
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("3 value (attn_output"), "{err}");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -287,7 +285,7 @@ fn cli_plans_with_adapters_and_stores_only_those_the_plan_uses() {
     let mut share = vec!["share", "-m", m, "-o", out.to_str().unwrap()];
     share.extend(small);
     let o = kvsharer(&share, &cache);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", stderr(&o));
     let loaded = loader::load(&out).unwrap();
     let stored: usize = loaded
         .model
@@ -308,27 +306,11 @@ fn cli_plans_with_adapters_and_stores_only_those_the_plan_uses() {
         &["--no-kv-share"],
         &["--kv-share", "--backend", "wgpu"],
     ] {
-        let mut a = vec![
-            "run",
-            "-m",
-            out.to_str().unwrap(),
-            "-p",
-            "hello",
-            "-n",
-            "4",
-            "--temp",
-            "0",
-        ];
-        a.extend(extra);
-        let o = kvsharer(&a, &cache);
+        let o = run_four_tokens(&out, extra, &cache);
         if extra.contains(&"wgpu") && support::kvsharer_found_no_wgpu_adapter(&o) {
             continue;
         }
-        assert!(
-            o.status.success(),
-            "{extra:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
     }
 }
 
@@ -348,18 +330,7 @@ fn wgpu_adapted_shares_match_the_reference_forward() {
     let toks: Vec<u32> = (0..40u32)
         .map(|i| (i * 7 + 3) % spec.n_vocab as u32)
         .collect();
-    let pairs = [
-        AdapterPair {
-            half: Half::Values,
-            layer: 2,
-            source: 1,
-        },
-        AdapterPair {
-            half: Half::Keys,
-            layer: 3,
-            source: 1,
-        },
-    ];
+    let pairs = two_pairs((2, 1), (3, 1));
     let (adapters, _) = adapter::fit(
         &loaded.model,
         &pairs,

@@ -318,7 +318,8 @@ fn stored_plans_round_trip_and_malformed_ones_are_refused() {
     }
 }
 
-fn kvsharer(args: &[&str], cache: &std::path::Path) -> std::process::Output {
+/// Runs the CLI with its cache (planner costs) in `cache`.
+pub fn kvsharer(args: &[&str], cache: &std::path::Path) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_kvsharer"))
         .args(args)
         .env("KVSHARER_CACHE_DIR", cache)
@@ -326,7 +327,19 @@ fn kvsharer(args: &[&str], cache: &std::path::Path) -> std::process::Output {
         .expect("run kvsharer")
 }
 
-fn stderr(o: &std::process::Output) -> String {
+/// `kvsharer run` of 4 greedy tokens after "hello" on `model`, with `extra` flags.
+pub fn run_four_tokens(
+    model: &std::path::Path,
+    extra: &[&str],
+    cache: &std::path::Path,
+) -> std::process::Output {
+    let mut a = vec!["run", "-m", model.to_str().unwrap()];
+    a.extend(["-p", "hello", "-n", "4", "--temp", "0"]);
+    a.extend(extra);
+    kvsharer(&a, cache)
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
@@ -383,21 +396,7 @@ fn cli_plans_stores_and_runs_a_budget() {
         "{info}"
     );
 
-    let run = |extra: &[&str]| {
-        let mut a = vec![
-            "run",
-            "-m",
-            out.to_str().unwrap(),
-            "-p",
-            "hello",
-            "-n",
-            "4",
-            "--temp",
-            "0",
-        ];
-        a.extend(extra);
-        kvsharer(&a, &cache)
-    };
+    let run = |extra: &[&str]| run_four_tokens(&out, extra, &cache);
     let o = run(&["--kv-share"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("KV plan"), "{}", stderr(&o));
