@@ -26,11 +26,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-adapters}"
 FRONTIER="${2:-frontier}"
 mkdir -p "$OUT"
-if [ -n "${KVSHARER_BIN:-}" ]; then K="$KVSHARER_BIN"; else cargo build --release --quiet; K=target/release/kvsharer; fi
-T="${THREADS:-2}"
-CHUNKS="${CHUNKS:-6}"
-MODEL="$($K info 2>/dev/null | sed -n 's/^file: *\(.*\) (.*/\1/p')"
-echo "model: $MODEL" >&2
+source scripts/measure-env.sh
 
 MAP="$FRONTIER/map-8.json"
 if [ ! -f "$MAP" ]; then

@@ -14,7 +14,8 @@
 # found on.
 #
 # Usage: bash scripts/frontier.sh [OUT_DIR]   (default: frontier/)
-#   CHUNKS (default 6) chunks of 512 tokens per text; THREADS (default 2).
+#   CHUNKS (default 6) chunks of 512 tokens per text; THREADS (default 2);
+#   KVSHARER_BIN, a binary to use instead of building one (scripts/measure-env.sh).
 # Takes ~75 min on a 2-core machine (the greedy N = 12 search is ~15 of them; it,
 # the shared models and the planner's move costs are reused when present).
 # Results: OUT_DIR/<text>-<config>.json, OUT_DIR/frontier.md (the table README
@@ -24,13 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-frontier}"
 mkdir -p "$OUT"
-# KVSHARER_BIN: a binary to use instead of building one (so the run does not
-# pick up a rebuild half way).
-if [ -n "${KVSHARER_BIN:-}" ]; then K="$KVSHARER_BIN"; else cargo build --release --quiet; K=target/release/kvsharer; fi
-T="${THREADS:-2}"
-CHUNKS="${CHUNKS:-6}"
-MODEL="$($K info 2>/dev/null | sed -n 's/^file: *\(.*\) (.*/\1/p')"
-echo "model: $MODEL" >&2
+source scripts/measure-env.sh
 TEXTS="prose:data/heldout.txt dialogue:data/heldout-dialogue.txt"
 
 # Greedy whole-layer maps: one search to 12 shared layers; greedy accepts one pair
