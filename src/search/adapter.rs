@@ -1,10 +1,13 @@
 //! Fitted adapters for shared cache halves (KVSHARER.md, "Fitted value adapters").
 //!
 //! Where layer `i` reads layer `j`'s values, attention gives query head `h` of KV
-//! group `g` the average `A_h V_j,g` instead of `A_h V_i,g`. A per-group linear map
-//! `B_g` with `V_i,g ~ V_j,g B_g` (ridge least squares over calibration captures of
-//! the unshared model) turns that into `A_h V_j,g B_g`, and `B_g` folds into the
-//! columns of layer `i`'s `attn_output` that head `h` feeds: no run-time cost.
+//! group `g` the average `A_h V_j,g` instead of `A_h V_i,g`. A linear map `B` turns
+//! that into `A_h V_j,g B`, and `B` folds into the columns of layer `i`'s
+//! `attn_output` that head `h` feeds: no run-time cost. `B` is fitted in closed form
+//! (ridge least squares over calibration captures of the unshared model), either to
+//! the attention output, one map per query head (`A_h V_i,g ~ A_h V_j,g B_h`, with
+//! the unshared model's `A_h`), or to the cached rows, one per group
+//! (`V_i,g ~ V_j,g B_g`).
 //!
 //! Keys pass through RoPE, so only maps that commute with every rotation fold: a
 //! complex scale `c` per (group, frequency pair), `k_i ~ c k_j`. Then
@@ -67,8 +70,8 @@ pub fn tokenize_texts(
 pub enum ValueFit {
     /// The cache rows: `V_i ~ V_j B`.
     Rows,
-    /// What attention makes of them: for every query head `h` of the group,
-    /// `A_h V_i ~ (A_h V_j) B`, with the unshared model's attention weights `A_h`.
+    /// What attention makes of them: for every query head `h`, its own map with
+    /// `A_h V_i ~ (A_h V_j) B_h`, under the unshared model's attention weights `A_h`.
     Attention,
 }
 
@@ -864,25 +867,33 @@ mod tests {
                 assert!((x - y).abs() < 1e-4, "{x} vs {y}");
             }
         }
-        // attn_output applied to (o B) equals the folded one applied to o.
+        // attn_output applied to (o B) equals the folded one applied to o, with a
+        // map per group (the rows fit) and a map per query head (the attention fit).
+        let per_head: Vec<Vec<f64>> = (0..4)
+            .map(|hh| noise(16, 20 + hh).iter().map(|&x| x as f64).collect())
+            .collect();
         let w = noise(3 * 16, 7);
         let o = noise(16, 8);
-        let folded = fold_output(&w, &h, &fit);
-        for r in 0..3 {
-            let mut mapped = [0f64; 16];
-            for hh in 0..4 {
-                let g = hh / 2;
-                for b in 0..4 {
-                    mapped[hh * 4 + b] = (0..4)
-                        .map(|a| o[hh * 4 + a] as f64 * fit[g][a * 4 + b])
-                        .sum();
+        for (maps, map_of) in [
+            (&fit, (|hh| hh / 2) as fn(usize) -> usize),
+            (&per_head, |hh| hh),
+        ] {
+            let folded = fold_output(&w, &h, maps);
+            for r in 0..3 {
+                let mut mapped = [0f64; 16];
+                for hh in 0..4 {
+                    for b in 0..4 {
+                        mapped[hh * 4 + b] = (0..4)
+                            .map(|a| o[hh * 4 + a] as f64 * maps[map_of(hh)][a * 4 + b])
+                            .sum();
+                    }
                 }
+                let plain: f64 = (0..16).map(|c| w[r * 16 + c] as f64 * mapped[c]).sum();
+                let fold: f64 = (0..16)
+                    .map(|c| folded[r * 16 + c] as f64 * o[c] as f64)
+                    .sum();
+                assert!((plain - fold).abs() < 1e-4, "{plain} vs {fold}");
             }
-            let plain: f64 = (0..16).map(|c| w[r * 16 + c] as f64 * mapped[c]).sum();
-            let fold: f64 = (0..16)
-                .map(|c| folded[r * 16 + c] as f64 * o[c] as f64)
-                .sum();
-            assert!((plain - fold).abs() < 1e-4, "{plain} vs {fold}");
         }
     }
 
