@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The KV memory frontier (issue 14) on the default model: KV bytes against quality on
 # held-out text, for every uniform configuration a llama.cpp user has (f16, q8_0,
-# q4_0, K q8_0 + V q4_0; each unshared and with the greedy whole-layer maps N = 4, 8,
-# 12) and for the planner (`--kv-budget`) at 60%, 50%, 37.5%, 28.125% (q4_0's
+# q4_0, K q8_0 + V q4_0, iq4_nl: each unshared and with the greedy whole-layer maps
+# N = 4, 8, 12; q5_1, q5_0, q4_1 unshared) and for the planner (`--kv-budget`) at 60%, 50%, 37.5%, 28.125% (q4_0's
 # bytes), 20%, 15% and 10% of the unshared f16 cache; the planner again with fitted
 # value adapters (`--adapters values`, stored by `share`) at 75% sharing only and
 # at 37.5% down to 10%.
@@ -70,7 +70,8 @@ for entry in $TEXTS; do
     echo "$tname ($text)" >&2
     for N in 0 4 8 12; do
         if [ "$N" = 0 ]; then model="$MODEL"; share=(); else model="$OUT/model-greedy-$N.gguf"; share=(--kv-share); fi
-        for types in q8_0:q8_0 q4_0:q4_0 q8_0:q4_0 f16:f16; do
+        more=""; [ "$N" = 0 ] && more="q5_1:q5_1 q5_0:q5_0 q4_1:q4_1"
+        for types in q8_0:q8_0 q4_0:q4_0 q8_0:q4_0 iq4_nl:iq4_nl f16:f16 $more; do
             k="${types%%:*}"; v="${types#*:}"
             [ "$N" = 0 ] && [ "$k" = f16 ] && continue  # the reference itself
             ppl "$tname-n$N-$k-$v" "$text" "$model" "${share[@]}" --cache-type-k "$k" --cache-type-v "$v"

@@ -57,6 +57,10 @@ pub enum OracleError {
 pub enum CacheType {
     F16,
     Q8_0,
+    Q5_1,
+    Q5_0,
+    Q4_1,
+    Iq4Nl,
     Q4_0,
 }
 
@@ -65,6 +69,10 @@ impl CacheType {
         match self {
             CacheType::F16 => sys::GGML_TYPE_F16,
             CacheType::Q8_0 => sys::GGML_TYPE_Q8_0,
+            CacheType::Q5_1 => sys::GGML_TYPE_Q5_1,
+            CacheType::Q5_0 => sys::GGML_TYPE_Q5_0,
+            CacheType::Q4_1 => sys::GGML_TYPE_Q4_1,
+            CacheType::Iq4Nl => sys::GGML_TYPE_IQ4_NL,
             CacheType::Q4_0 => sys::GGML_TYPE_Q4_0,
         }
     }

@@ -71,6 +71,10 @@ fn cache_type(name: &str) -> Result<CacheType> {
     Ok(match name.to_ascii_lowercase().as_str() {
         "f16" => CacheType::F16,
         "q8_0" => CacheType::Q8_0,
+        "q5_1" => CacheType::Q5_1,
+        "q5_0" => CacheType::Q5_0,
+        "q4_1" => CacheType::Q4_1,
+        "iq4_nl" => CacheType::Iq4Nl,
         "q4_0" => CacheType::Q4_0,
         other => bail!("llama.cpp side: cache type {other} not supported in bench"),
     })

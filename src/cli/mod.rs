@@ -92,10 +92,11 @@ pub struct ModelArgs {
     /// Prompt tokens per forward pass during prefill
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     pub batch_size: usize,
-    /// KV cache type for keys: f16, q8_0, q4_0 (or f32) [default: f16, or the plan's]
+    /// KV cache type for keys: f16, q8_0, q5_1, q5_0, q4_1, iq4_nl, q4_0 (or f32)
+    /// [default: f16, or the plan's]
     #[arg(long = "cache-type-k", value_name = "TYPE")]
     pub cache_type_k: Option<String>,
-    /// KV cache type for values: f16, q8_0, q4_0 (or f32) [default: f16, or the plan's]
+    /// KV cache type for values: as --cache-type-k [default: f16, or the plan's]
     #[arg(long = "cache-type-v", value_name = "TYPE")]
     pub cache_type_v: Option<String>,
     /// Share KV caches between layers. Without a value: use the map stored in the GGUF.
@@ -174,7 +175,10 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
     Some(match runtime {
         RuntimeError::ContextFull { .. } => "raise -c/--ctx-size, or shorten the input".into(),
         RuntimeError::Unsupported { capability, .. } => match capability {
-            Capability::CacheType(_) => "use --backend cpu, or drop --cache-type-k/-v".into(),
+            Capability::CacheType(_) => "use --backend cpu, or drop --cache-type-k/-v; a stored \
+                plan with that type: store one for this backend with `kvsharer share --kv-budget \
+                B --plan-types f16,q8_0,q4_0`"
+                .into(),
             Capability::Window => "use --backend cpu, or drop --kv-window".into(),
             Capability::MixedPlan => {
                 "use --backend cpu, or run with --no-kv-share (or a whole-layer --kv-share)".into()
@@ -185,7 +189,7 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
             format!("rebuild with `cargo build --release --features {feature}`")
         }
         RuntimeError::UnknownCacheType(_) => {
-            "--cache-type-k/-v take f16, q8_0, q4_0 (or f32)".into()
+            "--cache-type-k/-v take f16, q8_0, q5_1, q5_0, q4_1, iq4_nl, q4_0 (or f32)".into()
         }
         _ => return None,
     })
@@ -287,7 +291,9 @@ impl ModelArgs {
             return Ok(uniform(&ShareMap::identity(n_layers)));
         }
         let planned = match (self.kv_share.as_deref(), self.kv_budget.as_deref()) {
-            (_, Some(spec)) => plan::on_the_fly_plan(loaded, spec, self.ctx_size, self.threads()?)?,
+            (_, Some(spec)) => {
+                plan::on_the_fly_plan(loaded, spec, self.ctx_size, self.threads()?, self.backend)?
+            }
             (None, None) => return Ok(uniform(&ShareMap::identity(n_layers))),
             (Some("stored"), None) => match (&loaded.model.stored_plan, &loaded.model.stored_map) {
                 (Some(p), _) => p.clone(),

@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kvsharer::kvplan::{Half, KvPlan};
 use kvsharer::loader::LoadedModel;
 use kvsharer::model::LlamaConfig;
+use kvsharer::runtime::BackendChoice;
 use kvsharer::search::adapter::{self, AdapterOptions, AdapterPair, Adapters, ValueFit};
 use kvsharer::search::planner::{self, MoveCosts, PlannedKv, PlannerOptions};
 use kvsharer::search::report::{self, PlanReport, PlanRow};
@@ -53,11 +54,12 @@ pub struct PlannerArgs {
         value_name = "N"
     )]
     pub sources: usize,
-    /// Precisions slots may take, comma-separated (f16,q8_0,q4_0); `f16` alone
-    /// plans by sharing only
+    /// Precisions slots may take, comma-separated, from f16, q8_0, q5_1, q5_0,
+    /// q4_1, iq4_nl, q4_0 (llama.cpp's cache types); `f16` alone plans by sharing
+    /// only
     #[arg(
         long = "plan-types",
-        default_value = "f16,q8_0,q4_0",
+        default_value = "f16,q8_0,q5_1,q5_0,q4_1,iq4_nl",
         value_name = "LIST"
     )]
     pub types: String,
@@ -171,7 +173,9 @@ impl PlannerArgs {
             let ty = kvsharer::gguf::GgmlType::from_name(name)
                 .filter(|t| planner::LADDER.contains(t))
                 .ok_or_else(|| {
-                    anyhow::anyhow!("--plan-types: '{name}' is not one of f16, q8_0, q4_0")
+                    anyhow::anyhow!(
+                        "--plan-types: '{name}' is not one of f16, q8_0, q5_1, q5_0, q4_1, iq4_nl, q4_0"
+                    )
                 })?;
             if !types.contains(&ty) {
                 types.push(ty);
@@ -345,10 +349,12 @@ pub fn on_the_fly_plan(
     spec: &str,
     n_ctx: usize,
     threads: usize,
+    backend: BackendChoice,
 ) -> Result<KvPlan> {
     let budget = parse_budget(spec, &loaded.model.config, n_ctx)?;
     let m = move_costs(loaded, &PlannerArgs::default(), threads)?;
-    let p = planner::plan(&m.costs, budget)?;
+    let ladder = planner::ladder_for(backend.cache_types());
+    let p = planner::plan_with(&m.costs, budget, &ladder)?;
     eprintln!(
         "kv-plan: {:.1}% of the f16 KV cache (budget {:.1}%), predicted calibration KLD {:.4}: {}",
         p.fraction * 100.0,

@@ -8,8 +8,18 @@ use std::fmt;
 use super::map::{ShareMap, ShareMapError};
 use crate::gguf::GgmlType;
 
-/// Types a plan's slot may hold: what ggml's CPU flash attention reads.
-pub const PLAN_TYPES: &[GgmlType] = &[GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::F32];
+/// Types a plan's slot may hold: the cache types llama.cpp offers (`-ctk/-ctv`)
+/// that ggml's CPU flash attention reads, highest precision first within a size.
+pub const PLAN_TYPES: &[GgmlType] = &[
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::Q8_0,
+    GgmlType::Q5_1,
+    GgmlType::Q5_0,
+    GgmlType::Q4_1,
+    GgmlType::IQ4_NL,
+    GgmlType::Q4_0,
+];
 
 /// One half of a layer's cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -54,7 +54,9 @@ pub enum RuntimeError {
         backend: &'static str,
         capability: Capability,
     },
-    #[error("KV cache type {0} is not supported (use f16, q8_0 or q4_0)")]
+    #[error(
+        "KV cache type {0} is not supported (use f16, q8_0, q5_1, q5_0, q4_1, iq4_nl or q4_0)"
+    )]
     UnknownCacheType(String),
     #[error("the {backend} backend is not in this build (cargo feature `{feature}`)")]
     NotBuilt {

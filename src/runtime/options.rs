@@ -59,20 +59,16 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(4, |n| n.get().min(8))
 }
 
-/// Element types a cache slot may use, as llama.cpp's `--cache-type-k/-v` spell them.
-pub const CACHE_TYPES: &[(&str, GgmlType)] = &[
-    ("f16", GgmlType::F16),
-    ("f32", GgmlType::F32),
-    ("q8_0", GgmlType::Q8_0),
-    ("q4_0", GgmlType::Q4_0),
-];
+/// Element types a cache slot may use (llama.cpp's `--cache-type-k/-v` spells
+/// them by `GgmlType::name`): every type a plan may hold.
+pub const CACHE_TYPES: &[GgmlType] = crate::kvplan::PLAN_TYPES;
 
 /// A cache type by its llama.cpp name (`f16`, `q8_0`, ...).
 pub fn parse_cache_type(name: &str) -> Result<GgmlType, RuntimeError> {
     CACHE_TYPES
         .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, t)| *t)
+        .copied()
+        .find(|t| t.name().eq_ignore_ascii_case(name))
         .ok_or_else(|| RuntimeError::UnknownCacheType(name.to_string()))
 }
 

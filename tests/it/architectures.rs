@@ -228,17 +228,21 @@ fn wgpu_variants_match_the_reference() {
             let toks = tokens(&spec);
             let identity = ShareMap::identity(spec.n_layers);
             let unshared = reference(&t, &spec, &identity, &toks);
+            // One session per model (shader compilation dominates on lavapipe); the
+            // shared map is laid out by `set_map`, which the CPU's search also uses.
+            let opts = GpuOptions {
+                n_ctx: 64,
+                ..Default::default()
+            };
+            let Some(mut gpu) = support::wgpu::or_skip_without_adapter(
+                test,
+                GpuSession::new(&t.loaded.model, &identity, &opts),
+            ) else {
+                return;
+            };
             for map in [identity.clone(), ShareMap::new(vec![0, 0, 2, 2]).unwrap()] {
-                let opts = GpuOptions {
-                    n_ctx: 64,
-                    ..Default::default()
-                };
-                let Some(mut gpu) = support::wgpu::or_skip_without_adapter(
-                    test,
-                    GpuSession::new(&t.loaded.model, &map, &opts),
-                ) else {
-                    return;
-                };
+                gpu.reset();
+                gpu.set_map(&map).unwrap();
                 let mut ours = gpu.eval(&toks[..36], Logits::All).unwrap();
                 for &tok in &toks[36..] {
                     ours.extend(gpu.eval(&[tok], Logits::Last).unwrap());

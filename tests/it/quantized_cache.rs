@@ -1,6 +1,7 @@
-//! Quantized KV caches (q8_0, q4_0) against the plain f32 reference, token by token.
+//! Quantized KV caches (q8_0, q5_1, q5_0, q4_1, iq4_nl, q4_0) against the plain
+//! f32 reference, token by token.
 //!
-//! Decoding one token over a q8_0/q4_0 cache runs kvsharer's own grouped attention
+//! Decoding one token over a quantized cache runs kvsharer's own grouped attention
 //! kernel (`backend::ggml::decode_attention`) where the CPU has AVX2; a batch of tokens
 //! runs ggml's flash attention. Both read the same quantized cells, so the two
 //! paths must agree closely with each other, and both must stay near the f32
@@ -61,7 +62,15 @@ fn quantized_cache_decoding_matches_the_f32_reference_and_ggml_batches() {
     // (cache type, tolerance vs the f32 reference on logits of magnitude ~5-10,
     //  tolerance between the decode path and a ggml batch over the same cells, which
     //  rounds Q to q8_0 for its key dots; measured: q8_0 0.045 / 0.031, q4_0 0.64-0.83 / 0.10)
-    for (ty, tol_ref, tol_paths) in [(GgmlType::Q8_0, 0.15, 0.08), (GgmlType::Q4_0, 1.0, 0.25)] {
+    //  q5_1, q5_0, q4_1, iq4_nl: llama.cpp's other cache types, same kernel)
+    for (ty, tol_ref, tol_paths) in [
+        (GgmlType::Q8_0, 0.15, 0.08),
+        (GgmlType::Q5_1, 0.5, 0.15),
+        (GgmlType::Q5_0, 0.5, 0.15),
+        (GgmlType::Q4_1, 1.0, 0.25),
+        (GgmlType::IQ4_NL, 1.0, 0.25),
+        (GgmlType::Q4_0, 1.0, 0.25),
+    ] {
         for map in [
             ShareMap::identity(4),
             ShareMap::new(vec![0, 1, 0, 1]).unwrap(),

@@ -642,12 +642,17 @@ fn whole_model(test: &str, map_of: impl Fn(usize) -> ShareMap) {
     }
 }
 
+// Out of CI for time (about 2.5 min each on lavapipe, and CI ran past its 30
+// minutes): the two `whole_model_logits_match_ggml_f32_*` tests below check the same
+// forward passes against a stricter oracle. Run with `--ignored`.
 #[test]
+#[ignore]
 fn whole_model_logits_match_cpu_unshared() {
     whole_model("whole_model_logits_match_cpu_unshared", ShareMap::identity);
 }
 
 #[test]
+#[ignore]
 fn whole_model_logits_match_cpu_with_sharing() {
     // Three shared layers, two of them reading the same source: see
     // `support::three_layer_map`.

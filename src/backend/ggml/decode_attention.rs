@@ -31,7 +31,14 @@ pub const MAX_GROUP: usize = 8;
 const NEG_INF_F16: u16 = 0xFC00;
 
 /// Cache types this kernel reads.
-pub const DECODE_CACHE_TYPES: [GgmlType; 2] = [GgmlType::Q8_0, GgmlType::Q4_0];
+pub const DECODE_CACHE_TYPES: [GgmlType; 6] = [
+    GgmlType::Q8_0,
+    GgmlType::Q5_1,
+    GgmlType::Q5_0,
+    GgmlType::Q4_1,
+    GgmlType::IQ4_NL,
+    GgmlType::Q4_0,
+];
 
 /// Chunks the cache is split into per KV head: enough for 8 threads to share 3 KV
 /// heads evenly, few enough that the merge costs nothing.

@@ -70,7 +70,7 @@ impl KvCache {
         for half in Half::BOTH {
             for layer in (0..config.n_layers).filter(|&l| plan.owns(half, l)) {
                 let ty = plan.types(half)[layer];
-                if !CACHE_TYPES.iter().any(|(_, t)| *t == ty) {
+                if !CACHE_TYPES.contains(&ty) {
                     return Err(KvError::UnsupportedType(ty.name().to_string()));
                 }
                 if !(config.head_dim as u64).is_multiple_of(ty.block_size()) {

@@ -47,8 +47,7 @@ impl From<SessionError> for RuntimeError {
 }
 
 /// Every type of `runtime::options::CACHE_TYPES`: ggml stores and reads them all.
-const GGML_CACHE_TYPES: &[GgmlType] =
-    &[GgmlType::F16, GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_0];
+const GGML_CACHE_TYPES: &[GgmlType] = crate::runtime::options::CACHE_TYPES;
 
 // Fields drop in order: graphs and buffers go before the backend that made them.
 pub struct Session<'m> {

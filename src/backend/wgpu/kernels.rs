@@ -9,7 +9,6 @@ use wgpu::util::DeviceExt;
 use super::device::{flatten, GpuContext};
 use super::GpuError;
 use crate::gguf::GgmlType;
-use crate::runtime::options::CACHE_TYPES;
 
 const COMMON: &str = include_str!("../../../shaders/common.wgsl");
 const QUANT: &str = include_str!("../../../shaders/quant.wgsl");
@@ -192,7 +191,7 @@ impl Kernels {
         );
         let mut kv_store = HashMap::new();
         let mut kv_load = HashMap::new();
-        for &(_, ty) in CACHE_TYPES {
+        for &ty in super::session::CAPABILITIES.cache_types {
             let suffix = cache_suffix(ty)?;
             let entry = format!("store_{suffix}");
             kv_store.insert(

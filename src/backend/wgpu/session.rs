@@ -26,7 +26,7 @@ use crate::model::LayerRole::{
 use crate::model::{LayerRole, LayerWeights, Model};
 use crate::runtime::chunks;
 use crate::runtime::error::RuntimeError;
-use crate::runtime::options::{Capabilities, KvWindow, RunOptions, CACHE_TYPES};
+use crate::runtime::options::{Capabilities, KvWindow, RunOptions};
 use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits};
 use crate::runtime::state::RunState;
 
@@ -791,7 +791,7 @@ fn check_request(model: &Model, plan: &KvPlan, opts: &GpuOptions) -> Result<(), 
     for half in Half::BOTH {
         for l in 0..c.n_layers {
             let ty = plan.read_type(half, l);
-            if !CACHE_TYPES.iter().any(|&(_, t)| t == ty) {
+            if !CAPABILITIES.cache_types.contains(&ty) {
                 return Err(GpuError::UnsupportedCacheType(ty.name()));
             }
         }

@@ -214,7 +214,8 @@ fn scale_f16(lo: u8, hi: u8) -> __m256 {
 }
 
 /// KV head `head` of cache cell `t` as `HD` floats, with the rounding of ggml's
-/// `dequantize_row_q8_0`/`q4_0` (value times the block's f16 scale).
+/// `dequantize_row_*` (value times the block's f16 scale, plus its offset for the
+/// `_1` types).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dequantize<const HD: usize>(c: &CacheRows<'_>, t: usize, head: usize, out: &mut [f32]) {
@@ -232,24 +233,101 @@ fn dequantize<const HD: usize>(c: &CacheRows<'_>, t: usize, head: usize, out: &m
             }
         }
         GgmlType::Q4_0 => {
-            let low = _mm_set1_epi8(0x0f);
-            let eight = _mm_set1_epi8(8);
             for (b, block) in bytes.chunks_exact(18).take(HD / 32).enumerate() {
                 let d = scale_f16(block[0], block[1]);
-                let raw = load_i8x16(&block[2..18]);
-                // Values 0..16 are the low nibbles, 16..32 the high ones, each minus 8.
-                let lo = _mm_sub_epi8(_mm_and_si128(raw, low), eight);
-                let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(raw), low), eight);
-                for (i, half) in [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)]
-                    .into_iter()
-                    .enumerate()
-                {
-                    let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(half));
-                    store(out, b * 32 + 8 * i, _mm256_mul_ps(f, d));
-                }
+                let q = _mm256_sub_epi8(nibbles(load_i8x16(&block[2..18])), _mm256_set1_epi8(8));
+                store_blocks(out, b, q, |f| _mm256_mul_ps(f, d));
+            }
+        }
+        GgmlType::Q4_1 => {
+            for (b, block) in bytes.chunks_exact(20).take(HD / 32).enumerate() {
+                let (d, m) = (scale_f16(block[0], block[1]), scale_f16(block[2], block[3]));
+                let q = nibbles(load_i8x16(&block[4..20]));
+                store_blocks(out, b, q, |f| _mm256_add_ps(_mm256_mul_ps(f, d), m));
+            }
+        }
+        GgmlType::IQ4_NL => {
+            // SAFETY: reads exactly the 16 bytes of the table; unaligned load.
+            let table = unsafe { _mm_loadu_si128(IQ4_NL_VALUES.as_ptr() as *const __m128i) };
+            for (b, block) in bytes.chunks_exact(18).take(HD / 32).enumerate() {
+                let d = scale_f16(block[0], block[1]);
+                let idx = nibbles(load_i8x16(&block[2..18]));
+                // The nibbles index the non-linear table, one lookup per 128-bit lane.
+                let table = _mm256_set_m128i(table, table);
+                let q = _mm256_shuffle_epi8(table, idx);
+                store_blocks(out, b, q, |f| _mm256_mul_ps(f, d));
+            }
+        }
+        GgmlType::Q5_0 => {
+            for (b, block) in bytes.chunks_exact(22).take(HD / 32).enumerate() {
+                let d = scale_f16(block[0], block[1]);
+                let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                // A clear fifth bit makes the byte negative (nibble - 16), a set one
+                // leaves the nibble: ggml's `(q | h << 4) - 16` without a subtraction.
+                let high = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
+                let q = _mm256_or_si256(nibbles(load_i8x16(&block[6..22])), high);
+                store_blocks(out, b, q, |f| _mm256_mul_ps(f, d));
+            }
+        }
+        GgmlType::Q5_1 => {
+            for (b, block) in bytes.chunks_exact(24).take(HD / 32).enumerate() {
+                let (d, m) = (scale_f16(block[0], block[1]), scale_f16(block[2], block[3]));
+                let qh = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
+                let high = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+                let q = _mm256_or_si256(nibbles(load_i8x16(&block[8..24])), high);
+                store_blocks(out, b, q, |f| _mm256_add_ps(_mm256_mul_ps(f, d), m));
             }
         }
         other => unreachable!("decode attention over a {} cache", other.name()),
+    }
+}
+
+/// ggml's `kvalues_iq4nl`: the 16 levels an iq4_nl nibble selects.
+const IQ4_NL_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// A block's 16 packed bytes as 32 nibbles in element order: the low nibbles are
+/// elements 0..16, the high ones 16..32 (ggml's layout for every 4- and 5-bit type).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn nibbles(raw: __m128i) -> __m256i {
+    let low = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(raw, low);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), low);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Bit `i` of `bits` as byte `i` of the result: 0xFF where set, 0 where clear.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bits_to_bytes(bits: u32) -> __m256i {
+    // Byte i takes the word's byte i / 8, then tests its bit i % 8.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0x0000000000000000,
+        ),
+    );
+    let select = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select)
+}
+
+/// Block `b`'s 32 signed byte values, converted and mapped by `f` (the block's
+/// scale, and offset where it has one), stored as elements `32 b .. 32 b + 32`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn store_blocks(out: &mut [f32], b: usize, q: __m256i, f: impl Fn(__m256) -> __m256) {
+    let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+    for (i, eight) in [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)]
+        .into_iter()
+        .enumerate()
+    {
+        let x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight));
+        store(out, b * 32 + 8 * i, f(x));
     }
 }
 
