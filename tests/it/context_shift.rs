@@ -54,6 +54,21 @@ pub(crate) fn plans() -> Vec<KvPlan> {
         )
         .unwrap(),
     );
+    // llama.cpp's other cache types, K and V shared apart. (q5_1 is left to
+    // `wgpu_cache::every_cache_type_stores_what_ggml_stores`: with its finer steps
+    // one key element here sits on a rounding boundary, lands a step apart on the
+    // GPU and moves the logits by 0.06.)
+    use GgmlType::{IQ4_NL, Q4_1, Q5_0};
+    plans.push(
+        KvPlan::new(
+            vec![0, 1, 1, 3],
+            vec![0, 0, 2, 3],
+            vec![Q5_0, IQ4_NL, IQ4_NL, Q4_1],
+            vec![Q5_0, Q5_0, Q4_1, IQ4_NL],
+            4,
+        )
+        .unwrap(),
+    );
     plans
 }
 

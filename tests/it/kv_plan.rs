@@ -402,45 +402,14 @@ fn cli_plans_stores_and_runs_a_budget() {
     assert!(stderr(&o).contains("KV plan"), "{}", stderr(&o));
     let o = run(&["--no-kv-share"]);
     assert!(stderr(&o).contains("KV sharing off"), "{}", stderr(&o));
-    // The default ladder holds types wgpu lacks (q5_x, q4_1, iq4_nl): a stored plan
-    // using one is refused by capability, naming the type, with a hint.
-    let wgpu_types = kvsharer::backend::wgpu::CAPABILITIES.cache_types;
-    let lacking = Half::BOTH.into_iter().find_map(|h| {
-        (0..stored.n_layers())
-            .map(|l| stored.read_type(h, l))
-            .find(|t| !wgpu_types.contains(t))
-    });
+    // wgpu lays its cache out for the stored plan too, whatever types it holds
+    // (lavapipe in CI).
     let o = run(&["--kv-share", "--backend", "wgpu"]);
-    if let Some(ty) = lacking {
-        assert!(!o.status.success());
-        let err = stderr(&o);
-        assert!(
-            err.contains(ty.name()) && err.contains("--plan-types") && !err.contains("panicked"),
-            "{err}"
-        );
-    }
-    // wgpu lays its cache out for a plan of its types (lavapipe in CI).
-    let gpu_plan = dir.path().join("gpu-plan.gguf");
-    let mut share = vec![
-        "share",
-        "-m",
-        m,
-        "--kv-budget",
-        "40%",
-        "--plan-types",
-        "f16,q8_0,q4_0",
-        "-o",
-        gpu_plan.to_str().unwrap(),
-    ];
-    share.extend(small);
-    let o = kvsharer(&share, &cache);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let o = run_four_tokens(&gpu_plan, &["--kv-share", "--backend", "wgpu"], &cache);
     if !support::kvsharer_found_no_wgpu_adapter(&o) {
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(stderr(&o).contains("KV plan"), "{}", stderr(&o));
     }
-    // `--kv-budget` on wgpu plans with wgpu's types.
+    // `--kv-budget` on wgpu plans there too.
     let o = run_four_tokens(
         &model,
         &["--kv-budget", "40%", "--backend", "wgpu", "-t", "2"],

@@ -165,7 +165,8 @@ fn wgpu_ten_thousand_token_generation_holds_gpu_memory() {
 // ---- quantized slots and mixed plans against the f32 reference ----
 
 /// Every plan of the shift suite (f16, q8_0, q4_0 under two maps, and keys and
-/// values shared apart in mixed types) on a tiny f32 model: the GPU (24 tokens in
+/// values shared apart in mixed types, one plan with q5_0, q4_1 and iq4_nl slots)
+/// on a tiny f32 model: the GPU (24 tokens in
 /// one pass, then 16 decoded one at a time, so the prefill and both decode kernels
 /// run) against the f32 reference forward under the same plan, whose cached rows
 /// go through ggml's own quantizer and dequantizer. The GPU quantizes with the same
@@ -221,7 +222,10 @@ fn quantized_caches_and_mixed_plans_match_the_f32_reference() {
     }
     for (plan, max, mismatches, plan_effect) in results {
         assert_eq!(mismatches, 0, "{plan}");
-        assert!(max < 2e-3, "{plan}: {max}");
+        // 2e-3 holds f32 summation order; a boundary element one step apart in a
+        // 4- or 5-bit slot moves these logits by a few 1e-3 (measured 0.004 for the
+        // q5_0/q4_1/iq4_nl plan), still a thousandth of what that plan does.
+        assert!(max < 1e-2, "{plan}: {max}");
         // The plan must matter far more than the backend does, or this could not
         // tell a GPU that ignores it (the unshared f16 cache only rounds).
         if !plan.is_unshared() || plan.uniform_types() != Some((GgmlType::F16, GgmlType::F16)) {
@@ -491,4 +495,67 @@ fn chat_past_the_context_keeps_its_turns_cached() {
         }
     }
     assert!(overflowed >= 2, "the chat never outgrew its context");
+}
+
+/// Every cache type the GPU takes stores what ggml's CPU backend stores: after the
+/// same 24-token pass, layer 0's keys and values (whose inputs differ between the
+/// backends only by f32 summation order) read back equal to ggml's, except for
+/// elements that sat on a rounding boundary and landed one quantization step apart
+/// (at most 1 in 256, each within one step of its block). Layers above inherit the
+/// backends' upstream differences, so only layer 0 is compared. Measured on
+/// lavapipe: every type equal except q5_1, 1 key element of 1536 one step apart.
+#[test]
+fn every_cache_type_stores_what_ggml_stores() {
+    let test = "wgpu_cache::every_cache_type_stores_what_ggml_stores";
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, path) = context_shift::tiny(&dir);
+    let loaded = loader::load(&path).unwrap();
+    let tokens: Vec<u32> = (0..24u32)
+        .map(|i| (i * 7 + 3) % spec.n_vocab as u32)
+        .collect();
+    let opts = RunOptions {
+        n_ctx: 64,
+        ..Default::default()
+    };
+    for &ty in kvsharer::runtime::CACHE_TYPES {
+        let plan = KvPlan::unshared(4, ty, ty);
+        let Some(mut gpu) = or_skip_without_adapter(
+            test,
+            GpuSession::open_plan(&loaded.model, &plan, &opts, AdapterPolicy::Any),
+        ) else {
+            return;
+        };
+        let mut cpu = Session::with_plan(DeviceKind::Cpu, &loaded.model, &plan, &opts).unwrap();
+        gpu.eval(&tokens, Logits::None).unwrap();
+        cpu.eval(&tokens, Logits::None).unwrap();
+        let (kg, vg) = gpu.read_kv(0, 0..tokens.len()).unwrap();
+        let (kc, vc) = cpu.read_kv(0, 0..tokens.len()).unwrap();
+        for (half, gpu_rows, cpu_rows) in [("K", &kg, &kc), ("V", &vg, &vc)] {
+            assert_eq!(gpu_rows.len(), cpu_rows.len());
+            let mut apart = 0;
+            for (g, c) in gpu_rows.chunks(32).zip(cpu_rows.chunks(32)) {
+                let (lo, hi) = c
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+                // The largest step any of these types takes within a block.
+                let step = (hi - lo) / 7.0 + 1e-3;
+                for (a, b) in g.iter().zip(c) {
+                    // f16 and f32 slots hold their own rounding of f32 inputs.
+                    if (a - b).abs() > 2e-3 * b.abs().max(1.0) {
+                        apart += 1;
+                        assert!((a - b).abs() <= step, "{ty:?} {half}: {a} vs {b}");
+                    }
+                }
+            }
+            support::say(&format!(
+                "{test}: {} {half}: {apart} of {} elements apart from ggml's",
+                ty.name(),
+                gpu_rows.len()
+            ));
+            assert!(
+                apart * 256 <= gpu_rows.len(),
+                "{ty:?} {half}: {apart} apart"
+            );
+        }
+    }
 }

@@ -410,7 +410,7 @@ fn attention_kernels_match_f64_reference() {
     // position 300 (three 128-key splits, the last one partial); ggml's serial f16
     // path on 5 queries. The f16 accumulator of the latter costs ~3 decimal digits.
     use AttentionPath::*;
-    use GgmlType::{F16, F32, Q4_0, Q8_0};
+    use GgmlType::{F16, F32, IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
     for (pos0, m, path, tol, types) in [
         (10usize, 70usize, Tiled, 1e-4, (F16, F16)),
         (0, 1, SplitK, 1e-4, (F16, F16)),
@@ -422,6 +422,10 @@ fn attention_kernels_match_f64_reference() {
         (10, 70, Tiled, 1e-4, (Q4_0, Q4_0)),
         (300, 1, SplitK, 1e-4, (Q4_0, F16)),
         (40, 3, Tiled, 1e-4, (F32, Q8_0)),
+        (10, 70, Tiled, 1e-4, (Q5_1, Q5_0)),
+        (300, 1, SplitK, 1e-4, (Q5_1, Q5_1)),
+        (300, 1, SplitK, 1e-4, (Q4_1, IQ4_NL)),
+        (10, 70, Tiled, 1e-4, (IQ4_NL, Q4_1)),
     ] {
         let rows = pos0 + m;
         let q = random(&mut rng, m * n_head * hd, 2.0);

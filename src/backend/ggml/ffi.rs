@@ -1190,6 +1190,37 @@ pub fn quantize(ty: GgmlType, data: &[f32], n_per_row: usize) -> Result<Vec<u8>,
     Ok(out)
 }
 
+/// Quantizes rows as ggml's CPU backend stores them into a KV cache (`set_rows`
+/// and `cpy` call the type's CPU `from_float`), which for some types differs from
+/// [`quantize`]'s file quantizer (iq4_nl: no scale search).
+pub fn quantize_as_cache(ty: GgmlType, data: &[f32]) -> Result<Vec<u8>, GgmlError> {
+    let raw = raw_type(ty);
+    // SAFETY: pure queries on ggml's type tables for a valid type id.
+    let (traits, cpu) = unsafe {
+        (
+            &*sys::ggml_get_type_traits(raw),
+            sys::ggml_get_type_traits_cpu(raw).as_ref(),
+        )
+    };
+    let from_float = cpu.and_then(|c| c.from_float);
+    let Some(from_float) = from_float.filter(|_| traits.blck_size > 0) else {
+        return Err(GgmlError::Quantize(ty.name()));
+    };
+    if !data.len().is_multiple_of(traits.blck_size as usize) {
+        return Err(GgmlError::Quantize(ty.name()));
+    }
+    let mut out = vec![0u8; row_size(ty, data.len() as i64)];
+    // SAFETY: `data` holds whole blocks and `out` exactly their bytes.
+    unsafe {
+        from_float(
+            data.as_ptr(),
+            out.as_mut_ptr() as *mut c_void,
+            data.len() as i64,
+        )
+    };
+    Ok(out)
+}
+
 /// Dequantizes `n` elements of `ty` stored in `bytes` with ggml's reference routine.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, GgmlError> {
     let raw = raw_type(ty);

@@ -19,8 +19,8 @@ pub mod session;
 pub mod weights;
 
 pub use ffi::{
-    dequantize, f32_to_f16_bits, quantize, raw_type_traits, row_size, DeviceKind, GgmlBackend,
-    GgmlError, Tensor, TensorArena, WeightPlacement,
+    dequantize, f32_to_f16_bits, quantize, quantize_as_cache, raw_type_traits, row_size,
+    DeviceKind, GgmlBackend, GgmlError, Tensor, TensorArena, WeightPlacement,
 };
 pub use session::Session;
 pub use weights::PlacedWeights;

@@ -75,6 +75,10 @@ fn cache_suffix(ty: GgmlType) -> Result<&'static str, GpuError> {
         GgmlType::F32 => "f32",
         GgmlType::F16 => "f16",
         GgmlType::Q8_0 => "q8_0",
+        GgmlType::Q5_1 => "q5_1",
+        GgmlType::Q5_0 => "q5_0",
+        GgmlType::Q4_1 => "q4_1",
+        GgmlType::IQ4_NL => "iq4_nl",
         GgmlType::Q4_0 => "q4_0",
         _ => return Err(GpuError::UnsupportedCacheType(ty.name())),
     })
@@ -143,6 +147,10 @@ pub(crate) struct Kernels {
     pub head_norm: Kernel,
     pub swiglu: Kernel,
     /// Per cache type: f32 rows into a slot, and a slot's rows back to f32.
+    /// `kv_store.wgsl`, compiled once; its entry points become pipelines per slot
+    /// type as plans need them (`add_cache_pairs`).
+    store_module: wgpu::ShaderModule,
+    rows_layout: wgpu::BindGroupLayout,
     pub kv_store: HashMap<GgmlType, Kernel>,
     pub kv_load: HashMap<GgmlType, Kernel>,
     /// Per (key, value) slot types a plan reads together (`add_cache_pairs`).
@@ -189,20 +197,6 @@ impl Kernels {
             ctx,
             &[(0, Read), (2, ReadWrite), (3, Uniform), (4, Uniform)],
         );
-        let mut kv_store = HashMap::new();
-        let mut kv_load = HashMap::new();
-        for &ty in super::session::CAPABILITIES.cache_types {
-            let suffix = cache_suffix(ty)?;
-            let entry = format!("store_{suffix}");
-            kv_store.insert(
-                ty,
-                pipeline(ctx, "kv_store.wgsl", &store_module, &entry, &rows_layout)?,
-            );
-            let name = format!("kv_load.wgsl ({suffix})");
-            let source = format!("{COMMON}\n{}\n{KV_LOAD}", cache_reader("KC", "kc", ty)?);
-            let module = compile(ctx, &name, &source)?;
-            kv_load.insert(ty, pipeline(ctx, &name, &module, "kv_load", &rows_layout)?);
-        }
         let argmax = single(
             "argmax.wgsl",
             ARGMAX,
@@ -222,8 +216,10 @@ impl Kernels {
             add_bias,
             head_norm,
             swiglu,
-            kv_store,
-            kv_load,
+            store_module,
+            rows_layout,
+            kv_store: HashMap::new(),
+            kv_load: HashMap::new(),
             attention: HashMap::new(),
             argmax,
             act_round,
@@ -244,7 +240,33 @@ impl Kernels {
             if let Entry::Vacant(slot) = self.attention.entry((tk, tv)) {
                 slot.insert(attention_kernels(ctx, tk, tv)?);
             }
+            self.add_slot_type(ctx, tk)?;
+            self.add_slot_type(ctx, tv)?;
         }
+        Ok(())
+    }
+
+    /// Compiles the store and load kernels of a slot type not compiled yet (only
+    /// the types a plan holds, so a session does not pay for every type's shaders).
+    fn add_slot_type(&mut self, ctx: &GpuContext, ty: GgmlType) -> Result<(), GpuError> {
+        if self.kv_store.contains_key(&ty) {
+            return Ok(());
+        }
+        let suffix = cache_suffix(ty)?;
+        let entry = format!("store_{suffix}");
+        let store = pipeline(
+            ctx,
+            "kv_store.wgsl",
+            &self.store_module,
+            &entry,
+            &self.rows_layout,
+        )?;
+        let name = format!("kv_load.wgsl ({suffix})");
+        let source = format!("{COMMON}\n{}\n{KV_LOAD}", cache_reader("KC", "kc", ty)?);
+        let module = compile(ctx, &name, &source)?;
+        let load = pipeline(ctx, &name, &module, "kv_load", &self.rows_layout)?;
+        self.kv_store.insert(ty, store);
+        self.kv_load.insert(ty, load);
         Ok(())
     }
 

@@ -66,7 +66,7 @@ impl GpuOptions {
 /// windows and context shift; one text per pass.
 pub const CAPABILITIES: Capabilities = Capabilities {
     backend: "wgpu",
-    cache_types: &[GgmlType::F16, GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_0],
+    cache_types: crate::runtime::options::CACHE_TYPES,
     mixed_plans: true,
     window: true,
     context_shift: true,

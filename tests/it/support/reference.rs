@@ -6,7 +6,7 @@
 //! filled its cache for these positions" true by construction.
 
 use half::f16;
-use kvsharer::backend::ggml::{dequantize, quantize};
+use kvsharer::backend::ggml::{dequantize, quantize_as_cache};
 use kvsharer::gguf::GgmlType;
 use kvsharer::kvplan::{Half, KvPlan, ShareMap};
 
@@ -210,12 +210,14 @@ pub fn reference_forward_with(
 }
 
 /// `x` (rows of `row` elements) as a KV cache slot of `ty` holds it: f16-rounded
-/// for f16, through ggml's own quantizer and dequantizer for the block types.
+/// for f16, through the quantizer ggml's CPU backend stores cache rows with and
+/// ggml's dequantizer for the block types.
 pub fn as_cached(ty: GgmlType, x: &[f32], row: usize) -> Vec<f32> {
+    assert!(x.len().is_multiple_of(row));
     match ty {
         GgmlType::F32 => x.to_vec(),
         GgmlType::F16 => x.iter().map(|&v| round_f16(v)).collect(),
-        _ => dequantize(ty, &quantize(ty, x, row).unwrap(), x.len()).unwrap(),
+        _ => dequantize(ty, &quantize_as_cache(ty, x).unwrap(), x.len()).unwrap(),
     }
 }
 
