@@ -256,7 +256,8 @@ pub fn move_costs(loaded: &LoadedModel, p: &PlannerArgs, threads: usize) -> Resu
         None => String::new(),
     };
     let key = format!(
-        "{}-s{}-k{}-src{}{adapters}-{}",
+        // `v3`: the cost model (types measured per half, iq4_nl per slot too).
+        "{}-v3-s{}-k{}-src{}{adapters}-{}",
         model_fingerprint(loaded.model.file())?,
         p.samples,
         p.tokens,

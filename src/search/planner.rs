@@ -6,10 +6,13 @@
 //!
 //! Cost. Every move is measured once, alone, against the unshared f16 model
 //! (`measure`): the smallest type (`SLOT_TYPE`, iq4_nl) on each slot (one run from
-//! that layer on, the layers below reused from the cached prefix), each half at
-//! every other type everywhere (two full runs a type; the larger types cost so
-//! little that a run per slot would measure mostly noise, so a half's cost is split
-//! over its slots in proportion to their `SLOT_TYPE` costs), and
+//! that layer on, the layers below reused from the cached prefix), and each half
+//! at every type everywhere (two full runs a type). A slot's cost in a type is its
+//! half's cost in that type split over the slots in proportion to their
+//! `SLOT_TYPE` costs: the larger types cost so little that a run per slot would
+//! measure mostly noise, and single-slot costs add up to 2.7 times what all 60
+//! slots at iq4_nl measure together (calibration: 0.34 vs 0.127), which would make
+//! the walk shun the type it measures per slot; and
 //! sharing each slot from the `sources` earlier layers whose captured keys (or
 //! values) are closest. `plan` then assumes costs add up (measured near-additive
 //! for whole-layer sharing; `PlannedKv::measured_kld` checks it for every plan the
@@ -137,7 +140,7 @@ pub struct MoveCosts {
     pub slot_type: GgmlType,
     /// `slot_type` on one slot, per layer: `[keys, values]`.
     pub slot: [Vec<f64>; 2],
-    /// Every other quantized type of `LADDER`, on every slot of one half.
+    /// Every quantized type of `LADDER`, on every slot of one half.
     pub whole_half: Vec<WholeHalfCost>,
     pub shares: Vec<ShareCost>,
     /// Calibration runs made, and how long they took.
@@ -165,11 +168,12 @@ impl MoveCosts {
         if ty == GgmlType::F16 {
             return 0.0;
         }
-        if ty == self.slot_type {
-            return slot[layer].max(0.0);
-        }
         let Some(whole) = self.whole_half.iter().find(|w| w.ty == ty) else {
-            return f64::INFINITY;
+            return if ty == self.slot_type {
+                slot[layer].max(0.0)
+            } else {
+                f64::INFINITY
+            };
         };
         let whole = whole.kld[half_index(half)].max(0.0);
         let total: f64 = slot.iter().map(|c| c.max(0.0)).sum();
@@ -217,10 +221,7 @@ pub fn measure(
             moves.push((unshared.with_type(half, l, SLOT_TYPE), l));
         }
     }
-    let whole_types: Vec<GgmlType> = LADDER
-        .into_iter()
-        .filter(|&t| t != GgmlType::F16 && t != SLOT_TYPE)
-        .collect();
+    let whole_types: Vec<GgmlType> = LADDER.into_iter().filter(|&t| t != GgmlType::F16).collect();
     for &ty in &whole_types {
         for half in Half::BOTH {
             let mut all = unshared.clone();
