@@ -10,6 +10,7 @@
 #   f16        both sides an f16 cache            (goal: wgpu tg >= 0.8x llama.cpp)
 #   q8_0       both sides a q8_0 cache
 #   q4_0       both sides a q4_0 cache
+#   iq4_nl     both sides an iq4_nl cache (q4_0's bytes, two thirds of its KLD)
 #   share-q8_0 wgpu: --kv-share 25% + q8_0 cache; llama.cpp: f16
 #                                                 (goal at $DEEP: faster than llama.cpp f16)
 #   budget-30  wgpu: --kv-budget 30% (the memory plan); llama.cpp: f16
@@ -24,7 +25,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-figures/gpu}"
 mkdir -p "$OUT"
 P="${P:-512}" N="${N:-128}" R="${R:-3}" DEEP="${DEEP:-4096}"
-CONFIGS="${CONFIGS:-f16 q8_0 q4_0 share-q8_0 budget-30}"
+CONFIGS="${CONFIGS:-f16 q8_0 q4_0 iq4_nl share-q8_0 budget-30}"
 model=()
 [ -n "${MODEL:-}" ] && model=(-m "$MODEL")
 
@@ -50,6 +51,7 @@ config_flags() {
         f16) echo "--cache-type-k f16 --cache-type-v f16|" ;;
         q8_0) echo "--cache-type-k q8_0 --cache-type-v q8_0|" ;;
         q4_0) echo "--cache-type-k q4_0 --cache-type-v q4_0|" ;;
+        iq4_nl) echo "--cache-type-k iq4_nl --cache-type-v iq4_nl|" ;;
         share-q8_0) echo "--kv-share 25% --cache-type-k q8_0 --cache-type-v q8_0|--llama-cache-type-k f16 --llama-cache-type-v f16" ;;
         budget-30) echo "--kv-budget 30%|--llama-cache-type-k f16 --llama-cache-type-v f16" ;;
         *) echo "gpu_bench.sh: unknown configuration $1" >&2; exit 2 ;;

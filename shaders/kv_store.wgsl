@@ -164,6 +164,18 @@ fn block_signed_max(src: u32) -> f32 {
     return mx;
 }
 
+// Codes 0..=top for a block as `(x - min) / d` rounded, d = (max - min) / top
+// (quantize_row_q4_1_ref with top 15, _q5_1_ref with 31); returns (d, min).
+fn affine_codes(src: u32, top: u32, codes: ptr<function, array<u32, 32>>) -> vec2<f32> {
+    let mm = block_min_max(src);
+    let d = (mm.y - mm.x) / f32(top);
+    let id = select(0.0, 1.0 / d, d != 0.0);
+    for (var j = 0u; j < 32u; j++) {
+        (*codes)[j] = min(top, u32((SRC[src + j] - mm.x) * id + 0.5));
+    }
+    return vec2<f32>(d, mm.x);
+}
+
 @compute @workgroup_size(64)
 fn store_q4_1(@builtin(global_invocation_id) gid: vec3<u32>) {
     let b = gid.x;
@@ -171,17 +183,11 @@ fn store_q4_1(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let t = gid.y;
-    let src = t * P.n_embd_kv + b * 32u;
-    let mm = block_min_max(src);
-    let d = (mm.y - mm.x) / 15.0;
-    let id = select(0.0, 1.0 / d, d != 0.0);
     var codes: array<u32, 32>;
-    for (var j = 0u; j < 32u; j++) {
-        codes[j] = min(15u, u32((SRC[src + j] - mm.x) * id + 0.5));
-    }
+    let dm = affine_codes(t * P.n_embd_kv + b * 32u, 15u, &codes);
     let off = (S.pos0 + t) * P.row_bytes + b * 20u;
-    put_u16(off, f16_bits(d));
-    put_u16(off + 2u, f16_bits(mm.x));
+    put_u16(off, f16_bits(dm.x));
+    put_u16(off + 2u, f16_bits(dm.y));
     put_nibbles(off + 4u, &codes);
 }
 
@@ -212,17 +218,11 @@ fn store_q5_1(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let t = gid.y;
-    let src = t * P.n_embd_kv + b * 32u;
-    let mm = block_min_max(src);
-    let d = (mm.y - mm.x) / 31.0;
-    let id = select(0.0, 1.0 / d, d != 0.0);
     var codes: array<u32, 32>;
-    for (var j = 0u; j < 32u; j++) {
-        codes[j] = min(31u, u32((SRC[src + j] - mm.x) * id + 0.5));
-    }
+    let dm = affine_codes(t * P.n_embd_kv + b * 32u, 31u, &codes);
     let off = (S.pos0 + t) * P.row_bytes + b * 24u;
-    put_u16(off, f16_bits(d));
-    put_u16(off + 2u, f16_bits(mm.x));
+    put_u16(off, f16_bits(dm.x));
+    put_u16(off + 2u, f16_bits(dm.y));
     put_high_bits(off + 4u, &codes);
     put_nibbles(off + 8u, &codes);
 }
