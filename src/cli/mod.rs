@@ -291,9 +291,7 @@ impl ModelArgs {
             return Ok(uniform(&ShareMap::identity(n_layers)));
         }
         let planned = match (self.kv_share.as_deref(), self.kv_budget.as_deref()) {
-            (_, Some(spec)) => {
-                plan::on_the_fly_plan(loaded, spec, self.ctx_size, self.threads()?, self.backend)?
-            }
+            (_, Some(spec)) => plan::on_the_fly_plan(loaded, spec, self.ctx_size, self.threads()?)?,
             (None, None) => return Ok(uniform(&ShareMap::identity(n_layers))),
             (Some("stored"), None) => match (&loaded.model.stored_plan, &loaded.model.stored_map) {
                 (Some(p), _) => p.clone(),

@@ -13,7 +13,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kvsharer::kvplan::{Half, KvPlan};
 use kvsharer::loader::LoadedModel;
 use kvsharer::model::LlamaConfig;
-use kvsharer::runtime::BackendChoice;
 use kvsharer::search::adapter::{self, AdapterOptions, AdapterPair, Adapters, ValueFit};
 use kvsharer::search::planner::{self, MoveCosts, PlannedKv, PlannerOptions};
 use kvsharer::search::report::{self, PlanReport, PlanRow};
@@ -350,12 +349,10 @@ pub fn on_the_fly_plan(
     spec: &str,
     n_ctx: usize,
     threads: usize,
-    backend: BackendChoice,
 ) -> Result<KvPlan> {
     let budget = parse_budget(spec, &loaded.model.config, n_ctx)?;
     let m = move_costs(loaded, &PlannerArgs::default(), threads)?;
-    let ladder = planner::ladder_for(backend.cache_types());
-    let p = planner::plan_with(&m.costs, budget, &ladder)?;
+    let p = planner::plan(&m.costs, budget)?;
     eprintln!(
         "kv-plan: {:.1}% of the f16 KV cache (budget {:.1}%), predicted calibration KLD {:.4}: {}",
         p.fraction * 100.0,

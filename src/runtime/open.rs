@@ -44,18 +44,6 @@ impl BackendChoice {
         }
     }
 
-    /// Cache types every backend this choice may open stores and reads (`auto`
-    /// may open wgpu, so it plans with wgpu's types).
-    pub fn cache_types(self) -> &'static [crate::gguf::GgmlType] {
-        match self {
-            #[cfg(feature = "wgpu")]
-            BackendChoice::Wgpu | BackendChoice::Auto => {
-                crate::backend::wgpu::CAPABILITIES.cache_types
-            }
-            _ => super::options::CACHE_TYPES,
-        }
-    }
-
     /// The ggml device this choice runs the graph on directly (`wgpu` and `auto`
     /// are decided when opening).
     pub fn ggml_device(self) -> Option<DeviceKind> {

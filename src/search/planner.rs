@@ -31,44 +31,25 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::gguf::GgmlType;
-use crate::kvplan::{Half, KvPlan};
+use crate::kvplan::{Half, KvPlan, PLAN_TYPES};
 use crate::search::adapter::AdapterPair;
 use crate::search::calibration::{half_distances, CalibrateError};
 use crate::search::evaluator::Evaluator;
 use crate::search::strategy::KlReference;
 
-/// The precisions the planner may move a slot through, highest first (every
-/// quantized cache type llama.cpp offers; iq4_nl and q4_0 take the same bytes).
-pub const LADDER: [GgmlType; 7] = [
-    GgmlType::F16,
-    GgmlType::Q8_0,
-    GgmlType::Q5_1,
-    GgmlType::Q5_0,
-    GgmlType::Q4_1,
-    GgmlType::IQ4_NL,
-    GgmlType::Q4_0,
-];
+/// The precisions the planner may move a slot through, highest first: every type a
+/// plan may hold but f32 (`PLAN_TYPES` lists it first); iq4_nl and q4_0 take the
+/// same bytes.
+pub const LADDER: &[GgmlType] = PLAN_TYPES.split_at(1).1;
 
 /// The ladder a plan uses unless told otherwise: `LADDER` without q4_0, since
 /// iq4_nl takes the same bytes and measured a third less KLD on held-out text.
 pub fn default_ladder() -> Vec<GgmlType> {
     LADDER
-        .into_iter()
+        .iter()
+        .copied()
         .filter(|&t| t != GgmlType::Q4_0)
         .collect()
-}
-
-/// The ladder for a backend that stores `supported`: `default_ladder`'s types it
-/// has, and q4_0 in place of iq4_nl where it lacks iq4_nl.
-pub fn ladder_for(supported: &[GgmlType]) -> Vec<GgmlType> {
-    let mut ladder: Vec<GgmlType> = default_ladder()
-        .into_iter()
-        .filter(|t| *t == GgmlType::F16 || supported.contains(t))
-        .collect();
-    if !ladder.contains(&GgmlType::IQ4_NL) && supported.contains(&GgmlType::Q4_0) {
-        ladder.push(GgmlType::Q4_0);
-    }
-    ladder
 }
 
 /// The type every slot is measured at alone.
@@ -219,7 +200,11 @@ pub fn measure(
             moves.push((unshared.with_type(half, l, SLOT_TYPE), l));
         }
     }
-    let whole_types: Vec<GgmlType> = LADDER.into_iter().filter(|&t| t != GgmlType::F16).collect();
+    let whole_types: Vec<GgmlType> = LADDER
+        .iter()
+        .copied()
+        .filter(|&t| t != GgmlType::F16)
+        .collect();
     for &ty in &whole_types {
         for half in Half::BOTH {
             let mut all = unshared.clone();
@@ -727,7 +712,7 @@ mod tests {
                 assert!(c.measured(tight.plan.types(half)[l]), "{:?}", tight.steps);
             }
         }
-        let walk = walk(&c, &LADDER);
+        let walk = walk(&c, LADDER);
         // Sharing only: every slot stays f16.
         let shared_only = plan_with(&c, 0.9, &[GgmlType::F16]).unwrap();
         assert!((0..4).all(|l| shared_only.plan.types(Half::Keys)[l] == GgmlType::F16));
