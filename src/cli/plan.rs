@@ -255,8 +255,9 @@ pub fn move_costs(loaded: &LoadedModel, p: &PlannerArgs, threads: usize) -> Resu
         None => String::new(),
     };
     let key = format!(
-        // `v3`: the cost model (types measured per half, iq4_nl per slot too).
-        "{}-v3-s{}-k{}-src{}{adapters}-{}",
+        // `v4`: batches over quantized slots attend over f32-dequantized cells (the
+        // same path as the f16 reference), which changes every measured cost.
+        "{}-v4-s{}-k{}-src{}{adapters}-{}",
         model_fingerprint(loaded.model.file())?,
         p.samples,
         p.tokens,

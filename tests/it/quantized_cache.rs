@@ -3,9 +3,11 @@
 //!
 //! Decoding one token over a quantized cache runs kvsharer's own grouped attention
 //! kernel (`backend::ggml::decode_attention`) where the CPU has AVX2; a batch of tokens
-//! runs ggml's flash attention. Both read the same quantized cells, so the two
-//! paths must agree closely with each other, and both must stay near the f32
-//! reference (which never rounds K or V) within the cache type's rounding.
+//! runs ggml's flash attention, per query for fewer than 64 tokens, and over the
+//! cells dequantized to f32 (ggml's tiled kernel) for 64 or more. All read the same
+//! quantized cells, so the paths must agree closely with each other, and all must
+//! stay near the f32 reference (which never rounds K or V) within the cache type's
+//! rounding.
 
 use crate::support;
 
@@ -18,8 +20,10 @@ use kvsharer::runtime::RunOptions;
 use kvsharer::runtime::{Logits, RunState};
 use support::{max_abs_diff, reference_forward, write_tiny_model, TinySpec};
 
-const N: usize = 40;
+const N: usize = 80;
 const PREFILL: usize = 6;
+/// A batch this long takes ggml's per-query flash attention (fewer than 64 queries).
+const SHORT_BATCH: usize = 40;
 
 /// head_dim 64 (the kernel's smallest), GQA 2: 4 query heads over 2 KV heads.
 fn spec() -> TinySpec {
@@ -76,7 +80,7 @@ fn quantized_cache_decoding_matches_the_f32_reference_and_ggml_batches() {
             ShareMap::new(vec![0, 1, 0, 1]).unwrap(),
         ] {
             let opts = RunOptions {
-                n_ctx: 64,
+                n_ctx: N,
                 n_threads: 2,
                 type_k: ty,
                 type_v: ty,
@@ -84,8 +88,15 @@ fn quantized_cache_decoding_matches_the_f32_reference_and_ggml_batches() {
             };
             let mut s = Session::new(&loaded.model, &map, &opts).unwrap();
             let decoded = decode_logits(&mut s, &tokens, spec.n_vocab);
+            // All N tokens in one batch: the dequantized (tiled) path.
             let mut s = Session::new(&loaded.model, &map, &opts).unwrap();
             let batched = s.eval(&tokens, Logits::All).unwrap();
+            // Batches of SHORT_BATCH: the per-query path.
+            let mut s = Session::new(&loaded.model, &map, &opts).unwrap();
+            let short: Vec<f32> = tokens
+                .chunks(SHORT_BATCH)
+                .flat_map(|chunk| s.eval(chunk, Logits::All).unwrap())
+                .collect();
             let reference = reference_forward(&weights, &spec, &map, &tokens).concat();
             let unshared = reference_forward(&weights, &spec, &ShareMap::identity(4), &tokens);
 
@@ -94,10 +105,22 @@ fn quantized_cache_decoding_matches_the_f32_reference_and_ggml_batches() {
                 &decoded[PREFILL * spec.n_vocab..],
                 &batched[PREFILL * spec.n_vocab..],
             );
+            let short_vs_batch = max_abs_diff(&short, &batched);
             let batch_vs_ref = max_abs_diff(&batched, &reference);
+            let short_vs_ref = max_abs_diff(&short, &reference);
             let separation = max_abs_diff(&reference, &unshared.concat());
             eprintln!(
-                "{} map {map}: decode vs f32 ref {vs_ref:.4}, ggml batch vs f32 ref {batch_vs_ref:.4}, decode vs batch {vs_batch:.4} (sharing moves logits by {separation:.3})",
+                "{} map {map}: decode vs f32 ref {vs_ref:.4}, ggml batch vs f32 ref {batch_vs_ref:.4} (short batches {short_vs_ref:.4}), decode vs batch {vs_batch:.4}, short batches vs batch {short_vs_batch:.4} (sharing moves logits by {separation:.3})",
+                ty.name()
+            );
+            assert!(
+                short_vs_ref < tol_ref,
+                "{} map {map}: short batches {short_vs_ref}",
+                ty.name()
+            );
+            assert!(
+                short_vs_batch < tol_paths,
+                "{} map {map}: short batches and one batch differ by {short_vs_batch}",
                 ty.name()
             );
             assert!(

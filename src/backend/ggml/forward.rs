@@ -240,20 +240,21 @@ fn build(
         (!shape.all_rows()).then(|| g.input(GgmlType::I32, &[n_spans as i64], "inp_out_ids"));
     let rope_freqs = w.rope_freqs().map(|i| weights.get(i));
     let kq_scale = 1.0 / (c.head_dim as f32).sqrt();
-    // One new token over a quantized cache on the CPU: kvsharer's grouped kernel
-    // (see `backend::ggml::decode_attention` for why; a custom op runs only on ggml's CPU
-    // backend); everything else: ggml's flash attention. Decided per layer, since
-    // each layer may read slots of other types.
-    let use_decode_kernel = |il: usize| {
-        shape.spans.iter().all(|&(_, len)| len == 1)
+    // How each layer attends, decided per layer since each may read slots of other
+    // types (see `AttentionPath`).
+    let attention_path = |il: usize| {
+        let (type_k, type_v) = (cache.type_k(il), cache.type_v(il));
+        let decode = shape.spans.iter().all(|&(_, len)| len == 1)
             && shape.on_cpu
-            && decode_attention::supports(
-                cache.type_k(il),
-                cache.type_v(il),
-                c.head_dim,
-                c.n_head,
-                c.n_head_kv,
-            )
+            && decode_attention::supports(type_k, type_v, c.head_dim, c.n_head, c.n_head_kv);
+        let float = |t| matches!(t, GgmlType::F16 | GgmlType::F32);
+        if decode {
+            AttentionPath::DecodeKernel
+        } else if shape.on_cpu && !(type_k == type_v && float(type_k)) {
+            AttentionPath::Flash { dequantize: true }
+        } else {
+            AttentionPath::Flash { dequantize: false }
+        }
     };
 
     // A layer's keys and values from its normed input, into the halves it owns.
@@ -321,10 +322,10 @@ fn build(
         // Cache writes go into the graph before the attention that reads the slot.
         write_layer_kv(il, lw, cur);
         // Each span attends over its own sequence's cells.
-        let decode = use_decode_kernel(il);
+        let path = attention_path(il);
         let span_attention = |q, mask, base| {
             let dims = [c.n_head_kv, c.head_dim, shape.n_kv];
-            span_attention(&g, q, [k_slot, v_slot], mask, base, dims, kq_scale, decode)
+            span_attention(&g, q, [k_slot, v_slot], mask, base, dims, kq_scale, path)
         };
         let cur = match shape.spans.as_slice() {
             [(base, _)] => span_attention(q, inp_mask, *base),
@@ -432,9 +433,29 @@ fn project_heads<'a>(
     }
 }
 
-/// Attention of one span's queries over its sequence's cells from row `base` on:
-/// kvsharer's decode kernel (one token per span, quantized cache, CPU) or ggml's
-/// flash attention.
+/// How a layer's queries attend over its cache in one graph.
+#[derive(Clone, Copy)]
+enum AttentionPath {
+    /// kvsharer's grouped decode kernel: one new token per span over a quantized
+    /// cache on the CPU (see `backend::ggml::decode_attention` for why; a custom op
+    /// runs only on ggml's CPU backend).
+    DecodeKernel,
+    /// ggml's flash attention. With `dequantize`, a span of at least
+    /// `FLASH_TILE_QUERIES` queries reads its cells dequantized to f32 first: ggml's
+    /// CPU flash attention tiles many queries only over f16/f32 caches of one type, and
+    /// otherwise dequantizes every value row once per query (a 4096-token prompt over
+    /// a q4_0 cache took 86 s to evaluate that way). Dequantizing each cell once per
+    /// graph costs one pass over the cells; the tiled kernel then reads the same cell
+    /// values in f32, with f32 queries where the per-query path rounds the queries to
+    /// q8_0 for its quantized dot products.
+    Flash { dequantize: bool },
+}
+
+/// The fewest queries for which ggml's CPU flash attention takes its tiled path
+/// (`GGML_FA_TILE_Q`).
+const FLASH_TILE_QUERIES: i64 = 64;
+
+/// Attention of one span's queries over its sequence's cells from row `base` on.
 #[allow(clippy::too_many_arguments)]
 fn span_attention<'a>(
     g: &'a GraphCtx,
@@ -444,22 +465,27 @@ fn span_attention<'a>(
     base: usize,
     dims: [usize; 3],
     scale: f32,
-    decode_kernel: bool,
+    path: AttentionPath,
 ) -> Tensor<'a> {
-    if decode_kernel {
-        let n_kv = dims[2] as i64;
-        let cells = |slot: Tensor<'a>| {
-            let row = slot_row_bytes(slot);
-            g.view_2d(slot, slot.ne()[0], n_kv, row, base * row)
-        };
-        g.decode_attention(q, cells(k_slot), cells(v_slot), mask, scale)
-    } else {
-        attention(g, q, [k_slot, v_slot], mask, base, dims, scale)
+    match path {
+        AttentionPath::DecodeKernel => {
+            let n_kv = dims[2] as i64;
+            let cells = |slot: Tensor<'a>| {
+                let row = slot_row_bytes(slot);
+                g.view_2d(slot, slot.ne()[0], n_kv, row, base * row)
+            };
+            g.decode_attention(q, cells(k_slot), cells(v_slot), mask, scale)
+        }
+        AttentionPath::Flash { dequantize } => {
+            let dequantize = dequantize && q.ne()[2] >= FLASH_TILE_QUERIES;
+            attention(g, q, [k_slot, v_slot], mask, base, dims, scale, dequantize)
+        }
     }
 }
 
 /// Flash attention of `q` ([hd, n_head, n]) over the `n_kv` cells of a slot from
-/// row `base` on.
+/// row `base` on; with `dequantize`, over those cells converted to f32.
+#[allow(clippy::too_many_arguments)]
 fn attention<'a>(
     g: &'a GraphCtx,
     q: Tensor<'a>,
@@ -468,6 +494,7 @@ fn attention<'a>(
     base: usize,
     [n_head_kv, head_dim, n_kv]: [usize; 3],
     scale: f32,
+    dequantize: bool,
 ) -> Tensor<'a> {
     let kv_view = |slot: Tensor<'a>, ty_row: usize, ty_head: usize| {
         let view = g.view_3d(
@@ -477,7 +504,12 @@ fn attention<'a>(
             ty_row,
             base * ty_row,
         );
-        g.permute(view, [0, 2, 1, 3])
+        let cells = g.permute(view, [0, 2, 1, 3]);
+        if dequantize {
+            g.cast(cells, GgmlType::F32)
+        } else {
+            cells
+        }
     };
     let k_row = slot_row_bytes(k_slot);
     let v_row = slot_row_bytes(v_slot);
