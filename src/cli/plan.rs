@@ -241,7 +241,7 @@ pub struct Measured {
 /// and cached.
 pub fn move_costs(loaded: &LoadedModel, p: &PlannerArgs, threads: usize) -> Result<Measured> {
     p.check()?;
-    p.ladder()?;
+    let types = p.ladder()?;
     let corpus = p.corpus()?;
     let c = &loaded.model.config;
     let adapters = match p.adapter_options() {
@@ -257,11 +257,12 @@ pub fn move_costs(loaded: &LoadedModel, p: &PlannerArgs, threads: usize) -> Resu
     let key = format!(
         // `v4`: batches over quantized slots attend over f32-dequantized cells (the
         // same path as the f16 reference), which changes every measured cost.
-        "{}-v4-s{}-k{}-src{}{adapters}-{}",
+        "{}-v4-s{}-k{}-src{}-{}{adapters}-{}",
         model_fingerprint(loaded.model.file())?,
         p.samples,
         p.tokens,
         p.sources,
+        types.iter().map(|t| t.name()).collect::<Vec<_>>().join("."),
         &corpus.sha256[..16]
     );
     let dir = kvsharer::fetch::cache_dir()?.join("plans");
@@ -319,6 +320,7 @@ pub fn move_costs(loaded: &LoadedModel, p: &PlannerArgs, threads: usize) -> Resu
     let opts = PlannerOptions {
         sources: p.sources,
         threads,
+        types,
     };
     let costs = planner::measure(&mut eval, adapted_eval.as_mut(), &opts, |pr| {
         bar.set_length(pr.total as u64);

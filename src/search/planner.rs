@@ -77,6 +77,9 @@ pub struct PlannerOptions {
     /// captured keys (values) first.
     pub sources: usize,
     pub threads: usize,
+    /// The precisions plans may use: each quantized one is measured per half (two
+    /// full runs a type), so a type no plan will use costs no runs.
+    pub types: Vec<GgmlType>,
 }
 
 impl Default for PlannerOptions {
@@ -84,6 +87,7 @@ impl Default for PlannerOptions {
         PlannerOptions {
             sources: 1,
             threads: crate::runtime::default_threads(),
+            types: default_ladder(),
         }
     }
 }
@@ -119,7 +123,7 @@ pub struct MoveCosts {
     pub slot_type: GgmlType,
     /// `slot_type` on one slot, per layer: `[keys, values]`.
     pub slot: [Vec<f64>; 2],
-    /// Every quantized type of `LADDER`, on every slot of one half.
+    /// Every quantized type of `PlannerOptions::types`, on every slot of one half.
     pub whole_half: Vec<WholeHalfCost>,
     pub shares: Vec<ShareCost>,
     /// Calibration runs made, and how long they took.
@@ -203,7 +207,7 @@ pub fn measure(
     let whole_types: Vec<GgmlType> = LADDER
         .iter()
         .copied()
-        .filter(|&t| t != GgmlType::F16)
+        .filter(|&t| t != GgmlType::F16 && opts.types.contains(&t))
         .collect();
     for &ty in &whole_types {
         for half in Half::BOTH {

@@ -372,6 +372,20 @@ fn cli_plans_stores_and_runs_a_budget() {
     // The second plan reuses the cached move costs.
     let o = kvsharer(&args, &cache);
     assert!(stderr(&o).contains("measured before"), "{}", stderr(&o));
+    // Only the types plans may use were measured per half: q4_0 is not in the
+    // default ladder, so it cost no runs.
+    let costs: Vec<serde_json::Value> = std::fs::read_dir(cache.join("plans"))
+        .unwrap()
+        .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
+        .collect();
+    assert_eq!(costs.len(), 1);
+    let measured: Vec<&str> = costs[0]["whole_half"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["ty"].as_str().unwrap())
+        .collect();
+    assert_eq!(measured, ["q8_0", "q5_1", "q5_0", "q4_1", "iq4_nl"]);
 
     let out = dir.path().join("planned.gguf");
     let mut share = vec![
