@@ -6,21 +6,37 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use expectrl::process::unix::WaitStatus;
 use expectrl::session::OsSession as Session;
-use expectrl::{Eof, Expect};
+use expectrl::{Captures, Eof, Expect, Needle};
 
 use kvsharer::chat::{ChatTemplate, Message, Role};
 use kvsharer::loader::{self, LoadedModel};
 
 use crate::support;
 
-/// Each test runs a model on the CPU; one at a time keeps their timing sane on small
-/// machines.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+/// How long any one wait for the chat's output may take.
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `session.expect(needle)` without expectrl's busy loop, which re-reads the pty
+/// without pausing and so takes a whole core from the chat it waits on (measured:
+/// the test process at 100% CPU beside the chat, a 128-token reply taking minutes):
+/// looks at what has arrived every 5 ms, for up to `TIMEOUT`.
+fn wait_for<N: Needle>(session: &mut Session, needle: N) -> Result<Captures, expectrl::Error> {
+    let start = Instant::now();
+    loop {
+        let found = session.check(&needle)?;
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        if start.elapsed() > TIMEOUT {
+            return Err(expectrl::Error::ExpectTimeout);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
 
 /// rustyline clears the line and draws the prompt with this sequence.
 const PROMPT: &str = "\x1b[K> ";
@@ -40,12 +56,13 @@ impl Chat {
         cmd.arg("chat")
             .arg("-m")
             .arg(support::default_model_path())
-            .args(["--temp", "0"])
+            // One thread: chats run beside other tests, and ggml's threads spin at
+            // their barriers, which collapses when cores are oversubscribed.
+            .args(["--temp", "0", "-t", "1"])
             .args(args)
             .env("KVSHARER_DATA_DIR", data_dir.path());
         let mut session = Session::spawn(cmd).expect("spawn kvsharer chat in a pty");
-        session.set_expect_timeout(Some(Duration::from_secs(300)));
-        session.expect(PROMPT).expect("the first prompt appears");
+        wait_for(&mut session, PROMPT).expect("the first prompt appears");
         let data_path = data_dir.path().to_path_buf();
         Chat {
             session,
@@ -60,14 +77,12 @@ impl Chat {
     /// before the acceptance and are skipped.
     fn submit(&mut self, raw: &str) -> String {
         self.session.send(raw).unwrap();
-        self.session
-            .expect(LINE_ACCEPTED)
-            .expect("the input is accepted");
+        wait_for(&mut self.session, LINE_ACCEPTED).expect("the input is accepted");
         self.until_prompt().trim().to_owned()
     }
 
     fn until_prompt(&mut self) -> String {
-        let found = self.session.expect(PROMPT).expect("the prompt comes back");
+        let found = wait_for(&mut self.session, PROMPT).expect("the prompt comes back");
         strip_escapes(&String::from_utf8_lossy(found.before()))
     }
 
@@ -97,9 +112,7 @@ impl Chat {
     }
 
     fn exit_status(&mut self) -> WaitStatus {
-        self.session
-            .expect(Eof)
-            .expect("the process closes the terminal");
+        wait_for(&mut self.session, Eof).expect("the process closes the terminal");
         self.session.get_process().wait().unwrap()
     }
 }
@@ -231,13 +244,8 @@ impl Reference {
     }
 }
 
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[test]
 fn second_answer_uses_the_first_and_the_cache_is_kept() {
-    let _guard = lock();
     let reference = Reference::load();
     let mut chat = Chat::start(&["-n", "24", "-c", "1024"]);
 
@@ -303,16 +311,13 @@ fn second_answer_uses_the_first_and_the_cache_is_kept() {
 
 #[test]
 fn ctrl_c_stops_a_reply_and_the_session_still_answers() {
-    let _guard = lock();
     let reference = Reference::load();
     let mut chat = Chat::start(&["-n", "400", "-c", "1024"]);
     chat.session
         .send("Write a very long story about a dragon who learns to fly.\r")
         .unwrap();
-    chat.session.expect(LINE_ACCEPTED).unwrap();
-    chat.session
-        .expect(expectrl::Regex("[A-Za-z]{3}"))
-        .expect("the reply starts");
+    wait_for(&mut chat.session, LINE_ACCEPTED).unwrap();
+    wait_for(&mut chat.session, expectrl::Regex("[A-Za-z]{3}")).expect("the reply starts");
     chat.session.send("\x03").unwrap();
     let out = chat.until_prompt();
     assert!(out.contains("[reply stopped]"), "{out:?}");
@@ -343,7 +348,6 @@ fn ctrl_c_stops_a_reply_and_the_session_still_answers() {
 
 #[test]
 fn a_small_context_survives_many_turns_by_dropping_old_ones() {
-    let _guard = lock();
     let reference = Reference::load();
     let system = "You are a helpful assistant. Answer in one short sentence.";
     let mut chat = Chat::start(&["-n", "24", "-c", "256", "--system", system]);
@@ -396,7 +400,6 @@ fn a_small_context_survives_many_turns_by_dropping_old_ones() {
 
 #[test]
 fn a_reply_that_fills_the_context_stops_with_a_notice() {
-    let _guard = lock();
     let reference = Reference::load();
     let mut chat = Chat::start(&["-n", "-1", "-c", "128"]);
     let out = chat.ask("Write a very long story about a dragon who learns to fly.");
@@ -424,7 +427,6 @@ fn a_reply_that_fills_the_context_stops_with_a_notice() {
 
 #[test]
 fn continued_and_pasted_lines_make_one_message_and_history_is_saved() {
-    let _guard = lock();
     let mut chat = Chat::start(&["-n", "4"]);
     chat.submit("line one \\\rline two\r");
     chat.submit("\x1b[200~pasted a\npasted b\x1b[201~\r");
@@ -452,7 +454,6 @@ fn continued_and_pasted_lines_make_one_message_and_history_is_saved() {
 
 #[test]
 fn ctrl_d_and_ctrl_c_at_an_empty_prompt_exit_cleanly() {
-    let _guard = lock();
     let mut chat = Chat::start(&[]);
     chat.session.send("\x04").unwrap();
     assert!(matches!(chat.exit_status(), WaitStatus::Exited(_, 0)));
@@ -469,7 +470,6 @@ fn ctrl_d_and_ctrl_c_at_an_empty_prompt_exit_cleanly() {
 
 #[test]
 fn system_prompt_and_reset_keep_the_cache_consistent() {
-    let _guard = lock();
     let reference = Reference::load();
     let mut chat = Chat::start(&["-n", "8", "--system", "You are a pirate."]);
     let s0 = chat.stats();
