@@ -1,7 +1,8 @@
 // Attention of this pass's queries over a layer's cache slots (keys and values,
 // [n_ctx][n_head_kv * head_dim] each, in their own types: the module prepends
 // `kv_cache.wgsl` twice, for KC and VC, and the `k4` / `v1` readers of the slots'
-// types), causal: the query at cache row r sees rows 0..=r. Keys are visited in tiles of 64 with an online softmax (running
+// types), causal: the query stored at cache row r sees rows ROWS[t].y..=r (its
+// sequence or packed text). Keys are visited in tiles of 64 with an online softmax (running
 // max and sum), so no score row is ever materialized.
 //
 // `attn_tiled` does one (head, token) per workgroup: prefill, in f32, which is also
@@ -128,7 +129,7 @@ fn attn_tiled(
     let t = wid.y;
     let kvh = h / (P.n_head / P.n_head_kv);
     load_query(t, h, li, false);
-    let r = attend(kvh, 0u, S.pos0 + t + 1u, li);
+    let r = attend(kvh, ROWS[t].y, ROWS[t].x + 1u, li);
     let ob = (t * P.n_head + h) * P.head_dim;
     for (var c = 0u; c < 4u; c++) {
         let d = li + c * TILE;
@@ -143,7 +144,8 @@ fn part_base(h: u32, split: u32) -> u32 {
     return (h * P.max_splits + split) * (P.head_dim + 2u);
 }
 
-// Decode only: the pass's single token (row pos0) against rows [split * split_len, ..),
+// Decode only: the pass's single token (row ROWS[0].x) against rows
+// [ROWS[0].y + split * split_len, ..),
 // one query head per workgroup (GQA groups larger than MAX_GROUP; smaller ones take
 // attn_split_group).
 @compute @workgroup_size(64)
@@ -154,9 +156,8 @@ fn attn_split(
     let h = wid.x;
     let split = wid.y;
     let kvh = h / (P.n_head / P.n_head_kv);
-    let n_keys = S.pos0 + 1u;
-    let k0 = split * P.split_len;
-    let k1 = min(k0 + P.split_len, n_keys);
+    let k0 = ROWS[0].y + split * P.split_len;
+    let k1 = min(k0 + P.split_len, ROWS[0].x + 1u);
     load_query(0u, h, li, false);
     let r = attend(kvh, k0, k1, li);
     let pb = part_base(h, split);
@@ -198,9 +199,8 @@ fn attn_split_group(
         }
     }
     workgroupBarrier();
-    let n_keys = S.pos0 + 1u;
-    let k0 = split * P.split_len;
-    let k1 = min(k0 + P.split_len, n_keys);
+    let k0 = ROWS[0].y + split * P.split_len;
+    let k1 = min(k0 + P.split_len, ROWS[0].x + 1u);
     let head = kvh * P.head_dim;
     var m: array<f32, MAX_GROUP>;
     var l: array<f32, MAX_GROUP>;
@@ -293,7 +293,7 @@ fn attn_combine(
     @builtin(local_invocation_index) li: u32,
 ) {
     let h = wid.x;
-    let n_splits = (S.pos0 + P.split_len) / P.split_len;
+    let n_splits = (ROWS[0].x - ROWS[0].y + P.split_len) / P.split_len;
     var m = NEG_BIG;
     for (var s = 0u; s < n_splits; s++) {
         m = max(m, PART[part_base(h, s)]);
@@ -327,11 +327,11 @@ fn attn_f16_serial(
     let kvh = h / (P.n_head / P.n_head_kv);
     let head = kvh * P.head_dim;
     load_query(t, h, li, true);
-    let n_keys = S.pos0 + t + 1u;
+    let n_keys = ROWS[t].x + 1u;
     var m = NEG_BIG;
     var l = 0.0;
     var acc = vec4<f32>(0.0);
-    for (var t0 = 0u; t0 < n_keys; t0 += TILE) {
+    for (var t0 = ROWS[t].y; t0 < n_keys; t0 += TILE) {
         let j = t0 + li;
         if (j < n_keys) {
             p_s[li] = score(j, head);

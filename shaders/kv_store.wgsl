@@ -1,6 +1,7 @@
 // Writes rows of keys or values (f32, [tokens][n_embd_kv] in SRC) into a cache
-// slot in its type, at rows S.pos0 + token: the forward pass's store (pos0 the
-// pass's position) and the context shift's re-store of moved and re-rotated rows.
+// slot in its type, at rows S.pos0 + ROWS[token].x: the forward pass's store
+// (pos0 0, each token's own row) and the context shift's re-store of moved and
+// re-rotated rows (ROWS counting up from 0, pos0 the destination).
 // One entry point per type; the quantizers follow ggml's reference ones
 // (quantize_row_q8_0_ref, _q4_0_ref, _q4_1_ref, _q5_0_ref, _q5_1_ref, _iq4_nl_ref),
 // so a row stored here holds the bytes ggml's CPU backend would store, up to the
@@ -45,7 +46,7 @@ fn store_f32(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let t = gid.y;
-    let row = (S.pos0 + t) * P.n_embd_kv;
+    let row = (S.pos0 + ROWS[t].x) * P.n_embd_kv;
     atomicStore(&DST[row + i], bitcast<u32>(SRC[t * P.n_embd_kv + i]));
 }
 
@@ -58,7 +59,7 @@ fn store_f16(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let t = gid.y;
     let src = t * P.n_embd_kv + 2u * p;
-    atomicStore(&DST[(S.pos0 + t) * pairs + p], pack2x16float(vec2<f32>(SRC[src], SRC[src + 1u])));
+    atomicStore(&DST[(S.pos0 + ROWS[t].x) * pairs + p], pack2x16float(vec2<f32>(SRC[src], SRC[src + 1u])));
 }
 
 // One invocation per block of 32.
@@ -76,7 +77,7 @@ fn store_q8_0(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let d = amax / 127.0;
     let id = select(0.0, 1.0 / d, d != 0.0);
-    let off = (S.pos0 + t) * P.row_bytes + b * 34u;
+    let off = (S.pos0 + ROWS[t].x) * P.row_bytes + b * 34u;
     put_u16(off, f16_bits(d));
     for (var j = 0u; j < 32u; j += 2u) {
         let q0 = u32(i32(round_away(SRC[src + j] * id))) & 0xffu;
@@ -105,7 +106,7 @@ fn store_q4_0(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let d = mx / -8.0;
     let id = select(0.0, 1.0 / d, d != 0.0);
-    let off = (S.pos0 + t) * P.row_bytes + b * 18u;
+    let off = (S.pos0 + ROWS[t].x) * P.row_bytes + b * 18u;
     put_u16(off, f16_bits(d));
     for (var j = 0u; j < 16u; j += 2u) {
         var pair = 0u;
@@ -185,7 +186,7 @@ fn store_q4_1(@builtin(global_invocation_id) gid: vec3<u32>) {
     let t = gid.y;
     var codes: array<u32, 32>;
     let dm = affine_codes(t * P.n_embd_kv + b * 32u, 15u, &codes);
-    let off = (S.pos0 + t) * P.row_bytes + b * 20u;
+    let off = (S.pos0 + ROWS[t].x) * P.row_bytes + b * 20u;
     put_u16(off, f16_bits(dm.x));
     put_u16(off + 2u, f16_bits(dm.y));
     put_nibbles(off + 4u, &codes);
@@ -205,7 +206,7 @@ fn store_q5_0(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var j = 0u; j < 32u; j++) {
         codes[j] = min(31u, u32(SRC[src + j] * id + 16.5));
     }
-    let off = (S.pos0 + t) * P.row_bytes + b * 22u;
+    let off = (S.pos0 + ROWS[t].x) * P.row_bytes + b * 22u;
     put_u16(off, f16_bits(d));
     put_high_bits(off + 2u, &codes);
     put_nibbles(off + 6u, &codes);
@@ -220,7 +221,7 @@ fn store_q5_1(@builtin(global_invocation_id) gid: vec3<u32>) {
     let t = gid.y;
     var codes: array<u32, 32>;
     let dm = affine_codes(t * P.n_embd_kv + b * 32u, 31u, &codes);
-    let off = (S.pos0 + t) * P.row_bytes + b * 24u;
+    let off = (S.pos0 + ROWS[t].x) * P.row_bytes + b * 24u;
     put_u16(off, f16_bits(dm.x));
     put_u16(off + 2u, f16_bits(dm.y));
     put_high_bits(off + 4u, &codes);
@@ -286,7 +287,7 @@ fn store_iq4_nl(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
         d = select(0.0, sumqx / sumq2, sumq2 > 0.0);
     }
-    let off = (S.pos0 + t) * P.row_bytes + b * 18u;
+    let off = (S.pos0 + ROWS[t].x) * P.row_bytes + b * 18u;
     put_u16(off, f16_bits(d));
     put_nibbles(off + 2u, &codes);
 }

@@ -27,6 +27,35 @@ pub fn check_tokens(
     Ok(())
 }
 
+/// Refuses a step of several sequences (`RunState::forward_seqs`) naming a
+/// sequence the run state lacks or twice, or whose tokens `check_tokens` refuses
+/// for that sequence (`past[seq]` cached of `cells`).
+pub fn check_seqs(
+    batch: &[(usize, &[u32])],
+    past: &[usize],
+    cells: usize,
+    n_vocab: usize,
+) -> Result<(), RuntimeError> {
+    if batch.is_empty() {
+        return Err(RuntimeError::Empty);
+    }
+    for (i, &(seq, tokens)) in batch.iter().enumerate() {
+        if seq >= past.len() {
+            return Err(RuntimeError::InvalidRequest(format!(
+                "sequence {seq} does not exist (the run state holds {})",
+                past.len()
+            )));
+        }
+        if batch[..i].iter().any(|&(s, _)| s == seq) {
+            return Err(RuntimeError::InvalidRequest(format!(
+                "sequence {seq} appears twice in one step"
+            )));
+        }
+        check_tokens(tokens, past[seq], cells, n_vocab)?;
+    }
+    Ok(())
+}
+
 /// `tokens` in passes of at most `len` tokens, each with the logits it must
 /// return: `Logits::Last` is the last pass's only (earlier passes return none),
 /// `All` and `None` apply to every pass.

@@ -1,6 +1,8 @@
 //! What a forward pass is asked for and what it returns: the vocabulary every
 //! backend and every product shares.
 
+use super::error::RuntimeError;
+
 /// Which rows of logits a forward pass returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -88,4 +90,39 @@ pub struct PackedBatch<'a> {
     /// residual stream entering it; their keys and values are computed again from
     /// it, so their slots need not hold an earlier run's (at most 128 layers).
     pub refill: &'a [(usize, &'a [f32])],
+}
+
+impl PackedBatch<'_> {
+    /// Refuses texts that are not whole, and a start or refill whose layer or
+    /// input length does not fit a model of `n_layers` layers of width `n_embd`.
+    pub fn check(&self, n_layers: usize, n_embd: usize) -> Result<(), RuntimeError> {
+        let n = self.tokens.len();
+        if self.seq_len == 0 || !n.is_multiple_of(self.seq_len) {
+            return Err(RuntimeError::InvalidRequest(format!(
+                "{n} tokens are not whole texts of {} tokens",
+                self.seq_len
+            )));
+        }
+        let Some((layer, input)) = self.start else {
+            return Ok(());
+        };
+        let n_inputs = n * n_embd;
+        if layer >= n_layers || input.len() != n_inputs {
+            return Err(RuntimeError::InvalidRequest(format!(
+                "a packed start at layer {layer} needs {n_inputs} input values, got {}",
+                input.len()
+            )));
+        }
+        if let Some((l, x)) = self
+            .refill
+            .iter()
+            .find(|(l, x)| *l >= layer || *l >= 128 || x.len() != n_inputs)
+        {
+            return Err(RuntimeError::InvalidRequest(format!(
+                "a refill of layer {l} ({} values) must be below the start ({layer}) and hold {n_inputs} values",
+                x.len()
+            )));
+        }
+        Ok(())
+    }
 }

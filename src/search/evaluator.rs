@@ -1,11 +1,11 @@
 //! The one evaluator every search strategy runs on: the calibration set under a
 //! sharing map, on any backend's `RunState`.
 //!
-//! Where the backend can pack texts (`Capabilities::packed`: ggml, on the CPU or a
-//! ggml GPU device) all texts run as one batch, and with the cached prefix on, a
+//! Where the backend can pack texts (`Capabilities::packed`: every backend today,
+//! ggml's and wgpu) all texts run as one batch, and with the cached prefix on, a
 //! candidate that changes layer `i` re-runs only from the first layer it affects
 //! (`search::start_layer`), from the residual stream the current map left there.
-//! Elsewhere (wgpu) texts run one at a time from the token embeddings. The run state
+//! Elsewhere texts would run one at a time from the token embeddings. The run state
 //! is opened once, with the identity map, and laid out anew for every map
 //! (`RunState::set_map`).
 

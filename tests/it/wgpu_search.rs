@@ -471,3 +471,155 @@ fn real_model_gpu_search_vs_cpu_on_the_quantized_and_dequantized_files() {
     ));
     assert_eq!(gpu.map, cpu_f32.map);
 }
+
+/// The packed pass the search runs every candidate through (`forward_packed`):
+/// on wgpu, texts packed one after another in the cache, each attending only to
+/// itself, give what ggml's packed pass gives (logits, hidden states, every
+/// layer's input); a pass that starts mid-network from cached layer inputs, with
+/// the lower slots it reads refilled from theirs, gives what a full pass of the
+/// same plan gives (bit for bit on wgpu: the same kernels on the same inputs).
+/// Tolerance against ggml: 2e-2 on logits of magnitude ~5 (both compute the f32
+/// model in f32; an f16 cache value rounded the other way after another
+/// summation order moves later logits by ~1e-3; the figures are printed).
+#[test]
+fn packed_passes_from_a_cached_prefix_match_full_passes_and_ggml() {
+    use kvsharer::backend::ggml::{DeviceKind, Session};
+    use kvsharer::backend::wgpu::{AdapterPolicy, GpuSession};
+    use kvsharer::gguf::GgmlType;
+    use kvsharer::kvplan::{Half, KvPlan};
+    use kvsharer::runtime::{ForwardRequest, Logits, PackedBatch, RunOptions, RunState};
+    use support::max_abs_diff;
+    let test = "packed_passes_from_a_cached_prefix_match_full_passes_and_ggml";
+    let dir = tempfile::tempdir().unwrap();
+    let loaded = loader::load(&planted_model(dir.path())).unwrap();
+    let model = &loaded.model;
+    let (n_texts, seq_len) = (3, 20);
+    let tokens: Vec<u32> = (0..n_texts * seq_len)
+        .map(|k| (k as u32 * 7 + 3) % 90)
+        .collect();
+    // Two passes of whole texts on wgpu (batch 40), one graph on the CPU.
+    let opts = RunOptions {
+        n_ctx: tokens.len(),
+        n_batch: 2 * seq_len,
+        n_threads: 2,
+        ..RunOptions::default()
+    };
+    // f32 keys beside f16 values (the planted model's heads of 16 take no
+    // quantized block).
+    let unshared = KvPlan::unshared(N_LAYERS, GgmlType::F32, GgmlType::F16);
+    let opened = GpuSession::open_plan(model, &unshared, &opts, AdapterPolicy::Any);
+    let Some(mut gpu) = or_skip_without_adapter(test, opened) else {
+        return;
+    };
+    let mut cpu = Session::with_plan(DeviceKind::Cpu, model, &unshared, &opts).unwrap();
+    let all = ForwardRequest {
+        logits: Logits::All,
+        hidden: true,
+        layer_inputs: true,
+    };
+    let full = PackedBatch {
+        tokens: &tokens,
+        seq_len,
+        start: None,
+        refill: &[],
+    };
+    let g = gpu.forward_packed(full, all).unwrap();
+    let c = cpu.forward_packed(full, all).unwrap();
+    assert_eq!(g.logit_rows, tokens.len());
+    assert_eq!(g.layer_inputs.len(), N_LAYERS);
+    let d_logits = max_abs_diff(&g.logits, &c.logits);
+    let d_hidden = max_abs_diff(g.hidden.as_ref().unwrap(), c.hidden.as_ref().unwrap());
+    let d_inputs = g
+        .layer_inputs
+        .iter()
+        .zip(&c.layer_inputs)
+        .map(|((lg, xg), (lc, xc))| {
+            assert_eq!(lg, lc);
+            max_abs_diff(xg, xc)
+        })
+        .fold(0.0f32, f32::max);
+    say(&format!(
+        "{test}: full packed pass, wgpu vs ggml: logits {d_logits:.2e}, hidden {d_hidden:.2e}, layer inputs {d_inputs:.2e}"
+    ));
+    assert!(d_logits < 2e-2 && d_hidden < 2e-2 && d_inputs < 2e-2);
+    // Each text attends only to itself: the second text alone gives its rows.
+    gpu.reset();
+    let alone = gpu
+        .forward(
+            &tokens[seq_len..2 * seq_len],
+            ForwardRequest::logits(Logits::All),
+        )
+        .unwrap();
+    let n_vocab = model.config.n_vocab;
+    let d_alone = max_abs_diff(
+        &alone.logits,
+        &g.logits[seq_len * n_vocab..2 * seq_len * n_vocab],
+    );
+    assert!(
+        d_alone < 1e-4,
+        "a packed text sees another's cells: {d_alone}"
+    );
+
+    // Layers 4 and 5 read keys and values from layers 1 and 2: a pass from layer
+    // 3 (whose input the unshared run left) refills slots 1 and 2 from theirs.
+    let plan = unshared
+        .with_shared(Half::Keys, 4, 1)
+        .unwrap()
+        .with_shared(Half::Values, 5, 2)
+        .unwrap();
+    let logits = ForwardRequest::logits(Logits::All);
+    let other: Vec<u32> = tokens.iter().map(|t| (t + 11) % 90).collect();
+    let run = |s: &mut dyn RunState, start: bool| {
+        s.set_plan(&plan).unwrap();
+        // Other texts first, so slots 1 and 2 hold nothing the pass could reuse.
+        let clobber = PackedBatch {
+            tokens: &other,
+            ..full
+        };
+        s.forward_packed(clobber, logits).unwrap();
+        let refill: Vec<(usize, &[f32])> = [1, 2]
+            .iter()
+            .map(|&l| (l, g.layer_inputs[l].1.as_slice()))
+            .collect();
+        let batch = PackedBatch {
+            start: start.then(|| (3, g.layer_inputs[3].1.as_slice())),
+            refill: &refill,
+            ..full
+        };
+        s.forward_packed(batch, logits).unwrap().logits
+    };
+    let gpu_full = run(&mut gpu, false);
+    let gpu_start = run(&mut gpu, true);
+    let cpu_start = run(&mut cpu, true);
+    assert_ne!(gpu_full, g.logits, "the plan changes nothing");
+    let d_start = max_abs_diff(&gpu_start, &gpu_full);
+    let d_cpu = max_abs_diff(&gpu_start, &cpu_start);
+    say(&format!(
+        "{test}: from layer 3 vs full pass on wgpu: {d_start:.2e}; vs ggml from layer 3: {d_cpu:.2e}"
+    ));
+    assert!(d_start < 1e-5, "{d_start}");
+    assert!(d_cpu < 2e-2, "{d_cpu}");
+
+    // Bad packed batches are refused, and nothing is left half-run.
+    let bad =
+        |s: &mut dyn RunState, b: PackedBatch| s.forward_packed(b, logits).unwrap_err().to_string();
+    let e = bad(&mut gpu, PackedBatch { seq_len: 7, ..full });
+    assert!(e.contains("whole texts"), "{e}");
+    let short = vec![0.0f32; 5];
+    let e = bad(
+        &mut gpu,
+        PackedBatch {
+            start: Some((3, &short)),
+            ..full
+        },
+    );
+    assert!(e.contains("input values"), "{e}");
+    let e = bad(
+        &mut gpu,
+        PackedBatch {
+            seq_len: 60,
+            ..full
+        },
+    );
+    assert!(e.contains("does not fit one pass"), "{e}");
+}

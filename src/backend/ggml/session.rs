@@ -247,29 +247,7 @@ impl<'m> Session<'m> {
     /// Refuses a batch of sequences that name one twice or one that does not
     /// exist, or whose tokens do not fit.
     fn check_seqs(&self, batch: &[(usize, &[u32])]) -> Result<(), RuntimeError> {
-        if batch.is_empty() {
-            return Err(RuntimeError::Empty);
-        }
-        for (i, &(seq, tokens)) in batch.iter().enumerate() {
-            if seq >= self.past.len() {
-                return Err(RuntimeError::InvalidRequest(format!(
-                    "sequence {seq} does not exist (the run state holds {})",
-                    self.past.len()
-                )));
-            }
-            if batch[..i].iter().any(|&(s, _)| s == seq) {
-                return Err(RuntimeError::InvalidRequest(format!(
-                    "sequence {seq} appears twice in one step"
-                )));
-            }
-            chunks::check_tokens(
-                tokens,
-                self.past[seq],
-                self.cells,
-                self.model.config.n_vocab,
-            )?;
-        }
-        Ok(())
+        chunks::check_seqs(batch, &self.past, self.cells, self.model.config.n_vocab)
     }
 }
 
@@ -490,46 +468,21 @@ impl<'m> RunState<'m> for Session<'m> {
         batch: PackedBatch<'_>,
         req: ForwardRequest,
     ) -> Result<ForwardOutput, RuntimeError> {
+        batch.check(self.model.config.n_layers, self.model.config.n_embd)?;
         let PackedBatch {
             tokens,
             seq_len,
             start,
             refill,
         } = batch;
-        if seq_len == 0 || !tokens.len().is_multiple_of(seq_len) {
-            return Err(RuntimeError::InvalidRequest(format!(
-                "{} tokens are not whole texts of {seq_len} tokens",
-                tokens.len()
-            )));
-        }
         self.past[0] = 0;
         let start = match start {
             None => Start::Tokens,
-            Some((layer, input)) => {
-                let n_embd = self.model.config.n_embd;
-                if layer >= self.model.config.n_layers || input.len() != tokens.len() * n_embd {
-                    return Err(RuntimeError::InvalidRequest(format!(
-                        "a packed start at layer {layer} needs {} input values, got {}",
-                        tokens.len() * n_embd,
-                        input.len()
-                    )));
-                }
-                let n_inputs = tokens.len() * n_embd;
-                if let Some((l, x)) = refill
-                    .iter()
-                    .find(|(l, x)| *l >= layer || *l >= 128 || x.len() != n_inputs)
-                {
-                    return Err(RuntimeError::InvalidRequest(format!(
-                        "a refill of layer {l} ({} values) must be below the start ({layer}) and hold {n_inputs} values",
-                        x.len()
-                    )));
-                }
-                Start::Layer {
-                    layer,
-                    input,
-                    refill,
-                }
-            }
+            Some((layer, input)) => Start::Layer {
+                layer,
+                input,
+                refill,
+            },
         };
         let chunk = match start {
             Start::Tokens => (self.n_batch / seq_len).max(1) * seq_len,

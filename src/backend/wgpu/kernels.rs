@@ -151,6 +151,7 @@ pub(crate) struct Kernels {
     /// type as plans need them (`add_cache_pairs`).
     store_module: wgpu::ShaderModule,
     rows_layout: wgpu::BindGroupLayout,
+    store_layout: wgpu::BindGroupLayout,
     pub kv_store: HashMap<GgmlType, Kernel>,
     pub kv_load: HashMap<GgmlType, Kernel>,
     /// Per (key, value) slot types a plan reads together (`add_cache_pairs`).
@@ -192,10 +193,21 @@ impl Kernels {
             &[(0, ReadWrite), (1, Read), (3, Uniform)],
         )?;
         let store_module = compile(ctx, "kv_store.wgsl", &format!("{COMMON}\n{KV_STORE}"))?;
-        // Both move rows between an f32 buffer and a slot: (0) in, (2) out.
+        // Both move rows between an f32 buffer and a slot: (0) in, (2) out; a
+        // store also reads its rows (7).
         let rows_layout = layout(
             ctx,
             &[(0, Read), (2, ReadWrite), (3, Uniform), (4, Uniform)],
+        );
+        let store_layout = layout(
+            ctx,
+            &[
+                (0, Read),
+                (2, ReadWrite),
+                (3, Uniform),
+                (4, Uniform),
+                (7, Read),
+            ],
         );
         let argmax = single(
             "argmax.wgsl",
@@ -218,6 +230,7 @@ impl Kernels {
             swiglu,
             store_module,
             rows_layout,
+            store_layout,
             kv_store: HashMap::new(),
             kv_load: HashMap::new(),
             attention: HashMap::new(),
@@ -259,7 +272,7 @@ impl Kernels {
             "kv_store.wgsl",
             &self.store_module,
             &entry,
-            &self.rows_layout,
+            &self.store_layout,
         )?;
         let name = format!("kv_load.wgsl ({suffix})");
         let source = format!("{COMMON}\n{}\n{KV_LOAD}", cache_reader("KC", "kc", ty)?);
@@ -316,6 +329,7 @@ fn attention_kernels(
             (4, Uniform),
             (5, ReadWrite),
             (6, ReadWrite),
+            (7, Read),
         ],
     );
     let attn = |entry| pipeline(ctx, &name, &module, entry, &attn_layout);
@@ -505,11 +519,28 @@ pub(crate) fn rope_table(
     freq_scale: f32,
     factors: Option<&[f32]>,
 ) -> Vec<f32> {
+    rope_table_at(
+        (0..n).map(|t| pos0 + t as i64),
+        head_dim,
+        freq_base,
+        freq_scale,
+        factors,
+    )
+}
+
+/// `rope_table` for any positions, one row per position.
+pub(crate) fn rope_table_at(
+    positions: impl ExactSizeIterator<Item = i64>,
+    head_dim: usize,
+    freq_base: f32,
+    freq_scale: f32,
+    factors: Option<&[f32]>,
+) -> Vec<f32> {
     let half = head_dim / 2;
     let theta_scale = freq_base.powf(-2.0 / head_dim as f32);
-    let mut out = Vec::with_capacity(n * head_dim);
-    for t in 0..n {
-        let mut theta = (pos0 + t as i64) as f32;
+    let mut out = Vec::with_capacity(positions.len() * head_dim);
+    for pos in positions {
+        let mut theta = pos as f32;
         for i in 0..half {
             let ff = factors.map_or(1.0, |f| f[i]);
             let angle = freq_scale * (theta / ff);
@@ -556,6 +587,15 @@ pub(crate) fn storage_with(ctx: &GpuContext, label: &str, bytes: &[u8]) -> wgpu:
                 | wgpu::BufferUsages::COPY_DST
                 | wgpu::BufferUsages::COPY_SRC,
         })
+}
+
+/// The `ROWS` buffer of `common.wgsl`: per token, (cache row, first row attended).
+pub(crate) fn rows_buffer(
+    ctx: &GpuContext,
+    rows: impl IntoIterator<Item = [u32; 2]>,
+) -> wgpu::Buffer {
+    let flat: Vec<u32> = rows.into_iter().flatten().collect();
+    storage_with(ctx, "rows", bytemuck::cast_slice(&flat))
 }
 
 /// A zeroed storage buffer of `bytes` (at least 4).
@@ -607,20 +647,23 @@ pub(crate) fn read_back(
     bytes: u64,
     staging: &wgpu::Buffer,
 ) -> Result<Vec<u8>, GpuError> {
-    let mut out = read_back_all(ctx, encoder, &[(src, bytes, staging)])?;
+    let mut out = read_back_all(ctx, encoder, &[(Some(src), bytes, staging)])?;
     Ok(out.pop().unwrap_or_default())
 }
 
-/// Submits `encoder` with copies of each `(src, bytes, staging)` appended, and
-/// reads every one back after a single wait.
+/// Submits `encoder` with copies of each `(src, bytes, staging)` appended (none
+/// where `src` is `None`: the encoder fills that staging buffer itself), and reads
+/// every one back after a single wait.
 pub(crate) fn read_back_all(
     ctx: &GpuContext,
     encoder: wgpu::CommandEncoder,
-    reads: &[(&wgpu::Buffer, u64, &wgpu::Buffer)],
+    reads: &[(Option<&wgpu::Buffer>, u64, &wgpu::Buffer)],
 ) -> Result<Vec<Vec<u8>>, GpuError> {
     let mut encoder = encoder;
     for &(src, bytes, staging) in reads {
-        encoder.copy_buffer_to_buffer(src, 0, staging, 0, bytes);
+        if let Some(src) = src {
+            encoder.copy_buffer_to_buffer(src, 0, staging, 0, bytes);
+        }
     }
     ctx.queue.submit([encoder.finish()]);
     let (tx, rx) = std::sync::mpsc::channel();

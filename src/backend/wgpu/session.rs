@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use super::device::{AdapterPolicy, GpuContext};
 use super::kernels::{
-    activation_mode, bind, matvec_grid, read_back, read_back_all, rope_table, staging, storage,
-    storage_with, store_groups, tiled_grid, uniform, AttnKernels, Kernels, MAX_HEAD_DIM, SPLIT_LEN,
+    activation_mode, bind, matvec_grid, read_back, read_back_all, rope_table, rope_table_at,
+    rows_buffer, staging, storage, storage_with, store_groups, tiled_grid, uniform, AttnKernels,
+    Kernels, MAX_HEAD_DIM, SPLIT_LEN,
 };
 use super::kv::{GpuKv, Slot};
 use super::{GpuError, GPU_WEIGHT_TYPES};
@@ -25,9 +26,10 @@ use crate::model::LayerRole::{
 };
 use crate::model::{LayerRole, LayerWeights, Model};
 use crate::runtime::chunks;
+use crate::runtime::error::Capability;
 use crate::runtime::error::RuntimeError;
 use crate::runtime::options::{Capabilities, KvWindow, RunOptions};
-use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits};
+use crate::runtime::request::{ForwardOutput, ForwardRequest, Logits, PackedBatch};
 use crate::runtime::state::RunState;
 
 #[derive(Clone, Debug)]
@@ -47,6 +49,8 @@ pub struct GpuOptions {
     /// StreamingLLM eviction: the cache holds `sink + recent` cells whatever
     /// `n_ctx` says (`RunOptions::window`).
     pub window: Option<KvWindow>,
+    /// Sequences in the cache, `n_ctx` cells each (`RunOptions::n_seq`).
+    pub n_seq: usize,
 }
 
 impl GpuOptions {
@@ -57,21 +61,23 @@ impl GpuOptions {
             n_batch: opts.n_batch,
             policy,
             window: opts.window,
+            n_seq: opts.n_seq,
             ..Default::default()
         }
     }
 }
 
-/// What the WGSL forward pass can do: every cache type and plan the CPU takes,
-/// windows and context shift; one text per pass.
+/// What the WGSL forward pass can do: everything the CPU backend does (every
+/// cache type and plan, windows, context shift, packed texts from a cached layer
+/// input, several sequences stepped together).
 pub const CAPABILITIES: Capabilities = Capabilities {
     backend: "wgpu",
     cache_types: crate::runtime::options::CACHE_TYPES,
     mixed_plans: true,
     window: true,
     context_shift: true,
-    packed: false,
-    sequences: false,
+    packed: true,
+    sequences: true,
 };
 
 impl Default for GpuOptions {
@@ -82,6 +88,7 @@ impl Default for GpuOptions {
             policy: AdapterPolicy::Any,
             ggml_activation_rounding: false,
             window: None,
+            n_seq: 1,
         }
     }
 }
@@ -167,6 +174,8 @@ struct Activations {
     argmax: wgpu::Buffer,
     /// RoPE (cos, sin) of this pass's positions [batch][head_dim / 2].
     rope: wgpu::Buffer,
+    /// `ROWS` (common.wgsl): per token, (cache row, first row attended).
+    rows: wgpu::Buffer,
     /// Split-K attention partials: per head, per split, (max, sum, head_dim outputs).
     part: wgpu::Buffer,
 }
@@ -184,8 +193,12 @@ pub struct GpuSession<'m> {
     /// `read_kv`'s f32 rows on the GPU and their staging buffer, kept between calls
     /// and grown when a call needs more (bytes each).
     kv_read: Mutex<Option<(wgpu::Buffer, wgpu::Buffer, u64)>>,
-    n_past: usize,
-    /// Cache cells: the context size, or `sink + recent` with a window.
+    /// Staging for every layer's input of one pass (`ForwardRequest::layer_inputs`),
+    /// allocated on first use.
+    capture: Option<wgpu::Buffer>,
+    /// Tokens cached per sequence; sequence `s` owns cells `s * n_ctx ..`.
+    past: Vec<usize>,
+    /// Cache cells per sequence: the context size, or `sink + recent` with a window.
     n_ctx: usize,
     n_batch: usize,
     window: Option<KvWindow>,
@@ -319,11 +332,13 @@ impl<'m> GpuSession<'m> {
         kernels.add_cache_pairs(&ctx, &read_pairs(plan))?;
 
         let cells = opts.window.map_or(opts.n_ctx, |w| w.cells());
+        let n_seq = opts.n_seq.max(1);
         // Batch: the logits of a whole batch must fit one binding.
         let n_vocab = c.n_vocab;
         let max_rows_by_logits = (max_binding / (n_vocab as u64 * 4)).max(1) as usize;
-        let n_batch = opts.n_batch.clamp(1, max_rows_by_logits).min(cells);
+        let n_batch = opts.n_batch.clamp(1, max_rows_by_logits).min(cells * n_seq);
         let (e, q_dim, kv, ff) = (c.n_embd, c.n_head * c.head_dim, c.n_embd_kv(), c.n_ff);
+        // A query attends within its own sequence: at most `cells` keys.
         let max_splits = cells.div_ceil(SPLIT_LEN as usize);
 
         let (act, cache) = ctx.scoped("allocating GPU buffers", || {
@@ -343,12 +358,13 @@ impl<'m> GpuSession<'m> {
                 tokens: storage(&ctx, "tokens", (n_batch * 4) as u64),
                 argmax: storage(&ctx, "argmax", 4),
                 rope: f32s("rope table", n_batch * c.head_dim),
+                rows: storage(&ctx, "rows", (n_batch * 8) as u64),
                 part: f32s(
                     "attention partials",
                     c.n_head * max_splits * (c.head_dim + 2),
                 ),
             };
-            let cache = GpuKv::new(&ctx, plan, cells, (kv, c.head_dim), max_binding)?;
+            let cache = GpuKv::new(&ctx, plan, cells * n_seq, (kv, c.head_dim), max_binding)?;
             Ok((act, cache))
         })?;
         let step = uniform(&ctx, [0; 8]);
@@ -389,7 +405,8 @@ impl<'m> GpuSession<'m> {
             staging: staging_buf,
             hidden_staging,
             kv_read: Mutex::new(None),
-            n_past: 0,
+            capture: None,
+            past: vec![0; n_seq],
             n_ctx: cells,
             n_batch,
             window: opts.window,
@@ -481,7 +498,7 @@ impl<'m> GpuSession<'m> {
         })?;
         self.forward = parts.record(self.model, plan)?;
         self.plan = plan.clone();
-        self.n_past = 0;
+        self.past.fill(0);
         Ok(())
     }
 
@@ -491,6 +508,7 @@ impl<'m> GpuSession<'m> {
             n_ctx: self.n_ctx,
             n_batch: self.n_batch,
             window: self.window,
+            n_seq: self.past.len(),
             ..Default::default()
         }
     }
@@ -505,8 +523,8 @@ impl<'m> GpuSession<'m> {
         self.eval_reading(tokens, logits, true)
     }
 
-    /// Runs `tokens` in batches, reading back the logits asked for and, with
-    /// `hidden`, every token's final hidden state.
+    /// Runs `tokens` in batches at the end of sequence 0, reading back the logits
+    /// asked for and, with `hidden`, every token's final hidden state.
     fn eval_reading(
         &mut self,
         tokens: &[u32],
@@ -514,16 +532,28 @@ impl<'m> GpuSession<'m> {
         hidden: bool,
     ) -> Result<(Vec<f32>, Vec<f32>), RuntimeError> {
         self.check(tokens)?;
-        let n_vocab = self.model.config.n_vocab;
         let mut out = Vec::new();
         let mut states = Vec::new();
         for (chunk, want) in chunks::plan(tokens, self.n_batch, logits) {
-            let rows = want.rows(chunk.len());
-            let (bytes, h) = self.pass(chunk, want, false, (rows * n_vocab * 4) as u64, hidden)?;
-            out.extend(bytes.chunks_exact(4).map(le_f32));
-            states.extend(h.chunks_exact(4).map(le_f32));
+            let rows = self.seq_rows(0, chunk.len());
+            let got = self.pass(&Pass {
+                hidden,
+                ..Pass::new(chunk, &rows, want)
+            })?;
+            self.past[0] += chunk.len();
+            out.extend(floats(&got.logits));
+            states.extend(floats(&got.hidden));
         }
         Ok((out, states))
+    }
+
+    /// `ROWS` for `n` tokens appended to sequence `seq`.
+    fn seq_rows(&self, seq: usize, n: usize) -> Vec<[u32; 2]> {
+        let base = seq * self.n_ctx;
+        let first = base + self.past[seq];
+        (first..first + n)
+            .map(|r| [r as u32, base as u32])
+            .collect()
     }
 
     /// The keys (post-RoPE) and values that `layer` attends over, at cache cells
@@ -540,10 +570,10 @@ impl<'m> GpuSession<'m> {
                 "layer {layer} does not exist (the model has {n_layers})"
             )));
         }
-        if rows.end > self.n_past {
+        if rows.end > self.past[0] {
             return Err(GpuError::BadInput(format!(
                 "cache cells up to {} asked for, but only {} are filled",
-                rows.end, self.n_past
+                rows.end, self.past[0]
             )));
         }
         let rows = rows.start.min(rows.end)..rows.end;
@@ -597,10 +627,16 @@ impl<'m> GpuSession<'m> {
         self.check(tokens)?;
         let mut id = 0;
         for (chunk, want) in chunks::plan(tokens, self.n_batch, Logits::Last) {
+            let rows = self.seq_rows(0, chunk.len());
             let last = want == Logits::Last;
-            let (bytes, _) = self.pass(chunk, want, last, if last { 4 } else { 0 }, false)?;
+            let got = self.pass(&Pass {
+                argmax: last,
+                ..Pass::new(chunk, &rows, want)
+            })?;
+            self.past[0] += chunk.len();
             if last {
-                id = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                let b = &got.logits;
+                id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
         Ok(id)
@@ -622,90 +658,164 @@ impl<'m> GpuSession<'m> {
     }
 
     fn check(&self, tokens: &[u32]) -> Result<(), RuntimeError> {
-        chunks::check_tokens(tokens, self.n_past, self.n_ctx, self.model.config.n_vocab)
+        chunks::check_tokens(tokens, self.past[0], self.n_ctx, self.model.config.n_vocab)
     }
 
-    /// One forward pass of at most n_batch tokens at position n_past: one command
-    /// encoder, one compute pass, then `read` bytes of logits (or of the argmax)
-    /// and, with `hidden`, every token's final hidden state copied back, after one
-    /// wait.
-    fn pass(
-        &mut self,
-        tokens: &[u32],
-        logits: Logits,
-        argmax: bool,
-        read: u64,
-        hidden: bool,
-    ) -> Result<(Vec<u8>, Vec<u8>), GpuError> {
-        let n = tokens.len() as u32;
-        let pos0 = self.n_past as u32;
+    /// One forward pass of at most n_batch tokens, each at its own cache row
+    /// (`Pass::rows`): the refills first, one submission each, then one command
+    /// encoder for the pass, whose compute pass breaks only where a layer's input
+    /// is copied out; then the logits (or the argmax), the hidden states and the
+    /// layer inputs asked for, read back after one wait. Leaves `past` alone.
+    fn pass(&mut self, p: &Pass<'_>) -> Result<PassOutput, GpuError> {
+        let c = &self.model.config;
+        let (n, e, n_layers) = (p.tokens.len(), c.n_embd, c.n_layers);
+        let start_layer = p.start.map_or(0, |(layer, _)| layer);
+        let layer_bytes = (n * e * 4) as u64;
+        if p.layer_inputs && self.capture.is_none() {
+            let bytes = (n_layers * self.n_batch * e * 4) as u64;
+            self.capture = Some(staging(&self.parts.ctx, bytes));
+        }
         let ctx = &self.parts.ctx;
-        let out = ctx.scoped("a forward pass", || {
+        let act = &self.parts.act;
+        let ops = &self.forward.layers;
+        let n32 = n as u32;
+        ctx.scoped("a forward pass", || {
             ctx.queue.write_buffer(
                 &self.parts.step,
                 0,
-                bytemuck::cast_slice(&[n, pos0, 0u32, 0u32]),
+                bytemuck::cast_slice(&[n32, 0u32, 0u32, 0u32]),
             );
             ctx.queue
-                .write_buffer(&self.parts.act.tokens, 0, bytemuck::cast_slice(tokens));
-            let c = &self.model.config;
-            let table = rope_table(
-                pos0 as i64,
-                tokens.len(),
+                .write_buffer(&act.tokens, 0, bytemuck::cast_slice(p.tokens));
+            ctx.queue
+                .write_buffer(&act.rows, 0, bytemuck::cast_slice(p.rows));
+            let table = rope_table_at(
+                p.rows.iter().map(|&[row, first]| i64::from(row - first)),
                 c.head_dim,
                 c.rope_freq_base,
                 c.rope_freq_scale,
                 self.rope_factors.as_deref(),
             );
             ctx.queue
-                .write_buffer(&self.parts.act.rope, 0, bytemuck::cast_slice(&table));
-            let mut encoder = ctx
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("forward"),
-                });
-            {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("forward"),
-                    timestamp_writes: None,
-                });
-                let tail: Vec<&Op> = match logits {
-                    Logits::All => vec![&self.forward.logits_all],
-                    Logits::Last if argmax => vec![&self.forward.logits_last, &self.forward.argmax],
-                    Logits::Last => vec![&self.forward.logits_last],
-                    Logits::None => vec![],
-                };
-                for op in self.forward.layers.iter().chain(tail) {
-                    self.record(&mut pass, op, n);
+                .write_buffer(&act.rope, 0, bytemuck::cast_slice(&table));
+            // A queued write lands before the next submission: each refill writes
+            // its input, then runs its layer up to the stores.
+            for &(layer, input) in &p.refill {
+                ctx.queue
+                    .write_buffer(&act.x, 0, bytemuck::cast_slice(input));
+                let mut encoder = self.encoder("refill");
+                let at = &self.forward.layer_ops[layer];
+                self.record_ops(&mut encoder, at.start..at.stored, p.rows, &[]);
+                ctx.queue.submit([encoder.finish()]);
+            }
+            let first_op = match p.start {
+                None => 0,
+                Some((layer, input)) => {
+                    ctx.queue
+                        .write_buffer(&act.x, 0, bytemuck::cast_slice(input));
+                    self.forward.layer_ops[layer].start
+                }
+            };
+            let tail: Vec<&Op> = match p.logits {
+                Logits::All => vec![&self.forward.logits_all],
+                Logits::Last if p.argmax => {
+                    vec![&self.forward.logits_last, &self.forward.argmax]
+                }
+                Logits::Last => vec![&self.forward.logits_last],
+                Logits::None => vec![],
+            };
+            let mut encoder = self.encoder("forward");
+            let mut from = first_op;
+            let capture = self.capture.as_ref().filter(|_| p.layer_inputs);
+            if let Some(capture) = capture {
+                for (k, layer) in (start_layer..n_layers).enumerate() {
+                    let at = self.forward.layer_ops[layer].start;
+                    self.record_ops(&mut encoder, from..at, p.rows, &[]);
+                    encoder.copy_buffer_to_buffer(
+                        &act.x,
+                        0,
+                        capture,
+                        k as u64 * layer_bytes,
+                        layer_bytes,
+                    );
+                    from = at;
                 }
             }
-            let src = if argmax {
-                &self.parts.act.argmax
+            self.record_ops(&mut encoder, from..ops.len(), p.rows, &tail);
+            let (src, read) = if p.argmax {
+                (&act.argmax, 4)
             } else {
-                &self.parts.act.logits
+                let rows = p.logits.rows(n);
+                (&act.logits, (rows * c.n_vocab * 4) as u64)
             };
             // The body's last op leaves the output norm's result in `xn`.
-            let hidden_bytes = (tokens.len() * self.model.config.n_embd * 4) as u64;
-            let reads: Vec<(&wgpu::Buffer, u64, &wgpu::Buffer)> = [
-                (read > 0).then_some((src, read, &self.staging)),
-                hidden.then_some((&self.parts.act.xn, hidden_bytes, &self.hidden_staging)),
+            let captured = (n_layers - start_layer) as u64 * layer_bytes;
+            let reads: Vec<(Option<&wgpu::Buffer>, u64, &wgpu::Buffer)> = [
+                (read > 0).then_some((Some(src), read, &self.staging)),
+                p.hidden
+                    .then_some((Some(&act.xn), layer_bytes, &self.hidden_staging)),
+                capture.map(|buf| (None, captured, buf)),
             ]
             .into_iter()
             .flatten()
             .collect();
             if reads.is_empty() {
                 ctx.queue.submit([encoder.finish()]);
-                return Ok((Vec::new(), Vec::new()));
+                return Ok(PassOutput::default());
             }
             let mut got = read_back_all(ctx, encoder, &reads)?.into_iter();
-            let first = if read > 0 { got.next() } else { None };
-            Ok((first.unwrap_or_default(), got.next().unwrap_or_default()))
-        })?;
-        self.n_past += tokens.len();
-        Ok(out)
+            let mut out = PassOutput::default();
+            if read > 0 {
+                out.logits = got.next().unwrap_or_default();
+            }
+            if p.hidden {
+                out.hidden = got.next().unwrap_or_default();
+            }
+            if let Some(bytes) = got.next() {
+                out.layer_inputs = bytes
+                    .chunks_exact(layer_bytes as usize)
+                    .zip(start_layer..)
+                    .map(|(b, layer)| (layer, floats(b)))
+                    .collect();
+            }
+            Ok(out)
+        })
     }
 
-    fn record(&self, pass: &mut wgpu::ComputePass<'_>, op: &Op, n: u32) {
+    fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
+        self.parts
+            .ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
+    }
+
+    /// Records the forward pass's ops `range`, then `tail`, as one compute pass
+    /// (none when both are empty).
+    fn record_ops(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        range: Range<usize>,
+        rows: &[[u32; 2]],
+        tail: &[&Op],
+    ) {
+        if range.is_empty() && tail.is_empty() {
+            return;
+        }
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("forward"),
+            timestamp_writes: None,
+        });
+        for op in self.forward.layers[range]
+            .iter()
+            .chain(tail.iter().copied())
+        {
+            self.record(&mut pass, op, rows);
+        }
+    }
+
+    /// Dispatches `op` for a pass over tokens at `rows`.
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>, op: &Op, at: &[[u32; 2]]) {
+        let n = at.len() as u32;
         match op.grid {
             Grid::Matmul {
                 ty,
@@ -735,17 +845,19 @@ impl<'m> GpuSession<'m> {
                 ref kernels,
             } => {
                 pass.set_bind_group(0, &op.group, &[]);
+                // Keys the first token attends to (the only token when decoding).
+                let keys = at.first().map_or(1, |&[row, first]| row - first + 1);
                 // With ggml rounding, follow the path ggml's CPU flash attention takes
                 // for this pass over f16 slots (it splits keys across threads once the
                 // padded cache view reaches 512 cells, and goes tiled f32 from 64
                 // queries).
-                let padded = (self.n_past + 1).next_multiple_of(256).min(self.n_ctx);
+                let padded = (keys as usize).next_multiple_of(256).min(self.n_ctx);
                 let ggml_serial = self.parts.rounding && n < 64 && !(n == 1 && padded >= 512);
                 if ggml_serial {
                     pass.set_pipeline(&kernels.f16_serial.pipeline);
                     pass.dispatch_workgroups(n_head, n, 1);
                 } else if n == 1 {
-                    let n_splits = (self.n_past as u32 + 1).div_ceil(SPLIT_LEN);
+                    let n_splits = keys.div_ceil(SPLIT_LEN);
                     let (split, x) = kernels.split_for(n_head, n_head_kv);
                     pass.set_pipeline(&split.pipeline);
                     pass.dispatch_workgroups(x, n_splits, 1);
@@ -765,6 +877,57 @@ impl<'m> GpuSession<'m> {
     }
 }
 
+/// One forward pass of at most `n_batch` tokens (`GpuSession::pass`).
+struct Pass<'a> {
+    tokens: &'a [u32],
+    /// Per token: (cache row, first row it attends to); its position is the
+    /// difference (`ROWS` in common.wgsl).
+    rows: &'a [[u32; 2]],
+    logits: Logits,
+    /// With `Logits::Last`: read back the last token's argmax (4 bytes) instead.
+    argmax: bool,
+    /// Read back every token's final hidden state.
+    hidden: bool,
+    /// Run from this layer, with this residual stream (`[tokens][n_embd]`)
+    /// entering it, instead of from the token embeddings.
+    start: Option<(usize, &'a [f32])>,
+    /// Layers below `start` whose owned slots are stored again first, each from
+    /// the residual stream entering it.
+    refill: Vec<(usize, &'a [f32])>,
+    /// Read back every layer's input from `start` on.
+    layer_inputs: bool,
+}
+
+impl<'a> Pass<'a> {
+    fn new(tokens: &'a [u32], rows: &'a [[u32; 2]], logits: Logits) -> Self {
+        Pass {
+            tokens,
+            rows,
+            logits,
+            argmax: false,
+            hidden: false,
+            start: None,
+            refill: Vec::new(),
+            layer_inputs: false,
+        }
+    }
+}
+
+/// What `GpuSession::pass` read back.
+#[derive(Default)]
+struct PassOutput {
+    /// `[rows][n_vocab]` f32 logits, or the argmax's 4 bytes.
+    logits: Vec<u8>,
+    /// `[tokens][n_embd]` f32 final hidden states.
+    hidden: Vec<u8>,
+    /// `(layer, [tokens][n_embd])` for every layer from the start on.
+    layer_inputs: Vec<(usize, Vec<f32>)>,
+}
+
+fn floats(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(le_f32).collect()
+}
+
 /// The checks `new`, `sibling` and `set_plan` make before touching the device.
 fn check_request(model: &Model, plan: &KvPlan, opts: &GpuOptions) -> Result<(), GpuError> {
     let c = &model.config;
@@ -776,6 +939,11 @@ fn check_request(model: &Model, plan: &KvPlan, opts: &GpuOptions) -> Result<(), 
     }
     if opts.n_ctx == 0 {
         return Err(GpuError::BadInput("context size must be at least 1".into()));
+    }
+    if opts.n_seq == 0 || (opts.n_seq > 1 && opts.window.is_some()) {
+        return Err(GpuError::BadInput(
+            "a session holds at least one sequence, and only one with a window".into(),
+        ));
     }
     if opts.window.is_some_and(|w| w.recent == 0) {
         return Err(GpuError::BadInput(
@@ -966,8 +1134,14 @@ impl ForwardParts {
     }
 
     /// `kv_store`'s op writing the f32 rows of `src` into `slot` at rows `step`'s
-    /// pos0.., for `step`'s token count.
-    fn store_op(&self, src: &wgpu::Buffer, slot: &Slot, step: &wgpu::Buffer, kv: usize) -> Op {
+    /// pos0 + `rows`' first elements, for `step`'s token count.
+    fn store_op(
+        &self,
+        src: &wgpu::Buffer,
+        slot: &Slot,
+        (step, rows): (&wgpu::Buffer, &wgpu::Buffer),
+        kv: usize,
+    ) -> Op {
         let kernel = &self.kernels.kv_store[&slot.ty];
         let p = uniform(&self.ctx, [kv as u32, slot.row_bytes, 0, 0, 0, 0, 0, 0]);
         Op {
@@ -976,7 +1150,7 @@ impl ForwardParts {
             group: bind(
                 &self.ctx,
                 kernel,
-                &[(0, src), (2, &slot.buf), (3, &p), (4, step)],
+                &[(0, src), (2, &slot.buf), (3, &p), (4, step), (7, rows)],
             ),
         }
     }
@@ -1045,6 +1219,8 @@ impl ForwardParts {
             .take(one.len() * n_batch)
             .collect();
         let rope = self.rope_op(model, &self.act.k, c.n_head_kv);
+        // Stores go to the destination (the step's pos0) plus the token index.
+        let counting = rows_buffer(ctx, (0..n_batch as u32).map(|t| [t, 0]));
         let per_token = |pass: &mut wgpu::ComputePass<'_>, op: &Op, n: usize| {
             let Grid::PerToken(x) = op.grid else {
                 unreachable!("shift ops are per token")
@@ -1072,7 +1248,8 @@ impl ForwardParts {
                         if half == Half::Keys {
                             per_token(&mut pass, &rope, n);
                         }
-                        per_token(&mut pass, &self.store_op(&self.act.k, slot, &dst, kv), n);
+                        let store = self.store_op(&self.act.k, slot, (&dst, &counting), kv);
+                        per_token(&mut pass, &store, n);
                     }
                 }
             }
@@ -1084,10 +1261,20 @@ impl ForwardParts {
 
 /// The recorded forward pass for one plan.
 struct Forward {
+    /// The embedding lookup, every layer's ops, then the output norm.
     layers: Vec<Op>,
+    /// Where each layer's ops are in `layers`.
+    layer_ops: Vec<LayerOps>,
     logits_all: Op,
     logits_last: Op,
     argmax: Op,
+}
+
+/// One layer's ops in `Forward::layers`: from `start`; its cache stores end
+/// before `stored` (a refill runs `start..stored`).
+struct LayerOps {
+    start: usize,
+    stored: usize,
 }
 
 /// Builds every op of `plan`'s forward pass; bind groups tie them to their buffers
@@ -1302,6 +1489,7 @@ fn build_forward(model: &Model, plan: &KvPlan, parts: &ForwardParts) -> Result<F
     };
 
     let mut ops = Vec::new();
+    let mut layer_ops = Vec::with_capacity(layer_idx.len());
     let mut held: Option<(&'static str, u32)>;
     let emb = &weights[token_embd];
     let emb_p = uniform(ctx, [emb.cols, emb.rows, emb.row_bytes, 0, 0, 0, 0, 0]);
@@ -1323,6 +1511,7 @@ fn build_forward(model: &Model, plan: &KvPlan, parts: &ForwardParts) -> Result<F
     });
     for (il, lw) in layer_idx.iter().enumerate() {
         let (owns_k, owns_v) = (plan.owns(Half::Keys, il), plan.owns(Half::Values, il));
+        let start = ops.len();
         ops.push(norm(lw[AttnNorm], &act.x, &act.xn));
         held = None;
         // Fitted adapters apply while the layer reads the source they fit.
@@ -1353,11 +1542,15 @@ fn build_forward(model: &Model, plan: &KvPlan, parts: &ForwardParts) -> Result<F
         ops.push(rope(&act.q, c.n_head));
         if owns_k {
             ops.push(rope(&act.k, c.n_head_kv));
-            ops.push(parts.store_op(&act.k, read(Half::Keys, il)?, step, kv));
+            ops.push(parts.store_op(&act.k, read(Half::Keys, il)?, (step, &act.rows), kv));
         }
         if owns_v {
-            ops.push(parts.store_op(&act.v, read(Half::Values, il)?, step, kv));
+            ops.push(parts.store_op(&act.v, read(Half::Values, il)?, (step, &act.rows), kv));
         }
+        layer_ops.push(LayerOps {
+            start,
+            stored: ops.len(),
+        });
         // A layer sharing a half binds its source's slot (read-only there): the
         // same buffer the source wrote this pass.
         let (ks, vs) = (read(Half::Keys, il)?, read(Half::Values, il)?);
@@ -1373,6 +1566,7 @@ fn build_forward(model: &Model, plan: &KvPlan, parts: &ForwardParts) -> Result<F
                 (4, step),
                 (5, &act.attn),
                 (6, &act.part),
+                (7, &act.rows),
             ],
         );
         ops.push(Op {
@@ -1448,6 +1642,7 @@ fn build_forward(model: &Model, plan: &KvPlan, parts: &ForwardParts) -> Result<F
     };
     Ok(Forward {
         layers: ops,
+        layer_ops,
         logits_all,
         logits_last,
         argmax,
@@ -1480,7 +1675,7 @@ impl<'m> RunState<'m> for GpuSession<'m> {
     }
 
     fn n_past(&self) -> usize {
-        self.n_past
+        self.past[0]
     }
 
     fn n_ctx(&self) -> usize {
@@ -1492,12 +1687,135 @@ impl<'m> RunState<'m> for GpuSession<'m> {
     }
 
     fn reset(&mut self) {
-        self.n_past = 0;
+        self.past.fill(0);
     }
 
     /// Later cells are never read.
     fn truncate(&mut self, n: usize) {
-        self.n_past = self.n_past.min(n);
+        self.truncate_seq(0, n);
+    }
+
+    fn n_seq(&self) -> usize {
+        self.past.len()
+    }
+
+    fn seq_past(&self, seq: usize) -> usize {
+        self.past.get(seq).copied().unwrap_or(0)
+    }
+
+    fn truncate_seq(&mut self, seq: usize, n: usize) {
+        if let Some(p) = self.past.get_mut(seq) {
+            *p = (*p).min(n);
+        }
+    }
+
+    /// A single entry runs in passes of the batch size; several run as one pass
+    /// in which every token attends over its own sequence's cells (its `ROWS`).
+    fn forward_seqs(&mut self, batch: &[(usize, &[u32])]) -> Result<Vec<f32>, RuntimeError> {
+        if self.window.is_some() {
+            // Windows evict through `forward` (one sequence only, by capability).
+            return match batch {
+                [(0, tokens)] => self.eval(tokens, Logits::Last),
+                _ => Err(CAPABILITIES.lacks(Capability::WindowedSequences)),
+            };
+        }
+        let n_vocab = self.model.config.n_vocab;
+        chunks::check_seqs(batch, &self.past, self.n_ctx, n_vocab)?;
+        if let [(seq, tokens)] = *batch {
+            let mut logits = Vec::new();
+            for (chunk, want) in chunks::plan(tokens, self.n_batch, Logits::Last) {
+                let rows = self.seq_rows(seq, chunk.len());
+                logits = floats(&self.pass(&Pass::new(chunk, &rows, want))?.logits);
+                self.past[seq] += chunk.len();
+            }
+            return Ok(logits);
+        }
+        let total: usize = batch.iter().map(|(_, t)| t.len()).sum();
+        if total > self.n_batch {
+            return Err(RuntimeError::InvalidRequest(format!(
+                "a step of several sequences takes at most the batch size ({}) in tokens, got {total}",
+                self.n_batch
+            )));
+        }
+        let tokens: Vec<u32> = batch.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+        let rows: Vec<[u32; 2]> = batch
+            .iter()
+            .flat_map(|&(seq, t)| self.seq_rows(seq, t.len()))
+            .collect();
+        // Every row's logits come back; each entry keeps its last token's.
+        let all = floats(&self.pass(&Pass::new(&tokens, &rows, Logits::All))?.logits);
+        let mut logits = Vec::with_capacity(batch.len() * n_vocab);
+        let mut end = 0;
+        for &(seq, t) in batch {
+            end += t.len();
+            logits.extend_from_slice(&all[(end - 1) * n_vocab..end * n_vocab]);
+            self.past[seq] += t.len();
+        }
+        Ok(logits)
+    }
+
+    /// Texts run in passes of whole texts, one after another in the cache (text
+    /// `i` at cells `i * seq_len ..`, attending only to itself: its `ROWS` start
+    /// there). With a start, each pass first stores the refilled layers' slots
+    /// from their inputs, then runs from the start layer.
+    fn forward_packed(
+        &mut self,
+        batch: PackedBatch<'_>,
+        req: ForwardRequest,
+    ) -> Result<ForwardOutput, RuntimeError> {
+        let c = &self.model.config;
+        let (e, n_vocab) = (c.n_embd, c.n_vocab);
+        batch.check(c.n_layers, e)?;
+        let PackedBatch {
+            tokens,
+            seq_len,
+            start,
+            refill,
+        } = batch;
+        if self.window.is_some() {
+            return Err(RuntimeError::InvalidRequest(
+                "packed texts run without a KV window".into(),
+            ));
+        }
+        if seq_len > self.n_batch {
+            return Err(RuntimeError::InvalidRequest(format!(
+                "a packed text of {seq_len} tokens does not fit one pass of {} tokens",
+                self.n_batch
+            )));
+        }
+        chunks::check_tokens(tokens, 0, self.n_ctx, n_vocab)?;
+        self.past[0] = 0;
+        let per = (self.n_batch / seq_len) * seq_len;
+        let passes = chunks::plan(tokens, per, req.logits);
+        let mut out = ForwardOutput::default();
+        let mut row0 = 0;
+        for (chunk, want) in passes {
+            let n = chunk.len();
+            let rows: Vec<[u32; 2]> = (row0..row0 + n)
+                .map(|r| [r as u32, (r - r % seq_len) as u32])
+                .collect();
+            let span = row0 * e..(row0 + n) * e;
+            let got = self.pass(&Pass {
+                hidden: req.hidden,
+                layer_inputs: req.layer_inputs,
+                start: start.map(|(layer, x)| (layer, &x[span.clone()])),
+                refill: match start {
+                    Some(_) => refill.iter().map(|&(l, x)| (l, &x[span.clone()])).collect(),
+                    None => Vec::new(),
+                },
+                ..Pass::new(chunk, &rows, want)
+            })?;
+            row0 += n;
+            self.past[0] = row0;
+            let logits = floats(&got.logits);
+            out.append(ForwardOutput {
+                logit_rows: logits.len() / n_vocab.max(1),
+                logits,
+                hidden: req.hidden.then(|| floats(&got.hidden)),
+                layer_inputs: got.layer_inputs,
+            });
+        }
+        Ok(out)
     }
 
     /// Logits and final hidden states; the WGSL pass keeps no per-layer inputs.
@@ -1519,19 +1837,20 @@ impl<'m> RunState<'m> for GpuSession<'m> {
 
     /// On every slot, so layers sharing a half keep following their sources.
     fn context_shift(&mut self, n_keep: usize, n_discard: usize) -> Result<(), RuntimeError> {
-        let n_keep = n_keep.min(self.n_past);
-        let n_discard = n_discard.min(self.n_past - n_keep);
+        let n_past = self.past[0];
+        let n_keep = n_keep.min(n_past);
+        let n_discard = n_discard.min(n_past - n_keep);
         if n_discard == 0 {
             return Ok(());
         }
         self.parts.shift_rows(
             self.model,
-            n_keep + n_discard..self.n_past,
+            n_keep + n_discard..n_past,
             n_keep,
             self.n_batch,
             self.rope_factors.as_deref(),
         )?;
-        self.n_past -= n_discard;
+        self.past[0] -= n_discard;
         Ok(())
     }
 

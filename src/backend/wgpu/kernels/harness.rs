@@ -342,6 +342,7 @@ impl KernelHarness {
         // Every row, stored in one pass at position 0.
         self.kernels.add_cache_pairs(&self.ctx, &[types])?;
         let all = self.step(rows as u32, 0);
+        let store_rows = rows_buffer(&self.ctx, (0..rows).map(|r| [r as u32, 0]));
         let mut caches = Vec::new();
         for (src, ty) in [(k, types.0), (v, types.1)] {
             let row_bytes = ty.row_bytes(kv_row as u64).unwrap_or(0) as u32;
@@ -350,7 +351,7 @@ impl KernelHarness {
             let sb = storage_with(&self.ctx, "rows", f32_bytes(src));
             self.run(
                 &self.kernels.kv_store[&ty],
-                &[(0, &sb), (2, &cache), (3, &p), (4, &all)],
+                &[(0, &sb), (2, &cache), (3, &p), (4, &all), (7, &store_rows)],
                 (store_groups(ty, kv_row), rows as u32, 1),
                 &cache,
                 1,
@@ -381,7 +382,8 @@ impl KernelHarness {
                 v_row_bytes,
             ],
         );
-        let step = self.step(m as u32, pos0 as u32);
+        let step = self.step(m as u32, 0);
+        let query_rows = rows_buffer(&self.ctx, (pos0..rows).map(|r| [r as u32, 0]));
         let entries = [
             (0, &qb),
             (1, &kc),
@@ -390,6 +392,7 @@ impl KernelHarness {
             (4, &step),
             (5, &o),
             (6, &part),
+            (7, &query_rows),
         ];
         let attn = self.kernels.attention_for(types.0, types.1);
         if split {
