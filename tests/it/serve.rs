@@ -25,14 +25,22 @@ struct Server {
 }
 
 impl Server {
-    /// Starts `kvsharer serve` on a free port with `extra` flags and waits until it
-    /// listens.
+    /// Starts `kvsharer serve` on the default model on a free port with `extra`
+    /// flags and waits until it listens.
     fn start(extra: &[&str]) -> Server {
         let model = support::default_model_path();
+        let mut args = vec!["-c", "512"];
+        args.extend_from_slice(extra);
+        Server::start_on(&model, &args).unwrap_or_else(|log| panic!("{log}"))
+    }
+
+    /// `start` on `model` (no `-c` given); `Err` with what serve printed when it
+    /// exits before listening.
+    fn start_on(model: &Path, extra: &[&str]) -> Result<Server, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvsharer"))
             .args(["serve", "-m"])
-            .arg(&model)
-            .args(["--port", "0", "-c", "512", "-t", "2"])
+            .arg(model)
+            .args(["--port", "0", "-t", "2"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -51,10 +59,10 @@ impl Server {
         }
         let Some(addr) = addr else {
             let status = child.wait().unwrap();
-            panic!(
+            return Err(format!(
                 "serve exited ({status}) before listening:\n{}",
                 log.lock().unwrap()
-            );
+            ));
         };
         let sink = log.clone();
         std::thread::spawn(move || {
@@ -62,7 +70,7 @@ impl Server {
                 sink.lock().unwrap().push_str(&format!("{line}\n"));
             }
         });
-        Server { child, addr, log }
+        Ok(Server { child, addr, log })
     }
 
     fn get(&self, path: &str) -> (u16, String) {
@@ -451,4 +459,80 @@ fn the_openai_python_client_drives_the_server() {
         server.log()
     );
     assert!(out.contains("all checks passed"), "{out}");
+}
+
+/// `serve --backend wgpu -P 2` (lavapipe in CI): two requests at once, each slot a
+/// sequence of one wgpu run state stepped together, answer what `run --backend wgpu`
+/// answers alone (greedy, on a tiny random model with a byte-level vocabulary, so
+/// it runs in seconds on a software adapter). Skipped, saying why, without an
+/// adapter.
+#[cfg(feature = "wgpu")]
+#[test]
+fn serve_on_wgpu_steps_two_slots_like_single_runs() {
+    let test = "serve::serve_on_wgpu_steps_two_slots_like_single_runs";
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    support::write_tiny_model(&support::TinySpec::default(), &model);
+    let m = model.to_str().unwrap();
+    let flags = ["--backend", "wgpu", "-c", "256"];
+    let mut args = vec!["-P", "2"];
+    args.extend(flags);
+    let server = match Server::start_on(&model, &args) {
+        Ok(s) => s,
+        Err(log) if log.contains("no GPU adapter found through wgpu") => {
+            support::skip(test, support::NO_WGPU_ADAPTER);
+            return;
+        }
+        Err(log) => panic!("{log}"),
+    };
+    assert!(
+        server.log().contains("2 slots x 256 tokens"),
+        "{}",
+        server.log()
+    );
+    let prompts = ["The quick brown fox", "Once upon a time, far away"];
+    let answers: Vec<String> = std::thread::scope(|scope| {
+        let asks: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let server = &server;
+                scope.spawn(move || {
+                    let body = serde_json::json!({"prompt": p, "temperature": 0,
+                        "max_tokens": 24})
+                    .to_string();
+                    let (status, body) = server.post("/v1/completions", &body);
+                    assert_eq!(status, 200, "{body}");
+                    let v = json_body(&body);
+                    assert_eq!(v["usage"]["completion_tokens"], 24, "{body}");
+                    v["choices"][0]["text"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        asks.into_iter().map(|a| a.join().unwrap()).collect()
+    });
+    for (p, answer) in prompts.iter().zip(&answers) {
+        let o = Command::new(env!("CARGO_BIN_EXE_kvsharer"))
+            .args([
+                "run",
+                "-m",
+                m,
+                "--temp",
+                "0",
+                "-n",
+                "24",
+                "--no-display-prompt",
+                "-p",
+                p,
+            ])
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            answer.trim(),
+            String::from_utf8_lossy(&o.stdout).trim(),
+            "{p}"
+        );
+    }
+    assert_ne!(answers[0], answers[1]);
 }
