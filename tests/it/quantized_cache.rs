@@ -3,9 +3,9 @@
 //!
 //! Decoding one token over a quantized cache runs kvsharer's own grouped attention
 //! kernel (`backend::ggml::decode_attention`) where the CPU has AVX2; a batch of tokens
-//! runs ggml's flash attention, per query for fewer than 64 tokens, and over the
-//! cells dequantized to f32 (ggml's tiled kernel) for 64 or more. All read the same
-//! quantized cells, so the paths must agree closely with each other, and all must
+//! runs ggml's flash attention over the cells dequantized to f32, per query for
+//! fewer than 64 tokens and tiled for 64 or more. All read the same quantized
+//! cells, so the paths must agree closely with each other, and all must
 //! stay near the f32 reference (which never rounds K or V) within the cache type's
 //! rounding.
 
@@ -22,7 +22,8 @@ use support::{max_abs_diff, reference_forward, write_tiny_model, TinySpec};
 
 const N: usize = 80;
 const PREFILL: usize = 6;
-/// A batch this long takes ggml's per-query flash attention (fewer than 64 queries).
+/// A batch this long takes ggml's per-query flash attention (fewer than 64 queries),
+/// over the same f32 cells.
 const SHORT_BATCH: usize = 40;
 
 /// head_dim 64 (the kernel's smallest), GQA 2: 4 query heads over 2 KV heads.
@@ -64,8 +65,9 @@ fn quantized_cache_decoding_matches_the_f32_reference_and_ggml_batches() {
         eprintln!("note: no AVX2/FMA/F16C here, so decoding uses ggml's kernel too");
     }
     // (cache type, tolerance vs the f32 reference on logits of magnitude ~5-10,
-    //  tolerance between the decode path and a ggml batch over the same cells, which
-    //  rounds Q to q8_0 for its key dots; measured: q8_0 0.045 / 0.031, q4_0 0.64-0.83 / 0.10)
+    //  tolerance between the decode path and a ggml batch over the same cells: the
+    //  same values in another summation order; measured: q8_0 0.045 / 0.031, q4_0
+    //  0.64-0.83 / 0.10 when short batches still rounded Q to q8_0 for their key dots)
     //  q5_1, q5_0, q4_1, iq4_nl: llama.cpp's other cache types, same kernel)
     for (ty, tol_ref, tol_paths) in [
         (GgmlType::Q8_0, 0.15, 0.08),
@@ -91,7 +93,7 @@ fn quantized_cache_decoding_matches_the_f32_reference_and_ggml_batches() {
             // All N tokens in one batch: the dequantized (tiled) path.
             let mut s = Session::new(&loaded.model, &map, &opts).unwrap();
             let batched = s.eval(&tokens, Logits::All).unwrap();
-            // Batches of SHORT_BATCH: the per-query path.
+            // Batches of SHORT_BATCH: the per-query kernel.
             let mut s = Session::new(&loaded.model, &map, &opts).unwrap();
             let short: Vec<f32> = tokens
                 .chunks(SHORT_BATCH)

@@ -440,20 +440,16 @@ enum AttentionPath {
     /// cache on the CPU (see `backend::ggml::decode_attention` for why; a custom op
     /// runs only on ggml's CPU backend).
     DecodeKernel,
-    /// ggml's flash attention. With `dequantize`, a span of at least
-    /// `FLASH_TILE_QUERIES` queries reads its cells dequantized to f32 first: ggml's
-    /// CPU flash attention tiles many queries only over f16/f32 caches of one type, and
-    /// otherwise dequantizes every value row once per query (a 4096-token prompt over
-    /// a q4_0 cache took 86 s to evaluate that way). Dequantizing each cell once per
-    /// graph costs one pass over the cells; the tiled kernel then reads the same cell
-    /// values in f32, with f32 queries where the per-query path rounds the queries to
-    /// q8_0 for its quantized dot products.
+    /// ggml's flash attention. With `dequantize`, the span reads its cells
+    /// dequantized to f32 first: ggml's CPU flash attention tiles many queries only
+    /// over f16/f32 caches of one type, and otherwise dequantizes every value row once
+    /// per query (a 4096-token prompt over a q4_0 cache took 86 s to evaluate that
+    /// way). Dequantizing each cell once per graph costs one pass over the cells; the
+    /// kernel (tiled from 64 queries, `GGML_FA_TILE_Q`) then reads the same cell
+    /// values in f32, with f32 queries as the decode kernel and the wgpu backend have
+    /// them, where ggml's quantized dot products round the queries to q8_0 first.
     Flash { dequantize: bool },
 }
-
-/// The fewest queries for which ggml's CPU flash attention takes its tiled path
-/// (`GGML_FA_TILE_Q`).
-const FLASH_TILE_QUERIES: i64 = 64;
 
 /// Attention of one span's queries over its sequence's cells from row `base` on.
 #[allow(clippy::too_many_arguments)]
@@ -477,7 +473,6 @@ fn span_attention<'a>(
             g.decode_attention(q, cells(k_slot), cells(v_slot), mask, scale)
         }
         AttentionPath::Flash { dequantize } => {
-            let dequantize = dequantize && q.ne()[2] >= FLASH_TILE_QUERIES;
             attention(g, q, [k_slot, v_slot], mask, base, dims, scale, dequantize)
         }
     }
