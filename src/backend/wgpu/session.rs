@@ -176,6 +176,9 @@ struct Activations {
     rope: wgpu::Buffer,
     /// `ROWS` (common.wgsl): per token, (cache row, first row attended).
     rows: wgpu::Buffer,
+    /// `ROWS` counting up from 0 ([t, 0] for token t): the context shift's stores
+    /// (at the step's pos0 plus the token index).
+    counting: wgpu::Buffer,
     /// Split-K attention partials: per head, per split, (max, sum, head_dim outputs).
     part: wgpu::Buffer,
 }
@@ -359,6 +362,7 @@ impl<'m> GpuSession<'m> {
                 argmax: storage(&ctx, "argmax", 4),
                 rope: f32s("rope table", n_batch * c.head_dim),
                 rows: storage(&ctx, "rows", (n_batch * 8) as u64),
+                counting: rows_buffer(&ctx, (0..n_batch as u32).map(|t| [t, 0])),
                 part: f32s(
                     "attention partials",
                     c.n_head * max_splits * (c.head_dim + 2),
@@ -1219,8 +1223,6 @@ impl ForwardParts {
             .take(one.len() * n_batch)
             .collect();
         let rope = self.rope_op(model, &self.act.k, c.n_head_kv);
-        // Stores go to the destination (the step's pos0) plus the token index.
-        let counting = rows_buffer(ctx, (0..n_batch as u32).map(|t| [t, 0]));
         let per_token = |pass: &mut wgpu::ComputePass<'_>, op: &Op, n: usize| {
             let Grid::PerToken(x) = op.grid else {
                 unreachable!("shift ops are per token")
@@ -1248,7 +1250,8 @@ impl ForwardParts {
                         if half == Half::Keys {
                             per_token(&mut pass, &rope, n);
                         }
-                        let store = self.store_op(&self.act.k, slot, (&dst, &counting), kv);
+                        let store =
+                            self.store_op(&self.act.k, slot, (&dst, &self.act.counting), kv);
                         per_token(&mut pass, &store, n);
                     }
                 }
