@@ -118,6 +118,12 @@ pub struct ModelArgs {
     /// Ignore a sharing map or plan stored in the GGUF (run unshared)
     #[arg(long = "no-kv-share", conflicts_with_all = ["kv_share", "kv_budget"])]
     pub no_kv_share: bool,
+    /// Attend in f32 even over an all-f16 cache (on the CPU, ggml's f16 kernel, as
+    /// llama.cpp runs it, rounds queries and sums to f16; plans that mix types, and
+    /// quantized caches, are always read in f32). With perplexity, the reference
+    /// run reads exactly too, so KLD shows the cache's own rounding
+    #[arg(long = "exact-attention")]
+    pub exact_attention: bool,
     /// Compute backend: cpu (ggml), wgpu (WGSL on the GPU; any adapter, software
     /// ones included), auto (wgpu on a real GPU, else cpu), or ggml's own GPU
     /// backends cuda, vulkan, metal (each needs a build with --features NAME)
@@ -269,6 +275,7 @@ impl ModelArgs {
             type_v,
             window: self.window()?,
             n_seq: 1,
+            exact_attention: self.exact_attention,
         })
     }
 

@@ -258,9 +258,10 @@ pub fn move_costs(loaded: &LoadedModel, p: &PlannerArgs, threads: usize) -> Resu
         None => String::new(),
     };
     let key = format!(
-        // `v4`: batches over quantized slots attend over f32-dequantized cells (the
-        // same path as the f16 reference), which changes every measured cost.
-        "{}-v4-s{}-k{}-src{}-{}{adapters}-{}",
+        // `v5`: batches over quantized slots attend over f32-dequantized cells (the
+        // same path as the f16 reference), and so do f16 slots in plans that mix
+        // types (v5), which changes every measured cost.
+        "{}-v5-s{}-k{}-src{}-{}{adapters}-{}",
         model_fingerprint(loaded.model.file())?,
         p.samples,
         p.tokens,

@@ -21,6 +21,14 @@ pub struct RunOptions {
     /// Sequences the cache holds, each `n_ctx` cells of its own (serve's slots,
     /// decoded together by `RunState::forward_seqs`); 1 for one conversation.
     pub n_seq: usize,
+    /// Attend over every cache slot in f32, with f32 queries and sums, even in an
+    /// all-f16 cache, where ggml's CPU kernel (llama.cpp's, and the default here)
+    /// rounds both to f16 (a plan mixing types is always read in f32: see
+    /// `KvCache::reads_in_place`). Calibration sets this, so that a plan and its
+    /// f16 reference read their cells alike: a move restarted from the reference's
+    /// layer inputs then equals a full run of the plan. The wgpu backend always
+    /// reads exactly.
+    pub exact_attention: bool,
 }
 
 impl Default for RunOptions {
@@ -33,6 +41,7 @@ impl Default for RunOptions {
             type_v: GgmlType::F16,
             window: None,
             n_seq: 1,
+            exact_attention: false,
         }
     }
 }

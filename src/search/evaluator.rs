@@ -62,6 +62,7 @@ impl<'m> Evaluator<'m> {
             n_ctx: set.tokens.len(),
             n_batch: set.tokens.len().max(2048),
             n_threads: threads,
+            exact_attention: true,
             ..RunOptions::default()
         }
     }

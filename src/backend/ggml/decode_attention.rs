@@ -11,8 +11,9 @@
 //! keys at a time and folded into an online softmax, and the cache is split into
 //! chunks so every thread gets the same amount of work. Where the CPU lacks
 //! AVX2/FMA/F16C, or the shape is unusual, [`supports`] says no and the graph keeps
-//! ggml's kernel. The f16 cache also keeps ggml's kernel, which has a split path of
-//! its own and keeps logits bit-identical to llama.cpp's.
+//! ggml's kernel. An all-f16 cache also keeps ggml's kernel, which has a split path
+//! of its own and keeps logits bit-identical to llama.cpp's; f16 slots in a plan
+//! that mixes types come here, read in f32 as every other slot is.
 //!
 //! ggml custom ops have no barrier, so the work is two ops: [`partials`] computes,
 //! for one (KV head, cache chunk), each query head's largest score, sum of
@@ -30,8 +31,10 @@ pub const MAX_GROUP: usize = 8;
 /// The f16 bit pattern of -inf, as the graph writes masked cells.
 const NEG_INF_F16: u16 = 0xFC00;
 
-/// Cache types this kernel reads.
-pub const DECODE_CACHE_TYPES: [GgmlType; 6] = [
+/// Cache types this kernel reads. (An all-f16 cache keeps ggml's kernel: the
+/// graph asks for this one over f16 cells only in plans that mix types.)
+pub const DECODE_CACHE_TYPES: [GgmlType; 7] = [
+    GgmlType::F16,
     GgmlType::Q8_0,
     GgmlType::Q5_1,
     GgmlType::Q5_0,

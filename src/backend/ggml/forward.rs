@@ -241,19 +241,20 @@ fn build(
     let rope_freqs = w.rope_freqs().map(|i| weights.get(i));
     let kq_scale = 1.0 / (c.head_dim as f32).sqrt();
     // How each layer attends, decided per layer since each may read slots of other
-    // types (see `AttentionPath`).
+    // types (see `AttentionPath`, `KvCache::reads_in_place`).
+    let in_place = cache.reads_in_place();
     let attention_path = |il: usize| {
         let (type_k, type_v) = (cache.type_k(il), cache.type_v(il));
         let decode = shape.spans.iter().all(|&(_, len)| len == 1)
             && shape.on_cpu
+            && !in_place
             && decode_attention::supports(type_k, type_v, c.head_dim, c.n_head, c.n_head_kv);
-        let float = |t| matches!(t, GgmlType::F16 | GgmlType::F32);
         if decode {
             AttentionPath::DecodeKernel
-        } else if shape.on_cpu && !(type_k == type_v && float(type_k)) {
-            AttentionPath::Flash { dequantize: true }
         } else {
-            AttentionPath::Flash { dequantize: false }
+            AttentionPath::Flash {
+                dequantize: shape.on_cpu && !in_place,
+            }
         }
     };
 

@@ -49,13 +49,20 @@ pub struct KvCache {
     plan: KvPlan,
     n_ctx: usize,
     n_embd_kv: usize,
+    /// Whether attention reads the cells as they are stored (ggml's own kernel
+    /// over an all-f16 or all-f32 cache) rather than in f32 (`RunOptions::
+    /// exact_attention`, and every cache with another type anywhere).
+    in_place: bool,
 }
 
 impl KvCache {
+    /// A cache laid out by `plan`; with `exact`, attention reads even an all-f16
+    /// cache in f32 (see [`KvCache::reads_in_place`]).
     pub fn new(
         config: &LlamaConfig,
         plan: &KvPlan,
         n_ctx: usize,
+        exact: bool,
         backend: &GgmlBackend,
     ) -> Result<Self, KvError> {
         if plan.n_layers() != config.n_layers {
@@ -98,6 +105,8 @@ impl KvCache {
         let k = slots(Half::Keys, "cache_k");
         let v = slots(Half::Values, "cache_v");
         arena.allocate(backend)?;
+        let float = |t| matches!(t, GgmlType::F16 | GgmlType::F32);
+        let in_place = !exact && matches!(plan.uniform_types(), Some((k, v)) if k == v && float(k));
         Ok(KvCache {
             arena,
             k,
@@ -107,7 +116,19 @@ impl KvCache {
             plan: plan.clone(),
             n_ctx,
             n_embd_kv,
+            in_place,
         })
+    }
+
+    /// Whether attention on ggml's CPU backend reads the cells as stored, with
+    /// ggml's own kernel: only where the whole cache is one float type, llama.cpp's
+    /// configuration, and exact reads were not asked for. That kernel rounds the
+    /// queries to f16 and sums the values in f16; in a plan that mixes f16 with
+    /// 4-bit slots, the next layer's 4-bit keys amplify that rounding into other
+    /// tokens (a tiny model: 0.034 off the f32 reference, where cells read in f32
+    /// are 1.2e-5 off, as wgpu's are). Every other cache reads its cells in f32.
+    pub fn reads_in_place(&self) -> bool {
+        self.in_place
     }
 
     /// The K tensor layer `layer` writes (if it owns its keys) or reads (if shared).

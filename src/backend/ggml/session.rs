@@ -136,7 +136,13 @@ impl<'m> Session<'m> {
         };
         let n_seq = opts.n_seq.max(1);
         Ok((
-            KvCache::new(&model.config, plan, n_cells * n_seq, backend)?,
+            KvCache::new(
+                &model.config,
+                plan,
+                n_cells * n_seq,
+                opts.exact_attention,
+                backend,
+            )?,
             n_cells,
         ))
     }

@@ -215,13 +215,18 @@ fn scale_f16(lo: u8, hi: u8) -> __m256 {
 
 /// KV head `head` of cache cell `t` as `HD` floats, with the rounding of ggml's
 /// `dequantize_row_*` (value times the block's f16 scale, plus its offset for the
-/// `_1` types).
+/// `_1` types; f16 cells exactly).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dequantize<const HD: usize>(c: &CacheRows<'_>, t: usize, head: usize, out: &mut [f32]) {
     let at = t * c.row_bytes + head * c.head_bytes;
     let bytes = &c.data[at..at + c.head_bytes];
     match c.ty {
+        GgmlType::F16 => {
+            for (i, eight) in bytes.chunks_exact(16).take(HD / 8).enumerate() {
+                store(out, 8 * i, _mm256_cvtph_ps(load_i8x16(eight)));
+            }
+        }
         GgmlType::Q8_0 => {
             for (b, block) in bytes.chunks_exact(34).take(HD / 32).enumerate() {
                 let d = scale_f16(block[0], block[1]);
