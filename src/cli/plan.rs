@@ -258,9 +258,9 @@ pub fn move_costs(loaded: &LoadedModel, p: &PlannerArgs, threads: usize) -> Resu
         None => String::new(),
     };
     let key = format!(
-        // `v5`: batches over quantized slots attend over f32-dequantized cells (the
-        // same path as the f16 reference), and so do f16 slots in plans that mix
-        // types (v5), which changes every measured cost.
+        // `v5`: every run but the unshared all-f16 reference used to read f16
+        // slots in ggml's f16 kernel; now calibration reads every slot in f32
+        // (`RunOptions::exact_attention`), which changes every measured cost.
         "{}-v5-s{}-k{}-src{}-{}{adapters}-{}",
         model_fingerprint(loaded.model.file())?,
         p.samples,
