@@ -977,8 +977,8 @@ impl GraphCtx {
 impl GraphCtx {
     /// Attention of one token (`q`: `[head_dim, n_head, 1]` f32, after RoPE) over the
     /// first `mask.ne[0]` cells of a cache slot pair (quantized, or f16 in a plan
-    /// mixing types), by kvsharer's own kernel (`backend::ggml::decode_attention`). Result: `[head_dim, n_head, 1]`, as
-    /// `flash_attn` gives. Only for the types in `DECODE_CACHE_TYPES`.
+    /// mixing types), by kvsharer's own kernel (`backend::ggml::decode_attention`).
+    /// Result: `[head_dim, n_head, 1]`, as `flash_attn` gives. Only for the types in `DECODE_CACHE_TYPES`.
     pub fn decode_attention<'a>(
         &'a self,
         q: Tensor<'a>,
