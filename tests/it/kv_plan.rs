@@ -392,6 +392,18 @@ fn cli_plans_stores_and_runs_a_budget() {
         .map(|w| w["ty"].as_str().unwrap())
         .collect();
     assert_eq!(measured, ["q8_0", "q5_1", "q5_0", "q4_1", "iq4_nl"]);
+    // Every layer but the first shared whole from an earlier one, measured; no
+    // half shared apart (`--plan-sources 0`, the default).
+    let layer_shares = costs[0]["layer_shares"].as_array().unwrap();
+    let layers: Vec<u64> = layer_shares
+        .iter()
+        .map(|s| s["layer"].as_u64().unwrap())
+        .collect();
+    assert_eq!(layers, [1, 2, 3]);
+    assert!(layer_shares
+        .iter()
+        .all(|s| s["source"].as_u64() < s["layer"].as_u64() && s["kld"].as_f64().unwrap() >= 0.0));
+    assert!(costs[0]["shares"].as_array().unwrap().is_empty());
 
     let out = dir.path().join("planned.gguf");
     let mut share = vec![
