@@ -15,7 +15,9 @@
 #
 # Usage: bash scripts/frontier.sh [OUT_DIR]   (default: frontier/)
 #   CHUNKS (default 6) chunks of 512 tokens per text; THREADS (default 2);
-#   KVSHARER_BIN, a binary to use instead of building one (scripts/measure-env.sh).
+#   KVSHARER_BIN, a binary to use instead of building one (scripts/measure-env.sh);
+#   ADAPTED_BUDGETS (default "37.5 28.125 20 15 10"; "" skips them), the budgets
+#   planned again with value adapters (each fits the adapters anew: minutes).
 # Takes ~75 min on a 2-core machine (the greedy N = 12 search is ~15 of them; it,
 # the shared models and the planner's move costs are reused when present).
 # Results: OUT_DIR/<text>-<config>.json, OUT_DIR/frontier.md (the table README
@@ -58,7 +60,7 @@ ppl() { # out name, text file, model, extra args...
     "$K" share -m "$MODEL" -t "$T" --kv-budget 75% --plan-types f16 --adapters values -o "$OUT/model-plan-75-f16-adapted.gguf" 2> "$OUT/share-plan-75-f16-adapted.log"
 # The planner with value adapters: they live in the model file, so each budget's
 # plan is stored in a copy.
-ADAPTED_BUDGETS="37.5 28.125 20 15 10"
+ADAPTED_BUDGETS="${ADAPTED_BUDGETS-37.5 28.125 20 15 10}"
 for B in $ADAPTED_BUDGETS; do
     [ -f "$OUT/model-plan-$B-adapted.gguf" ] || \
         "$K" share -m "$MODEL" -t "$T" --kv-budget "$B%" --adapters values -o "$OUT/model-plan-$B-adapted.gguf" 2> "$OUT/share-plan-$B-adapted.log" || \
