@@ -144,9 +144,9 @@ pub struct MoveCosts {
     /// Every quantized type of `PlannerOptions::types`, on every slot of one half.
     pub whole_half: Vec<WholeHalfCost>,
     pub shares: Vec<ShareCost>,
-    /// Each layer shared whole from the earlier layer whose captured keys and
-    /// values are the most dissimilar (the paper's order, which the whole-layer
-    /// greedy search also ends on).
+    /// Each layer shared whole from the earlier layer whose captured values are
+    /// closest (layer 0 on the default model, where the whole-layer greedy search
+    /// also ends).
     #[serde(default)]
     pub layer_shares: Vec<LayerShareCost>,
     /// Calibration runs made, and how long they took.
@@ -790,7 +790,7 @@ mod tests {
         let p = plan(&c, 0.75).unwrap();
         assert!(p.fraction <= 0.75 + 1e-9, "{}", p.fraction);
         // While a slot can still lose precision no share is taken, even the nearly
-        // free one; the key the ladder hurts most keeps its precision longest.
+        // free one.
         assert!(p.plan.shared_halves() == 0, "{:?}", p.steps);
         // Below what the ladder reaches alone (every slot iq4_nl: 28.1%), the
         // cheap share comes in.
